@@ -1,0 +1,60 @@
+# mcp-privsep: run these as root on a Debian machine.
+#   make demo   install, start the broker, and make a real brokered call as an agent user
+#   make test   install everything the tests need, then run unit and privileged e2e tests
+SHELL := /bin/bash
+PREFIX_VENV ?= /opt/mcp-privsep/venv
+PYTHON_SYS  ?= /usr/bin/python3
+AGENT       ?= moltbot
+VENV_PY      = $(PREFIX_VENV)/bin/python
+PIP          = $(VENV_PY) -m pip --disable-pip-version-check -q
+CTL          = /usr/local/sbin/mcp-brokerctl
+
+.PHONY: deps venv install demo test unit e2e lint bench clean-demo
+
+# System packages: sudo (the boundary), venv support, and the user tools.
+deps:
+	@command -v sudo >/dev/null && command -v visudo >/dev/null && $(PYTHON_SYS) -c 'import venv, ensurepip' 2>/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sudo python3-venv passwd >/dev/null; }
+
+# The root-owned virtualenv the daemon, the admin CLI and the gate's code live in.
+venv: deps
+	umask 022; test -x $(VENV_PY) || $(PYTHON_SYS) -m venv $(PREFIX_VENV)
+	umask 022; $(PIP) install -c constraints.txt $(EXTRAS_SPEC)
+	umask 022; $(PIP) install --no-deps --force-reinstall .
+	chmod -R a+rX,go-w $(dir $(PREFIX_VENV))
+
+# Install (idempotent). AGENT= names the agent user; it is created if missing.
+install: EXTRAS_SPEC = .
+install: venv
+	@test -z "$(AGENT)" || id -u $(AGENT) >/dev/null 2>&1 || useradd --create-home --shell /bin/bash $(AGENT)
+	$(PREFIX_VENV)/bin/mcp-brokerctl install $(if $(AGENT),--agent $(AGENT))
+
+demo: install
+	$(CTL) check
+	@if $(CTL) status >/dev/null 2>&1; then $(CTL) reload; else /usr/local/sbin/mcp-brokerd --daemon; fi
+	@echo; echo "== as $(AGENT): mcp list"
+	runuser -u $(AGENT) -- /usr/local/bin/mcp list
+	@echo; echo "== as $(AGENT): mcp call demo.echo text=hello   (allowed)"
+	runuser -u $(AGENT) -- /usr/local/bin/mcp call demo.echo text=hello
+	@echo; echo "== as $(AGENT): mcp call demo.whoami   (runs as mcp-broker, not as the agent)"
+	runuser -u $(AGENT) -- /usr/local/bin/mcp call demo.whoami
+	@echo; echo "== as $(AGENT): mcp call demo.secret   (not allowlisted: denied, exit 77)"
+	@runuser -u $(AGENT) -- /usr/local/bin/mcp call demo.secret; rc=$$?; echo "exit code: $$rc"; test $$rc -eq 77
+	@echo; echo "demo: done. The broker keeps running; 'mcp-brokerctl status' shows it."
+
+test: EXTRAS_SPEC = .[test]
+test: venv
+	$(VENV_PY) -m pytest -q tests
+
+unit: EXTRAS_SPEC = .[test]
+unit: venv
+	$(VENV_PY) -m pytest -q tests/unit
+
+lint: EXTRAS_SPEC = .[test,lint]
+lint: venv
+	$(VENV_PY) -m ruff check broker agent mcp_servers tests
+	$(VENV_PY) -m mypy
+
+bench: EXTRAS_SPEC = .
+bench: venv
+	$(VENV_PY) bench/bench.py

@@ -1,0 +1,173 @@
+"""``mcp-brokerctl``: the root-only admin CLI (a thin layer over the library).
+
+``main(argv)`` runs in-process for tests; errors become one line on stderr
+and an exit code here, at the edge, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+import click
+
+from broker import __version__, allowlist, config, protocol
+from broker.errors import EX_UNAVAILABLE, ConfigError, PrivsepError
+from broker.paths import Paths
+
+
+def _paths(ctx: click.Context) -> Paths:
+    return Paths(ctx.obj["root"])
+
+
+def admin_request(paths: Paths, op: str, timeout: float = 30.0, **fields: Any) -> Any:
+    """One request over admin.sock; raise Unavailable-style errors."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(paths.admin_sock)
+        except OSError as exc:
+            raise PrivsepError(f"the broker is not answering on {paths.admin_sock}: {exc.strerror or exc}",
+                               EX_UNAVAILABLE) from None
+        sock.sendall(protocol.encode_frame(protocol.request(op, **fields), protocol.MAX_REQUEST_BYTES))
+        header = _recv(sock, 4)
+        answer = protocol.decode_payload(_recv(sock, protocol.frame_length(header, protocol.MAX_RESPONSE_BYTES)))
+    except (OSError, protocol.ProtocolError) as exc:
+        raise PrivsepError(f"the broker did not answer: {exc}", EX_UNAVAILABLE) from None
+    finally:
+        sock.close()
+    if not answer.get("ok"):
+        raise PrivsepError(str(answer.get("error")), int(answer.get("exit", 1)))
+    return answer.get("result")
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise OSError("connection closed")
+        buf += chunk
+    return buf
+
+
+def check_all(paths: Paths) -> list[str]:
+    """Every problem in the allowlists and the daemon config (offline)."""
+    problems = allowlist.check_all(paths.allowlist, paths.allowlist_d)
+    try:
+        config.load(paths)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    return problems
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--root", default="/", show_default=True, envvar="MCP_PRIVSEP_ROOT",
+              help="Install root (staging and tests); root-only, never reachable by agents.")
+@click.version_option(__version__, prog_name="mcp-brokerctl")
+@click.pass_context
+def cli(ctx: click.Context, root: str) -> None:
+    """Administer mcp-privsep (run as root)."""
+    ctx.obj = {"root": root}
+
+
+@cli.command()
+@click.option("--agent", "agents", multiple=True, metavar="USER",
+              help="Agent user allowed to run 'mcp' (repeatable; existing agents are kept).")
+@click.option("--venv", default=None, help="Virtualenv holding mcp-privsep (default: the one running this).")
+@click.pass_context
+def install(ctx: click.Context, agents: tuple[str, ...], venv: str | None) -> None:
+    """Create users, directories, commands, the sudoers drop-in and example config."""
+    from broker.install import install as do_install
+
+    report = do_install(_paths(ctx), list(agents), venv)
+    for line in report.lines:
+        click.echo(line)
+    click.echo("install: done")
+
+
+@cli.command()
+@click.pass_context
+def check(ctx: click.Context) -> None:
+    """Validate allowlists and config offline (exit 0 valid, 1 invalid)."""
+    paths = _paths(ctx)
+    problems = check_all(paths)
+    for p in problems:
+        click.echo(p, err=True)
+    if problems:
+        raise PrivsepError(f"check: {len(problems)} problem(s)", 1)
+    click.echo(f"check: {paths.etc} is valid")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Ask the running daemon how it is (exit 0 when it answers)."""
+    result = admin_request(_paths(ctx), "status")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"broker: {result['broker']} (pid {result['pid']}, version {result['version']}, "
+               f"up {result['uptime_s']} s, audit {result['audit']})")
+    for s in result["servers"]:
+        reason = f" ({s['reason']})" if s.get("reason") else ""
+        click.echo(f"server {s['name']} [{s['transport']}]: {s['state']}{reason}, {s['tools']} tools, "
+                   f"{s['restarts']} restarts")
+
+
+@cli.command()
+@click.pass_context
+def reload(ctx: click.Context) -> None:
+    """Re-read config and servers without dropping unchanged sessions."""
+    result = admin_request(_paths(ctx), "reload")
+    click.echo(f"reload: added {result['added']}, removed {result['removed']}, restarted {result['restarted']}")
+
+
+@cli.command()
+@click.argument("server", required=False)
+@click.pass_context
+def tools(ctx: click.Context, server: str | None) -> None:
+    """List the tools each server offers and whether they are allowed."""
+    paths = _paths(ctx)
+    result = admin_request(paths, "tools", server=server)
+    try:
+        allowed = set(allowlist.load(paths.allowlist, paths.allowlist_d, "root").actions)
+    except ConfigError:
+        allowed = set()
+    for name, entries in result.items():
+        for t in entries:
+            action = f"{name}.{t['name']}"
+            mark = "allowed" if action in allowed else "denied "
+            click.echo(f"{mark} {action}  {t['description']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return its exit code."""
+    try:
+        cli.main(args=argv, prog_name="mcp-brokerctl", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("mcp-brokerctl: aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return 64 if isinstance(exc, click.UsageError) else exc.exit_code
+    except ConfigError as exc:
+        for p in exc.problems:
+            click.echo(f"mcp-brokerctl: {p}", err=True)
+        return 78
+    except PrivsepError as exc:
+        click.echo(f"mcp-brokerctl: {exc}", err=True)
+        return exc.exit_code
+    except PermissionError as exc:
+        click.echo(f"mcp-brokerctl: {exc.filename}: permission denied (run as root)", err=True)
+        return 77
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,617 @@
+"""``mcp-brokerd``: the credential-holding side, running as ``mcp-broker``.
+
+It listens on ``gate.sock`` (peers: mcp-gate or root, by SO_PEERCRED) and
+``admin.sock`` (root only), keeps one warm MCP session per configured
+server, and decides every request itself: it re-reads the caller's
+allowlist, types the arguments by the tool's schema, enforces timeouts and
+output caps, audits, and only then answers. It trusts no decision the gate
+made (Postfix's rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import pwd
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import mcp
+
+from broker import __version__, allowlist, audit, config, protocol
+from broker.coerce import build_arguments
+from broker.errors import (
+    EX_CONFIG,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_UNAVAILABLE,
+    ArgumentsRejected,
+    ConfigError,
+    Denied,
+    PrivsepError,
+    Unavailable,
+)
+from broker.paths import BROKER_USER, GATE_USER, Paths
+from broker.servers import ServerHandle, base_environment
+
+log = logging.getLogger("mcp-brokerd")
+
+HEALTH_INTERVAL = 10.0
+READY_WAIT = 10.0
+
+
+class AllowlistCache:
+    """Per-user parsed allowlists, re-validated when the file's stat changes."""
+
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self._cache: dict[str, tuple[tuple[Any, ...], allowlist.Allowlist]] = {}
+
+    def get(self, user: str) -> allowlist.Allowlist:
+        data, path, st = allowlist.locate(self.paths.allowlist, self.paths.allowlist_d, user)
+        key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        hit = self._cache.get(user)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        parsed = allowlist.from_bytes(data, path)
+        self._cache[user] = (key, parsed)
+        return parsed
+
+
+class Broker:
+    """The daemon's state and request handlers."""
+
+    def __init__(self, paths: Paths, cfg: config.Config, gate_uid: int) -> None:
+        self.paths = paths
+        self.cfg = cfg
+        self.gate_uid = gate_uid
+        self.allowlists = AllowlistCache(paths)
+        self.audit = audit.AuditLog(paths.audit_log)
+        self.handles: dict[str, ServerHandle] = {}
+        self.base_env = base_environment(paths.state)
+        self.started = time.time()
+        self.stopping = asyncio.Event()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._errlog = open_errlog(paths)
+
+    # --- servers ------------------------------------------------------------
+
+    def _handle(self, server: config.Server) -> ServerHandle:
+        s = self.cfg.settings
+        return ServerHandle(
+            server,
+            connect_timeout=s.connect_timeout,
+            backoff_max=s.restart_backoff_max,
+            base_env=self.base_env,
+            errlog=self._errlog,
+        )
+
+    def start_servers(self) -> None:
+        for server in self.cfg.servers.values():
+            handle = self._handle(server)
+            self.handles[server.name] = handle
+            handle.start()
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read config: start added servers, stop removed, restart changed."""
+        cfg = config.load(self.paths)
+        old = self.handles
+        added, removed, changed = [], [], []
+        new: dict[str, ServerHandle] = {}
+        for name, server in cfg.servers.items():
+            current = old.get(name)
+            if current is not None and current.server.fingerprint() == server.fingerprint():
+                current.server = server
+                new[name] = current
+                continue
+            (changed if current is not None else added).append(name)
+            new[name] = self._handle(server)
+        removed = [n for n in old if n not in cfg.servers]
+        self.cfg = cfg
+        for name in removed + changed:
+            await old[name].stop()
+        self.handles = new
+        for name in added + changed:
+            new[name].start()
+        log.info("reloaded: added %s, removed %s, restarted %s", added, removed, changed)
+        return {"added": added, "removed": removed, "restarted": changed}
+
+    async def health_loop(self) -> None:
+        while not self.stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), HEALTH_INTERVAL)
+            for handle in list(self.handles.values()):
+                await handle.health()
+
+    # --- sockets ------------------------------------------------------------
+
+    async def serve(self) -> None:
+        gate = await asyncio.start_unix_server(self._gate_conn, path=self.paths.gate_sock)
+        os.chmod(self.paths.gate_sock, 0o660)
+        admin = await asyncio.start_unix_server(self._admin_conn, path=self.paths.admin_sock)
+        os.chmod(self.paths.admin_sock, 0o600)
+        self._servers = [gate, admin]
+
+    async def close(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        for handle in self.handles.values():
+            await handle.stop()
+        for path in (self.paths.gate_sock, self.paths.admin_sock):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self.audit.close()
+
+    async def _gate_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._conn(reader, writer, {0, self.gate_uid}, protocol.OPS, self._dispatch_gate)
+
+    async def _admin_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._conn(reader, writer, {0}, protocol.ADMIN_OPS, self._dispatch_admin)
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, uids: set[int],
+                    ops: dict[str, Any], dispatch: Any) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            peer_uid = int.from_bytes(cred[4:8], sys.byteorder)
+            if peer_uid not in uids:
+                log.warning("refused connection from uid %d", peer_uid)
+                return
+            while True:
+                try:
+                    header = await reader.readexactly(4)
+                except asyncio.IncompleteReadError:
+                    return
+                n = protocol.frame_length(header, protocol.MAX_REQUEST_BYTES)
+                payload = await asyncio.wait_for(reader.readexactly(n), 30)
+                req = protocol.decode_payload(payload)
+                op = protocol.validate_request(req, ops)
+                answer = await dispatch(op, req, peer_uid)
+                writer.write(protocol.encode_frame(answer))
+                await writer.drain()
+        except (protocol.ProtocolError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            log.warning("closing connection: %s", exc)
+        except (ConnectionError, BrokenPipeError):
+            pass
+        except Exception:
+            log.exception("unexpected error on a connection")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    # --- gate requests ------------------------------------------------------
+
+    def _caller(self, req: dict[str, Any], peer_uid: int) -> str:
+        """The calling user named by the gate, checked against the passwd database."""
+        user, uid = req["caller"], req["uid"]
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise protocol.ProtocolError(f"unknown caller {user!r}") from None
+        if entry.pw_uid != uid:
+            raise protocol.ProtocolError(f"caller {user!r} does not have uid {uid}")
+        if peer_uid != 0 and uid == self.gate_uid:
+            raise protocol.ProtocolError("the gate user cannot be a caller")
+        return str(user)
+
+    async def _dispatch_gate(self, op: str, req: dict[str, Any], peer_uid: int) -> dict[str, Any]:
+        caller = self._caller(req, peer_uid)
+        rid = audit.new_request_id()
+        started = time.monotonic()
+        entry: dict[str, Any] = {"id": rid, "caller": caller, "uid": req["uid"], "op": op}
+        if op == "report":
+            entry.update(tool=req["tool"], verb=req["verb"], decision="deny", source="gate",
+                         exit=req["exit"], reason=req["reason"])
+            with contextlib.suppress(PrivsepError):
+                await self.audit.record(**entry)
+            return {"ok": True, "result": None}
+        try:
+            self.audit.check()
+            result, extra = await self._handle_op(op, req, caller)
+        except PrivsepError as exc:
+            entry.update(tool=req.get("tool"), decision=_decision(exc), exit=exc.exit_code, reason=exc.message,
+                         duration_ms=round((time.monotonic() - started) * 1000, 3))
+            entry.update(getattr(exc, "audit_extra", {}))
+            try:
+                await self.audit.record(**entry)
+            except Unavailable as audit_exc:
+                exc = audit_exc
+            return {"ok": False, "exit": exc.exit_code, "error": exc.message}
+        entry.update(extra)
+        entry["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+        try:
+            await self.audit.record(**entry)
+        except Unavailable as exc:
+            return {"ok": False, "exit": exc.exit_code, "error": exc.message}
+        return {"ok": True, "result": result}
+
+    async def _handle_op(self, op: str, req: dict[str, Any], caller: str) -> tuple[Any, dict[str, Any]]:
+        if op == "status":
+            return self._status(caller), {"decision": "allow"}
+        allowed = self.allowlists.get(caller)
+        if op == "list":
+            return await self._list(allowed), {"decision": "allow"}
+        tool = req["tool"]
+        if not allowed.allows(tool):
+            raise Denied(f"denied: {tool} is not in the allowlist for {caller}")
+        server_name, _, tool_name = tool.partition(".")
+        handle = self.handles.get(server_name)
+        if handle is None:
+            raise Unavailable(f"server {server_name} is not configured in the broker")
+        if op == "describe":
+            spec = await self._tool(handle, tool_name, READY_WAIT)
+            return {
+                "name": tool,
+                "description": spec.description or "",
+                "input_schema": spec.input_schema,
+                "annotations": spec.annotations.model_dump(mode="json", exclude_none=True) if spec.annotations else {},
+            }, {"tool": tool, "decision": "allow"}
+        return await self._call(handle, tool, tool_name, req)
+
+    async def _tool(self, handle: ServerHandle, tool_name: str, wait: float) -> mcp.types.Tool:
+        await handle.ready(wait)
+        spec = handle.tools.get(tool_name)
+        if spec is None:
+            raise Unavailable(f"server {handle.name} does not offer a tool named {tool_name}")
+        return spec
+
+    async def _call(self, handle: ServerHandle, tool: str, tool_name: str,
+                    req: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        settings = self.cfg.settings
+        timeout = req["timeout"] or handle.server.spec.timeout or settings.call_timeout
+        timeout = min(float(timeout), settings.max_call_timeout)
+        spec = await self._tool(handle, tool_name, min(timeout, READY_WAIT))
+        args = build_arguments(req["kv"], req["args"], spec.input_schema or {})
+        extra: dict[str, Any] = {
+            "tool": tool,
+            "decision": "allow",
+            "arg_keys": sorted(args),
+            "args_size": len(protocol.dumps(args)),
+            "args_digest": audit.args_digest(args),
+        }
+        try:
+            result = await handle.call(tool_name, args, timeout)
+        except mcp.MCPError as exc:
+            if exc.code == -32602:
+                err: PrivsepError = ArgumentsRejected(f"{tool}: the server rejected the arguments: {exc}")
+            else:
+                err = PrivsepError(f"{tool}: the server answered with an error: {exc}", 1)
+            err.audit_extra = {**extra, "outcome": "server_error"}  # type: ignore[attr-defined]
+            raise err from None
+        except PrivsepError as exc:
+            exc.audit_extra = {**extra, "outcome": _decision(exc)}  # type: ignore[attr-defined]
+            raise
+        rendered = render_result(result, settings.max_output_bytes)
+        extra["outcome"] = "tool_error" if result.is_error else "ok"
+        extra["result_size"] = rendered.pop("_size")
+        return rendered, extra
+
+    async def _list(self, allowed: allowlist.Allowlist) -> dict[str, Any]:
+        tools = []
+        for action in allowed.actions:
+            server_name, _, tool_name = action.partition(".")
+            handle = self.handles.get(server_name)
+            if handle is None:
+                continue
+            if handle.state != "up":
+                with contextlib.suppress(PrivsepError):
+                    await handle.ready(2.0)
+            spec = handle.tools.get(tool_name) if handle.state == "up" else None
+            if spec is not None:
+                tools.append({"name": action, "description": first_line(spec.description)})
+            elif handle.state != "up":
+                tools.append({"name": action, "description": "(server unavailable)"})
+        return {"tools": tools}
+
+    def _status(self, caller: str) -> dict[str, Any]:
+        try:
+            mentioned = set(self.allowlists.get(caller).servers())
+            problem = ""
+        except ConfigError as exc:
+            mentioned, problem = set(), exc.message
+        servers = [
+            {"name": h.name, "state": h.state, "reason": h.reason, "tools": len(h.tools)}
+            for h in self.handles.values()
+            if h.name in mentioned
+        ]
+        status: dict[str, Any] = {"broker": "up", "version": __version__, "servers": servers}
+        if problem:
+            status["allowlist"] = problem
+        if not self.audit.healthy:
+            status["broker"] = "degraded: audit log unwritable"
+        return status
+
+    # --- admin requests -----------------------------------------------------
+
+    async def _dispatch_admin(self, op: str, req: dict[str, Any], peer_uid: int) -> dict[str, Any]:
+        try:
+            if op == "status":
+                return {"ok": True, "result": self._admin_status()}
+            if op == "reload":
+                return {"ok": True, "result": await self.reload()}
+            if op == "tools":
+                return {"ok": True, "result": self._admin_tools(req.get("server"))}
+        except PrivsepError as exc:
+            return {"ok": False, "exit": exc.exit_code, "error": exc.message}
+        return {"ok": False, "exit": EX_SOFTWARE, "error": f"unhandled op {op}"}
+
+    def _admin_status(self) -> dict[str, Any]:
+        return {
+            "broker": "up",
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "audit": "ok" if self.audit.healthy else self.audit.error,
+            "servers": [
+                {"name": h.name, "state": h.state, "reason": h.reason, "tools": len(h.tools),
+                 "restarts": h.restarts, "transport": "stdio" if h.server.spec.command else "http"}
+                for h in self.handles.values()
+            ],
+        }
+
+    def _admin_tools(self, server: str | None) -> dict[str, Any]:
+        out = {}
+        for h in self.handles.values():
+            if server is not None and h.name != server:
+                continue
+            out[h.name] = [
+                {"name": t.name, "description": first_line(t.description),
+                 "annotations": t.annotations.model_dump(mode="json", exclude_none=True) if t.annotations else {}}
+                for t in h.tools.values()
+            ]
+        if server is not None and server not in out:
+            raise Unavailable(f"no server named {server}")
+        return out
+
+
+def _decision(exc: PrivsepError) -> str:
+    return {77: "deny", 78: "config_error", 65: "rejected", 69: "unavailable", 75: "tempfail", 64: "usage"}.get(
+        exc.exit_code, "error"
+    )
+
+
+def first_line(text: str | None) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()[:200]
+    return ""
+
+
+def render_result(result: mcp.types.CallToolResult, cap: int) -> dict[str, Any]:
+    """The answer the gate prints: joined text, blocks, structured content, capped."""
+    texts: list[str] = []
+    blocks: list[dict[str, Any]] = []
+    for block in result.content:
+        data = block.model_dump(mode="json", exclude_none=True)
+        blocks.append(data)
+        kind = data.get("type")
+        if kind == "text":
+            texts.append(str(data.get("text", "")))
+        elif kind in ("image", "audio"):
+            texts.append(f"[{kind} {data.get('mimeType', '')}, {len(str(data.get('data', '')))} bytes base64]")
+        elif kind == "resource_link":
+            texts.append(f"[resource {data.get('uri', '')}]")
+        elif kind == "resource":
+            res = data.get("resource", {})
+            texts.append(str(res.get("text", f"[resource {res.get('uri', '')}]")))
+    text = "\n".join(texts)
+    structured = result.structured_content
+    if not text and structured is not None:
+        text = protocol.dumps(structured)
+    out: dict[str, Any] = {"is_error": bool(result.is_error), "text": text, "content": blocks}
+    if structured is not None:
+        out["structured_content"] = structured
+    size = len(text.encode("utf-8", "replace"))
+    out["_size"] = size
+    if size > cap:
+        cut = text.encode("utf-8", "replace")[:cap].decode("utf-8", "ignore")
+        out["text"] = cut + f"\n[output truncated: {cap} of {size} bytes shown]"
+        out["truncated"] = True
+        out["content"] = []
+        out.pop("structured_content", None)
+    return out
+
+
+def open_errlog(paths: Paths) -> Any:
+    """Where stdio servers' stderr goes: a broker-private log file."""
+    try:
+        return open(f"{paths.log}/servers.log", "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    except OSError:
+        return sys.stderr
+
+
+# --- process set-up -----------------------------------------------------------
+
+
+def drop_privileges() -> tuple[int, int]:
+    """Become mcp-broker when started by root; return (broker uid, gate uid)."""
+    try:
+        broker = pwd.getpwnam(BROKER_USER)
+        gate = pwd.getpwnam(GATE_USER)
+    except KeyError as exc:
+        raise ConfigError(f"system user {exc.args[0]} is missing (run 'mcp-brokerctl install')") from None
+    if os.geteuid() == 0:
+        os.initgroups(BROKER_USER, broker.pw_gid)
+        os.setgid(broker.pw_gid)
+        os.setuid(broker.pw_uid)
+    elif os.geteuid() != broker.pw_uid:
+        raise ConfigError(f"mcp-brokerd must run as {BROKER_USER} (or be started by root)")
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise ConfigError("refusing to run with root privileges")
+    return broker.pw_uid, gate.pw_uid
+
+
+def clean_environment(home: str) -> None:
+    """The daemon keeps nothing of its launcher's environment."""
+    os.environ.clear()
+    os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8"})
+
+
+def lock_pidfile(path: str) -> int:
+    """Take the pid file lock; a held lock means a live daemon, a stale file is reused."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            pid = os.pread(fd, 32, 0).decode().strip()
+        finally:
+            os.close(fd)
+        raise PrivsepError(f"mcp-brokerd is already running (pid {pid or 'unknown'})", 1) from None
+    return fd
+
+
+def write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def clear_stale_socket(path: str) -> None:
+    """Remove a socket left by a dead daemon (we hold the pid lock, so it is dead)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+async def run_broker(paths: Paths, cfg: config.Config, gate_uid: int, ready: Any) -> int:
+    broker = Broker(paths, cfg, gate_uid)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, broker.stopping.set)
+
+    def on_hup() -> None:
+        async def do() -> None:
+            try:
+                await broker.reload()
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running config: %s", exc)
+
+        loop.create_task(do())
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    clear_stale_socket(paths.gate_sock)
+    clear_stale_socket(paths.admin_sock)
+    await broker.serve()
+    broker.start_servers()
+    health = asyncio.create_task(broker.health_loop())
+    log.info("mcp-brokerd %s ready (pid %d), %d servers", __version__, os.getpid(), len(cfg.servers))
+    ready(None)
+    await broker.stopping.wait()
+    log.info("stopping")
+    health.cancel()
+    await broker.close()
+    return EX_OK
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="mcp-brokerd",
+        description="The mcp-privsep broker daemon. Start it as root (it drops to mcp-broker) or as mcp-broker.",
+    )
+    p.add_argument("--root", default="/", help="install root (default /; tests use a staging root)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--foreground", action="store_true", help="stay in the foreground (default; for supervisors)")
+    mode.add_argument("--daemon", action="store_true", help="detach with python-daemon; the pid file is in the run dir")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"mcp-brokerd {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    paths = Paths(ns.root)
+    logging.basicConfig(
+        level=ns.log_level.upper(), stream=sys.stderr, format="%(asctime)s mcp-brokerd[%(process)d] %(levelname)s %(message)s"
+    )
+    try:
+        _broker_uid, gate_uid = drop_privileges()
+        clean_environment(paths.state)
+        os.umask(0o077)
+        os.chdir(paths.state)
+        cfg = config.load(paths)
+        pid_fd = lock_pidfile(paths.pidfile)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"mcp-brokerd: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    except PrivsepError as exc:
+        print(f"mcp-brokerd: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"mcp-brokerd: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if ns.daemon:
+        return _daemonize(paths, cfg, gate_uid, pid_fd)
+    write_pid(pid_fd)
+    try:
+        return asyncio.run(run_broker(paths, cfg, gate_uid, lambda _x: None))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(paths.pidfile)
+
+
+def _daemonize(paths: Paths, cfg: config.Config, gate_uid: int, pid_fd: int) -> int:
+    """Detach with python-daemon; report readiness or failure to the launcher."""
+    import daemon  # python-daemon
+
+    r, w = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(w)
+        os.waitpid(child, 0)
+        chunks = []
+        while chunk := os.read(r, 4096):
+            chunks.append(chunk)
+        os.close(r)
+        message = b"".join(chunks).decode(errors="replace").strip()
+        if message.startswith("ready"):
+            print(f"mcp-brokerd: started ({message})")
+            return EX_OK
+        print(f"mcp-brokerd: failed to start: {message or 'the daemon exited during start-up'}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    os.close(os.open("/dev/null", os.O_RDONLY))
+    log_fh = open(f"{paths.log}/mcp-brokerd.log", "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    ctx = daemon.DaemonContext(
+        working_directory=paths.state,
+        umask=0o077,
+        detach_process=True,
+        files_preserve=[w, pid_fd, log_fh.fileno()],
+        stdout=log_fh,
+        stderr=log_fh,
+        signal_map={},
+    )
+    code = EX_SOFTWARE
+    try:
+        ctx.open()
+        for h in logging.getLogger().handlers:
+            if isinstance(h, logging.StreamHandler):
+                h.setStream(log_fh)
+        write_pid(pid_fd)
+
+        def ready(_x: object) -> None:
+            os.write(w, f"ready, pid {os.getpid()}\n".encode())
+            os.close(w)
+
+        code = asyncio.run(run_broker(paths, cfg, gate_uid, ready))
+    except BaseException as exc:  # noqa: BLE001 - report any start-up failure to the launcher
+        with contextlib.suppress(OSError):
+            os.write(w, f"{type(exc).__name__}: {exc}\n".encode())
+        log.exception("daemon failed")
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(paths.pidfile)
+    os._exit(code)
+
+
+__all__ = ["Broker", "main"]
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""``mcp-gate``: the only program an agent may run through sudo.
+
+It runs as the ``mcp-gate`` user, once per agent call. It accepts a closed
+set of verbs, checks the requested ``server.tool`` against the root-owned
+allowlist, and forwards permitted requests over ``gate.sock`` to
+``mcp-brokerd``, which checks everything again. No flag names a file, a
+config, a server, a URL, a directory or a variable; the install root is
+baked into the generated ``/usr/local/sbin/mcp-gate`` script.
+
+Speed matters: this module and everything it imports must be standard
+library only and cheap to import (no ``json``, ``socket``, ``argparse``,
+``typing``; their C cores are used directly).
+"""
+
+from __future__ import annotations
+
+import posix as os  # not os: see allowlist.py
+import sys
+
+import _socket
+
+from broker import __version__, allowlist, protocol
+from broker.errors import (
+    EX_CONFIG,
+    EX_NOPERM,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_TOOL_ERROR,
+    EX_USAGE,
+    ConfigError,
+    Denied,
+    PrivsepError,
+    Unavailable,
+    UsageError,
+)
+from broker.paths import Paths
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TextIO
+
+MAX_ARGV_BYTES = 256 * 1024
+MAX_ARGC = 1024
+MAX_STDIN_BYTES = 1024 * 1024
+MAX_TIMEOUT = 3600.0
+#: Allowlists larger than this are validated once per content digest and the
+#: verdict remembered in the gate's cache directory.
+CACHE_THRESHOLD = 64 * 1024
+CONNECT_TIMEOUT = 5.0
+DEFAULT_WAIT = 900.0
+
+HELP = """\
+usage: mcp VERB [ARGS]
+
+Call the MCP tools your administrator allowed, through the mcp-privsep broker.
+Credentials stay with the broker; you only ever see tool results.
+
+verbs:
+  mcp list [--json]                  the tools you may call, with descriptions
+  mcp describe SERVER.TOOL [--json]  the input schema of an allowed tool
+  mcp call SERVER.TOOL [k=v ...] [--args JSON|-] [--json] [--timeout S]
+                                     call a tool; k=v or k:v pairs are typed by
+                                     the tool's schema (numbers, booleans, null,
+                                     JSON arrays/objects); --args takes a JSON
+                                     object, or - to read one from stdin
+  mcp status [--json]                is the broker up, are its servers healthy
+  mcp help | --help | --version
+
+exit codes: 0 ok, 1 the tool reported an error, 64 usage, 65 arguments
+rejected, 69 broker unavailable, 75 try again later (timeout, rate limit,
+approval pending), 77 denied, 78 configuration error.
+"""
+
+_CALL_FLAGS = ("--json", "--args", "--timeout")
+_PLAIN_FLAGS = ("--json",)
+
+
+class Request:
+    """A parsed command line."""
+
+    __slots__ = ("verb", "tool", "kv", "args", "json", "timeout")
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.tool = ""
+        self.kv: list[list[str]] = []
+        self.args: dict[str, Any] | None = None
+        self.json = False
+        self.timeout: float | None = None
+
+
+def parse_argv(argv: list[str], stdin: TextIO | None) -> Request:
+    """Parse the agent's arguments; raise UsageError on anything unexpected."""
+    if len(argv) > MAX_ARGC or sum(len(a) for a in argv) > MAX_ARGV_BYTES:
+        raise UsageError("too many or too long arguments")
+    if not argv:
+        raise UsageError("missing verb (try 'mcp help')")
+    verb = argv[0]
+    if verb in ("help", "--help", "-h"):
+        if len(argv) > 1:
+            raise UsageError(f"'{verb}' takes no arguments")
+        return Request("help")
+    if verb == "--version":
+        if len(argv) > 1:
+            raise UsageError("'--version' takes no arguments")
+        return Request("version")
+    if verb not in ("list", "describe", "call", "status", "stdio"):
+        raise UsageError(f"unknown verb {verb!r} (try 'mcp help')")
+    req = Request(verb)
+    allowed = _CALL_FLAGS if verb == "call" else () if verb == "stdio" else _PLAIN_FLAGS
+    rest = argv[1:]
+    positional: list[str] = []
+    i = 0
+    only_positional = False
+    while i < len(rest):
+        arg = rest[i]
+        i += 1
+        if only_positional or not arg.startswith("-") or arg == "-":
+            positional.append(arg)
+            continue
+        if arg == "--" and verb == "call":
+            only_positional = True
+            continue
+        name, eq, inline = arg.partition("=")
+        if name not in allowed:
+            raise UsageError(f"unknown option {name!r} for '{verb}' (try 'mcp help')")
+        if name == "--json":
+            if eq:
+                raise UsageError("--json takes no value")
+            req.json = True
+            continue
+        if eq:
+            value = inline
+        elif i < len(rest):
+            value = rest[i]
+            i += 1
+        else:
+            raise UsageError(f"{name} needs a value")
+        if name == "--timeout":
+            req.timeout = _parse_timeout(value)
+        else:
+            if req.args is not None:
+                raise UsageError("--args given twice")
+            req.args = _parse_args_json(value, stdin)
+    if verb in ("describe", "call"):
+        if not positional:
+            raise UsageError(f"'{verb}' needs SERVER.TOOL")
+        req.tool = positional[0]
+        problem = allowlist.action_error(req.tool)
+        if problem is not None:
+            raise UsageError(f"bad tool name {req.tool!r}: {problem}")
+        positional = positional[1:]
+    if verb == "call":
+        seen = set(req.args or ())
+        for item in positional:
+            key, value = _split_kv(item)
+            if key in seen:
+                raise UsageError(f"argument {key!r} given twice")
+            seen.add(key)
+            req.kv.append([key, value])
+    elif positional:
+        raise UsageError(f"unexpected argument {positional[0]!r} for '{verb}'")
+    return req
+
+
+def _split_kv(item: str) -> tuple[str, str]:
+    eq = item.find("=")
+    colon = item.find(":")
+    cut = min(p for p in (eq, colon) if p >= 0) if eq >= 0 or colon >= 0 else -1
+    if cut <= 0:
+        raise UsageError(f"expected key=value or key:value, got {item!r}")
+    return item[:cut], item[cut + 1 :]
+
+
+def _parse_timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise UsageError(f"--timeout takes seconds, got {value!r}") from None
+    if not 0 < seconds <= MAX_TIMEOUT:  # also rejects nan
+        raise UsageError(f"--timeout must be between 0 and {MAX_TIMEOUT:g} seconds")
+    return seconds
+
+
+def _parse_args_json(value: str, stdin: TextIO | None) -> dict[str, Any]:
+    if value == "-":
+        if stdin is None:
+            raise UsageError("--args -: no standard input")
+        source = getattr(stdin, "buffer", stdin)
+        try:
+            raw = source.read(MAX_STDIN_BYTES + 1)
+            if len(raw) > MAX_STDIN_BYTES:
+                raise UsageError(f"--args -: standard input exceeds {MAX_STDIN_BYTES} bytes")
+            value = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--args -: cannot read standard input: {exc}") from None
+    try:
+        obj = protocol.loads(value)
+    except ValueError as exc:
+        raise UsageError(f"--args: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise UsageError("--args: expected a JSON object")
+    return obj
+
+
+# --- identity and policy ----------------------------------------------------
+
+
+def caller_identity(environ: dict[str, str]) -> tuple[str, int]:
+    """The calling user as sudo reports it, or the real user when not sudo'd."""
+    user = environ.get("SUDO_USER")
+    uid = environ.get("SUDO_UID")
+    if user and uid and uid.isdigit():
+        return user, int(uid)
+    import pwd
+
+    real = os.getuid()
+    try:
+        return pwd.getpwuid(real).pw_name, real
+    except KeyError:
+        raise ConfigError(f"uid {real} has no user name") from None
+
+
+def check_allowlist(paths: Paths, user: str, tool: str | None) -> None:
+    """Fail closed on a bad allowlist; deny a tool that is not listed."""
+    data, path, _st = allowlist.locate(paths.allowlist, paths.allowlist_d, user)
+    if len(data) < CACHE_THRESHOLD:
+        parsed = allowlist.from_bytes(data, path)
+        allowed = tool is None or parsed.allows(tool)
+    else:
+        _validate_cached(paths.gate_cache, data, path)
+        allowed = tool is None or allowlist.contains_line(data, tool)
+    if not allowed:
+        raise Denied(f"denied: {tool} is not in the allowlist for {user}")
+
+
+def _validate_cached(cache_dir: str, data: bytes, path: str) -> None:
+    """Full validation, skipped when this exact content was validated before."""
+    import _sha256
+
+    marker = f"{cache_dir}/valid-{_sha256.sha256(data).hexdigest()}"
+    try:
+        os.stat(marker)
+        return
+    except OSError:
+        pass
+    allowlist.from_bytes(data, path)  # raises on any error: nothing is cached
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except OSError:
+        pass  # no cache directory: validate every time
+
+
+# --- talking to the daemon --------------------------------------------------
+
+
+def exchange(paths: Paths, message: dict[str, Any], wait: float, broker_uid: int | None) -> dict[str, Any]:
+    """Send one request over gate.sock and return the daemon's answer."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(paths.gate_sock)
+        except OSError as exc:
+            raise Unavailable(f"broker unavailable: cannot connect to the broker ({exc.strerror or exc})") from None
+        if broker_uid is not None:
+            cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+            peer_uid = int.from_bytes(cred[4:8], sys.byteorder)
+            if peer_uid not in (0, broker_uid):
+                raise Unavailable(f"broker unavailable: gate.sock is served by uid {peer_uid}, not the broker")
+        sock.settimeout(wait)
+        try:
+            sock.sendall(protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES))
+            header = _recv_exact(sock, 4)
+            payload = _recv_exact(sock, protocol.frame_length(header, protocol.MAX_RESPONSE_BYTES))
+        except TimeoutError:
+            raise Unavailable(f"broker unavailable: no answer within {wait:g} s") from None
+        except OSError as exc:
+            raise Unavailable(f"broker unavailable: connection failed ({exc.strerror or exc})") from None
+        except protocol.ProtocolError as exc:
+            raise Unavailable(f"broker unavailable: {exc}") from None
+        try:
+            return protocol.decode_payload(payload)
+        except protocol.ProtocolError as exc:
+            raise Unavailable(f"broker unavailable: {exc}") from None
+    finally:
+        sock.close()
+
+
+def _recv_exact(sock: Any, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            raise protocol.ProtocolError("the broker closed the connection")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _report(paths: Paths, user: str, uid: int, verb: str, tool: str, exit_code: int, reason: str,
+            broker_uid: int | None) -> None:
+    """Best effort: let the daemon audit a refusal the gate made itself."""
+    message = protocol.request(
+        "report", caller=user, uid=uid, verb=verb, tool=tool, exit=exit_code, reason=reason[:1000]
+    )
+    try:
+        exchange(paths, message, 2.0, broker_uid)
+    except PrivsepError:
+        pass  # the daemon is down: the refusal must not wait for it
+
+
+# --- output -----------------------------------------------------------------
+
+
+def _print_result(req: Request, answer: dict[str, Any], out: TextIO) -> int:
+    result = answer.get("result")
+    if req.json:
+        out.write(protocol.dumps(result) + "\n")
+    elif req.verb == "list":
+        tools = result.get("tools", []) if isinstance(result, dict) else []
+        width = max((len(t.get("name", "")) for t in tools), default=0)
+        for t in tools:
+            out.write(f"{t.get('name', ''):<{width}}  {t.get('description', '')}".rstrip() + "\n")
+    elif req.verb == "describe":
+        import json  # only here: pretty output is not on the call path
+
+        out.write(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    elif req.verb == "status":
+        _print_status(result, out)
+    else:
+        text = result.get("text", "") if isinstance(result, dict) else ""
+        if text:
+            out.write(text if text.endswith("\n") else text + "\n")
+    if req.verb == "call" and isinstance(result, dict) and result.get("is_error"):
+        return EX_TOOL_ERROR
+    return EX_OK
+
+
+def _print_status(result: Any, out: TextIO) -> None:
+    if not isinstance(result, dict):
+        return
+    out.write(f"broker: {result.get('broker', 'unknown')}\n")
+    for s in result.get("servers", []):
+        line = f"server {s.get('name')}: {s.get('state')}"
+        if s.get("reason"):
+            line += f" ({s['reason']})"
+        out.write(line + "\n")
+
+
+def _fail(req: Request | None, exc: PrivsepError, out: TextIO, err: TextIO) -> int:
+    message = " ".join(str(exc).split()) or "error"
+    err.write(f"mcp: {message}\n")
+    if req is not None and req.json:
+        out.write(protocol.dumps({"error": message, "exit": exc.exit_code}) + "\n")
+    return exc.exit_code
+
+
+# --- entry points -----------------------------------------------------------
+
+
+def main(
+    argv: list[str] | None = None,
+    *,
+    root: str = "/",
+    broker_uid: int | None = None,
+    environ: dict[str, str] | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Run one gate invocation; return the exit code. Testable in-process."""
+    argv = sys.argv[1:] if argv is None else argv
+    if environ is None:
+        environ = {k.decode(errors='replace'): v.decode(errors='replace') for k, v in os.environ.items()}
+    out = sys.stdout if stdout is None else stdout
+    err = sys.stderr if stderr is None else stderr
+    req: Request | None = None
+    try:
+        req = parse_argv(argv, sys.stdin if stdin is None else stdin)
+    except UsageError as exc:
+        code = _fail(None, exc, out, err)
+        _report_usage(argv, root, broker_uid, environ, str(exc))
+        return code
+    try:
+        return _run(req, Paths(root), broker_uid, environ, out, err)
+    except PrivsepError as exc:
+        return _fail(req, exc, out, err)
+    except Exception as exc:  # noqa: BLE001 - the edge: never a traceback to the agent
+        return _fail(req, PrivsepError(f"internal error: {type(exc).__name__}: {exc}", EX_SOFTWARE), out, err)
+
+
+def _report_usage(argv: list[str], root: str, broker_uid: int | None, environ: dict[str, str], reason: str) -> None:
+    try:
+        user, uid = caller_identity(environ)
+        verb = argv[0][:64] if argv else ""
+        _report(Paths(root), user, uid, verb, "", EX_USAGE, reason, broker_uid)
+    except Exception:  # noqa: BLE001, S110 - best effort only; the usage error is already reported
+        pass
+
+
+def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, str], out: TextIO,
+         err: TextIO) -> int:
+    if req.verb == "help":
+        out.write(HELP)
+        return EX_OK
+    if req.verb == "version":
+        out.write(f"mcp-privsep {__version__}\n")
+        return EX_OK
+    if req.verb == "stdio":
+        raise UsageError("'stdio' is not available in this version of mcp-privsep")
+    user, uid = caller_identity(environ)
+    if req.verb in ("list", "describe", "call"):
+        try:
+            check_allowlist(paths, user, req.tool or None)
+        except (Denied, ConfigError) as exc:
+            _report(paths, user, uid, req.verb, req.tool, exc.exit_code, str(exc), broker_uid)
+            raise
+    fields: dict[str, Any] = {"caller": user, "uid": uid}
+    if req.verb in ("describe", "call"):
+        fields["tool"] = req.tool
+    if req.verb == "call":
+        fields.update(kv=req.kv, args=req.args, timeout=req.timeout)
+    wait = (req.timeout + 10.0) if req.timeout is not None else DEFAULT_WAIT
+    answer = exchange(paths, protocol.request(req.verb, **fields), wait, broker_uid)
+    if not answer.get("ok"):
+        code = answer.get("exit")
+        if type(code) is not int or code in (EX_OK, EX_TOOL_ERROR):
+            code = EX_SOFTWARE
+        return _fail(req, PrivsepError(str(answer.get("error", "the broker refused")), code), out, err)
+    return _print_result(req, answer, out)
+
+
+def run(root: str = "/", broker_uid: int | None = None) -> None:
+    """Entry point of the generated ``mcp-gate`` script: harden, then main()."""
+    os.chdir("/")
+    os.umask(0o077)
+    os.closerange(3, 1 << 20)
+    environ = {k.decode(): os.environ[k].decode(errors="replace") for k in (b"SUDO_USER", b"SUDO_UID") if k in os.environ}
+    # the caller's locale must not make a tool result unprintable
+    sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")  # type: ignore[union-attr]
+    sys.stderr.reconfigure(encoding="utf-8", errors="backslashreplace")  # type: ignore[union-attr]
+    try:
+        code = main(sys.argv[1:], root=root, broker_uid=broker_uid, environ=environ)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = EX_SOFTWARE
+    raise SystemExit(code)
+
+
+__all__ = ["EX_CONFIG", "EX_NOPERM", "main", "run"]

@@ -1,0 +1,198 @@
+"""The gate <-> daemon protocol: size-capped, length-prefixed JSON frames.
+
+A frame is a 4-byte big-endian length followed by that many bytes of UTF-8
+JSON holding one object. Requests come from a closed set (``OPS``); each op
+has a closed set of keys with fixed types. Anything else, an oversized
+frame, or malformed JSON is a protocol violation: the daemon closes the
+connection (OpenSSH's monitor rule).
+
+JSON goes through the C accelerator ``_json`` directly: ``import json``
+compiles regular expressions at import time, which the gate cannot afford
+on every agent call.
+"""
+
+from __future__ import annotations
+
+import _json
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs milliseconds to import; the gate never needs it
+    from typing import Any
+
+from broker.errors import PrivsepError
+
+PROTOCOL_VERSION = 1
+MAX_REQUEST_BYTES = 2 * 1024 * 1024
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+
+class ProtocolError(PrivsepError):
+    """A frame that breaks the protocol; the connection must be closed."""
+
+
+# --- JSON through the C accelerator -----------------------------------------
+
+
+def _no_default(obj: object) -> object:
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+_encode = _json.make_encoder(
+    None, _no_default, _json.encode_basestring_ascii, None, ":", ",", False, False, False
+)
+
+
+class _ScanContext:
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    memo: dict[str, Any] = {}
+
+    @staticmethod
+    def parse_constant(name: str) -> object:
+        raise ValueError(f"{name} is not valid JSON")
+
+
+_scan = _json.make_scanner(_ScanContext())
+_WS = " \t\n\r"
+
+
+def dumps(obj: object) -> str:
+    """Compact ASCII JSON; NaN and infinities are refused."""
+    return "".join(_encode(obj, 0))
+
+
+def loads(text: str) -> Any:
+    """Parse exactly one JSON value; raise ValueError otherwise."""
+    n = len(text)
+    i = 0
+    while i < n and text[i] in _WS:
+        i += 1
+    try:
+        value, end = _scan(text, i)
+    except StopIteration as exc:
+        raise ValueError(f"invalid JSON at character {exc.value}") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    while end < n and text[end] in _WS:
+        end += 1
+    if end != n:
+        raise ValueError(f"extra data after JSON value at character {end}")
+    return value
+
+
+# --- frames -----------------------------------------------------------------
+
+
+def encode_frame(obj: dict[str, Any], limit: int = MAX_RESPONSE_BYTES) -> bytes:
+    """Serialise one message as a frame; refuse one larger than ``limit``."""
+    payload = dumps(obj).encode("ascii")
+    if len(payload) > limit:
+        raise ProtocolError(f"message of {len(payload)} bytes exceeds the {limit}-byte cap")
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def frame_length(header: bytes, limit: int) -> int:
+    """Length announced by a 4-byte header, checked against ``limit``."""
+    if len(header) != 4:
+        raise ProtocolError("truncated frame header")
+    n = int.from_bytes(header, "big")
+    if n == 0 or n > limit:
+        raise ProtocolError(f"frame of {n} bytes outside 1..{limit}")
+    return n
+
+
+def decode_payload(payload: bytes) -> dict[str, Any]:
+    """Parse a frame body; it must be one JSON object."""
+    try:
+        obj = loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"malformed frame: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("frame is not a JSON object")
+    return obj
+
+
+# --- the closed set of requests ---------------------------------------------
+
+_STR = (str,)
+_INT = (int,)
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_OBJ_OR_NONE = (dict, type(None))
+_LIST = (list,)
+
+#: op -> {key: (allowed types, required)}; "v", "op" are always required.
+OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "list": {"caller": (_STR, True), "uid": (_INT, True)},
+    "describe": {"caller": (_STR, True), "uid": (_INT, True), "tool": (_STR, True)},
+    "call": {
+        "caller": (_STR, True),
+        "uid": (_INT, True),
+        "tool": (_STR, True),
+        "kv": (_LIST, True),
+        "args": (_OBJ_OR_NONE, True),
+        "timeout": (_OPT_NUM, True),
+    },
+    "status": {"caller": (_STR, True), "uid": (_INT, True)},
+    # the gate's own refusals, forwarded so the daemon can audit them
+    "report": {
+        "caller": (_STR, True),
+        "uid": (_INT, True),
+        "verb": (_STR, True),
+        "tool": (_STR, True),
+        "exit": (_INT, True),
+        "reason": (_STR, True),
+    },
+}
+
+#: admin.sock (root only) has its own closed set.
+ADMIN_OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "status": {},
+    "reload": {},
+    "tools": {"server": ((str, type(None)), True)},
+}
+
+MAX_STRING = 1024  # caller and tool names, reasons
+MAX_KV = 256
+
+
+def validate_request(obj: dict[str, Any], ops: dict[str, dict[str, tuple[tuple[type, ...], bool]]]) -> str:
+    """Check a request against the closed set; return its op."""
+    if obj.get("v") != PROTOCOL_VERSION or type(obj.get("v")) is not int:
+        raise ProtocolError("unsupported protocol version")
+    op = obj.get("op")
+    if type(op) is not str or op not in ops:
+        raise ProtocolError(f"unknown op {op!r}")
+    spec = ops[op]
+    for key in obj:
+        if key not in spec and key not in ("v", "op"):
+            raise ProtocolError(f"unexpected key {key!r} for op {op}")
+    for key, (types, required) in spec.items():
+        if key not in obj:
+            if required:
+                raise ProtocolError(f"missing key {key!r} for op {op}")
+            continue
+        value = obj[key]
+        # bool is an int subclass; never accept it where a number is meant
+        if type(value) not in types:
+            raise ProtocolError(f"key {key!r} has the wrong type")
+        if type(value) is str and len(value) > MAX_STRING:
+            raise ProtocolError(f"key {key!r} is too long")
+    if op == "call":
+        kv = obj["kv"]
+        if len(kv) > MAX_KV:
+            raise ProtocolError("too many arguments")
+        for pair in kv:
+            if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str or type(pair[1]) is not str:
+                raise ProtocolError("kv must be a list of [key, value] string pairs")
+    return op
+
+
+def request(op: str, **fields: Any) -> dict[str, Any]:
+    """Build a request object."""
+    fields["v"] = PROTOCOL_VERSION
+    fields["op"] = op
+    return fields

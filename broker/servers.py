@@ -1,0 +1,235 @@
+"""Warm MCP client sessions, one per configured server, with restart.
+
+Each :class:`ServerHandle` owns a supervisor task that connects (spawning a
+stdio server with a minimal environment plus its env file, or opening a
+streamable-HTTP session with its secret headers), lists the tools, serves
+calls until the session breaks, and reconnects with exponential backoff.
+Server-to-client requests (sampling, elicitation, roots) are refused: the
+client advertises no such capability and registers no callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import IO, Any
+
+import httpx2
+import mcp
+from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+
+from broker.config import Server
+from broker.errors import TempFail, Unavailable
+
+log = logging.getLogger("mcp-brokerd")
+
+#: the only variables a stdio server inherits, besides its own env file
+BASE_ENV_KEYS = ("PATH", "HOME", "LANG")
+
+
+class _Broken(Exception):
+    """The session is unusable; the supervisor must reconnect."""
+
+
+class ServerHandle:
+    """One server: its live session, its tools, its health."""
+
+    def __init__(self, server: Server, *, connect_timeout: float, backoff_max: float, base_env: dict[str, str],
+                 errlog: IO[str]) -> None:
+        self.server = server
+        self.name = server.name
+        self.connect_timeout = connect_timeout
+        self.backoff_max = backoff_max
+        self.base_env = base_env
+        self.errlog = errlog
+        self.client: Client | None = None
+        self.tools: dict[str, mcp.types.Tool] = {}
+        self.state = "starting"
+        self.reason = ""
+        self.restarts = 0
+        self._ready = asyncio.Event()
+        self._broken = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name=f"server:{self.name}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._broken.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=10)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._task
+
+    def _client(self) -> Client:
+        srv = self.server
+        if srv.spec.command is not None:
+            env = dict(self.base_env)
+            env.update(srv.env)
+            params = StdioServerParameters(
+                command=srv.spec.command, args=list(srv.spec.args), env=env, cwd=srv.spec.cwd or env.get("HOME")
+            )
+            return Client(params, mode="legacy")
+        assert srv.url is not None
+        http = httpx2.AsyncClient(
+            headers=srv.headers, timeout=httpx2.Timeout(30.0, read=3600.0), follow_redirects=False
+        )
+        return Client(streamable_http_client(srv.url, http_client=http), mode="legacy")
+
+    async def _supervise(self) -> None:
+        backoff = 0.25
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                await self._session_once()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - any failure means: reconnect later
+                self._mark_down(_describe_failure(exc))
+            if self._stopping:
+                break
+            if time.monotonic() - started > 30:
+                backoff = 0.25
+            self.restarts += 1
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.backoff_max)
+        self._mark_down("stopped")
+
+    async def _session_once(self) -> None:
+        client = self._client()
+        self.state = "starting"
+        async with contextlib.AsyncExitStack() as stack:
+            await asyncio.wait_for(stack.enter_async_context(client), self.connect_timeout)
+            listed = await asyncio.wait_for(client.list_tools(), self.connect_timeout)
+            tools = {t.name: t for t in listed.tools}
+            cursor = listed.next_cursor
+            while cursor:
+                page = await asyncio.wait_for(client.list_tools(cursor=cursor), self.connect_timeout)
+                tools.update({t.name: t for t in page.tools})
+                cursor = page.next_cursor
+            self.tools = tools
+            self.client = client
+            self.state = "up"
+            self.reason = ""
+            self._broken.clear()
+            self._ready.set()
+            log.info("server %s up with %d tools", self.name, len(tools))
+            await self._broken.wait()
+            self.client = None
+            self._ready.clear()
+            if not self._stopping:
+                raise _Broken(self.reason or "session broke")
+
+    def _mark_down(self, reason: str) -> None:
+        self.client = None
+        self._ready.clear()
+        self.state = "down"
+        self.reason = reason
+        if not self._stopping:
+            log.warning("server %s down: %s", self.name, reason)
+
+    def mark_broken(self, reason: str) -> None:
+        if self.state == "up":
+            self.reason = reason
+        self._broken.set()
+
+    # --- use ----------------------------------------------------------------
+
+    async def ready(self, wait: float) -> Client:
+        """The live client, waiting up to ``wait`` seconds for a (re)connect."""
+        if self.client is not None and self.state == "up":
+            return self.client
+        try:
+            await asyncio.wait_for(self._ready.wait(), wait)
+        except asyncio.TimeoutError:
+            why = f": {self.reason}" if self.reason else ""
+            raise Unavailable(f"server {self.name} is unavailable{why}") from None
+        if self.client is None:
+            raise Unavailable(f"server {self.name} is unavailable")
+        return self.client
+
+    async def call(self, tool: str, arguments: dict[str, Any], timeout: float) -> mcp.types.CallToolResult:
+        """Call a tool; the daemon's own timeout answers 75, a dead server 69."""
+        deadline = time.monotonic() + timeout
+        client = await self.ready(min(timeout, self.connect_timeout))
+        remaining = max(0.01, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(client.call_tool(tool, arguments, read_timeout_seconds=remaining + 1), remaining)
+        except asyncio.TimeoutError:
+            asyncio.create_task(self._check_alive(client))
+            raise TempFail(f"{self.name}.{tool} timed out after {timeout:g} s") from None
+        except mcp.MCPError as exc:
+            if _is_connection_loss(exc):
+                self.mark_broken("the server closed the connection")
+                raise Unavailable(f"server {self.name} failed during the call (it will be restarted)") from None
+            raise
+        except (OSError, httpx2.HTTPError) as exc:
+            self.mark_broken(_describe_failure(exc))
+            raise Unavailable(f"server {self.name} failed during the call (it will be restarted)") from None
+
+    async def _check_alive(self, client: Client) -> None:
+        """After a timeout: a server that no longer answers a ping is restarted."""
+        try:
+            await asyncio.wait_for(client.send_ping(), 5.0)
+        except Exception:  # noqa: BLE001 - any failure: restart it
+            if self.client is client:
+                self.mark_broken("stopped answering after a timeout")
+
+    async def health(self) -> None:
+        """Ping an idle session so a dead stdio process is noticed."""
+        client = self.client
+        if client is None:
+            return
+        try:
+            await asyncio.wait_for(client.send_ping(), 5.0)
+        except Exception as exc:  # noqa: BLE001
+            if self.client is client:
+                self.mark_broken(_describe_failure(exc))
+
+
+def _is_connection_loss(exc: mcp.MCPError) -> bool:
+    return "connection closed" in str(exc).lower()
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """A short reason for status output: no command lines, URLs or secrets."""
+    if isinstance(exc, BaseExceptionGroup):
+        inner = exc.exceptions[0] if exc.exceptions else exc
+        return _describe_failure(inner)
+    if isinstance(exc, _Broken):
+        return str(exc)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "did not start in time"
+    if isinstance(exc, FileNotFoundError):
+        return "command not found"
+    if isinstance(exc, PermissionError):
+        return "permission denied starting the server"
+    if isinstance(exc, httpx2.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, httpx2.HTTPError):
+        return "HTTP connection failed"
+    if isinstance(exc, mcp.MCPError):
+        return "connection closed" if _is_connection_loss(exc) else "protocol error"
+    if isinstance(exc, OSError):
+        return "I/O error"
+    return type(exc).__name__
+
+
+def base_environment(home: str) -> dict[str, str]:
+    """The minimal environment every stdio server starts from."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": home,
+        "LANG": os.environ.get("LANG", "C.UTF-8") or "C.UTF-8",
+    }

@@ -1,0 +1,1 @@
+"""The demo MCP server used by the README demo and the tests."""
