@@ -31,7 +31,9 @@ install: venv
 
 demo: install
 	$(CTL) check
-	@if $(CTL) status >/dev/null 2>&1; then $(CTL) reload; else /usr/local/sbin/mcp-brokerd --daemon; fi
+	@# restart, so a re-run of the demo serves the code just installed
+	@! $(CTL) status >/dev/null 2>&1 || $(CTL) stop
+	/usr/local/sbin/mcp-brokerd --daemon
 	@echo; echo "== as $(AGENT): mcp list"
 	runuser -u $(AGENT) -- /usr/local/bin/mcp list
 	@echo; echo "== as $(AGENT): mcp call demo.echo text=hello   (allowed)"

@@ -129,6 +129,44 @@ def reload(ctx: click.Context) -> None:
 
 
 @cli.command()
+@click.option("--timeout", default=15.0, show_default=True, help="Seconds to wait for the daemon to exit.")
+@click.pass_context
+def stop(ctx: click.Context, timeout: float) -> None:
+    """Stop the daemon named by the pid file (SIGTERM), and wait for it."""
+    import signal
+    import time
+
+    paths = _paths(ctx)
+    try:
+        with open(paths.pidfile, encoding="ascii") as fh:
+            pid = int(fh.read().strip() or "0")
+    except (FileNotFoundError, ValueError):
+        raise PrivsepError("stop: mcp-brokerd is not running (no pid file)", 1) from None
+    if pid <= 1:
+        raise PrivsepError(f"stop: {paths.pidfile} holds no usable pid", 1)
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmdline = fh.read()
+    except FileNotFoundError:
+        raise PrivsepError(f"stop: mcp-brokerd is not running (stale pid file {paths.pidfile})", 1) from None
+    if b"mcp-brokerd" not in cmdline:
+        raise PrivsepError(f"stop: pid {pid} from {paths.pidfile} is not mcp-brokerd; not signalling it", 1)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        raise PrivsepError(f"stop: mcp-brokerd is not running (stale pid file {paths.pidfile})", 1) from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            click.echo(f"stop: mcp-brokerd (pid {pid}) stopped")
+            return
+        time.sleep(0.05)
+    raise PrivsepError(f"stop: mcp-brokerd (pid {pid}) did not exit within {timeout:g} s", 75)
+
+
+@cli.command()
 @click.argument("server", required=False)
 @click.pass_context
 def tools(ctx: click.Context, server: str | None) -> None:

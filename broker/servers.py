@@ -220,7 +220,11 @@ def _describe_failure(exc: BaseException) -> str:
     if isinstance(exc, httpx2.HTTPError):
         return "HTTP connection failed"
     if isinstance(exc, mcp.MCPError):
-        return "connection closed" if _is_connection_loss(exc) else "protocol error"
+        if _is_connection_loss(exc):
+            return "connection closed"
+        if "error response" in str(exc):  # the SDK drops the HTTP status; 401/403 is the usual cause
+            return "the server answered with an HTTP error (check its URL and credentials)"
+        return "protocol error"
     if isinstance(exc, OSError):
         return "I/O error"
     return type(exc).__name__

@@ -1,0 +1,59 @@
+"""Fixtures for privileged end-to-end tests (root, sudo, real users, real daemon).
+
+Every test here is marked ``privileged`` and skipped, with the reason, when
+it cannot cross the real boundary: not root, or sudo not installed ('make
+test' installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.harness import Installation
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "privileged e2e test: needs root (real users, sudo, a real daemon); run 'make test' as root"
+    if shutil.which("sudo") is None or shutil.which("visudo") is None:
+        return "privileged e2e test: sudo is not installed ('make test' installs it)"
+    if shutil.which("runuser") is None:
+        return "privileged e2e test: runuser (util-linux) is missing"
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    reason = _skip_reason()
+    for item in items:
+        if "tests/e2e/" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.privileged)
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def inst() -> Iterator[Installation]:
+    """One staging installation with a running daemon, shared by the session."""
+    installation = Installation()
+    try:
+        installation.install()
+        installation.start_http()
+        installation.start_daemon()
+        yield installation
+    finally:
+        installation.teardown()
+
+
+@pytest.fixture
+def live(inst: Installation) -> Installation:
+    """The shared installation, with a daemon that is up and the default allowlist."""
+    from tests.e2e.harness import ALLOWLIST
+
+    if inst.daemon is None or inst.daemon.poll() is not None:
+        inst.start_daemon()
+    inst.set_allowlist(ALLOWLIST)
+    return inst

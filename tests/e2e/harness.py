@@ -1,0 +1,242 @@
+"""A real mcp-privsep installation in a staging root, for privileged tests.
+
+Everything is real: system users, the sudoers drop-in (validated by visudo),
+the root-owned virtualenv the tests run from, the daemon started as root
+(it drops to mcp-broker), a stdio demo server, a streamable-HTTP demo server
+demanding a bearer token, and agent users calling ``mcp`` through sudo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.paths import Paths
+
+AGENT1 = "mcpt-agent1"
+AGENT2 = "mcpt-agent2"
+OUTSIDER = "mcpt-outsider"  # a user with no sudo rule at all
+VENV = sys.prefix
+PYTHON = f"{VENV}/bin/python"
+CTL = f"{VENV}/bin/mcp-brokerctl"
+BROKERD = f"{VENV}/bin/mcp-brokerd"
+RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
+AGENT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+ALLOWLIST = """\
+# test allowlist
+demo.echo
+demo.whoami   # trailing comment
+demo.add
+demo.slow
+demo.crash
+demo.fail
+demo.big
+#demo.secret - never
+web.echo
+web.whoami
+noauth.echo
+"""
+
+
+def ensure_user(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True)
+        return pwd.getpwnam(name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write(path: str, text: str, uid: int = 0, gid: int = 0, mode: int = 0o644) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+class Installation:
+    """One staging root with its daemon and servers."""
+
+    def __init__(self) -> None:
+        base = tempfile.mkdtemp(prefix="mcp-privsep-e2e-", dir="/tmp")
+        os.chmod(base, 0o755)
+        self.root = base
+        self.paths = Paths(base)
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.http: subprocess.Popen[bytes] | None = None
+        self.port = free_port()
+        self.token = secrets.token_hex(16)
+        self.web_secret = "websecret-" + secrets.token_hex(8)
+        self.daemon_log = f"{base}/brokerd.log"
+
+    # --- set-up -------------------------------------------------------------
+
+    def install(self) -> None:
+        for user in (AGENT1, AGENT2, OUTSIDER):
+            ensure_user(user)
+        self.ctl("install", "--agent", AGENT1, "--agent", AGENT2, check=True)
+        broker = pwd.getpwnam("mcp-broker")
+        gate = pwd.getpwnam("mcp-gate")
+        p = self.paths
+        write(p.broker_toml, f"""
+[broker]
+call_timeout = 10
+max_call_timeout = 30
+connect_timeout = 15
+restart_backoff_max = 1
+
+[servers.demo]
+command = "{PYTHON}"
+args = ["-m", "mcp_servers.demo"]
+env_file = "{p.secrets}/demo.env"
+""", 0, broker.pw_gid, 0o640)
+        write(f"{p.secrets}/web.env", f"DEMO_TOKEN={self.token}\nDEMO_SECRET={self.web_secret}\n",
+              broker.pw_uid, broker.pw_gid, 0o600)
+        write(f"{p.servers_d}/web.toml", f"""
+[servers.web]
+url = "http://127.0.0.1:{self.port}/mcp"
+env_file = "{p.secrets}/web.env"
+headers = {{ Authorization = "Bearer ${{DEMO_TOKEN}}" }}
+
+[servers.noauth]
+url = "http://127.0.0.1:{self.port}/mcp"
+""", 0, broker.pw_gid, 0o640)
+        self.set_allowlist(ALLOWLIST)
+        write(p.user_allowlist(AGENT2), "demo.add\n", 0, gate.pw_gid, 0o640)
+
+    def set_allowlist(self, text: str, mode: int = 0o640) -> None:
+        gate = pwd.getpwnam("mcp-gate")
+        tmp = self.paths.allowlist + ".tmp"
+        write(tmp, text, 0, gate.pw_gid, mode)
+        os.replace(tmp, self.paths.allowlist)
+
+    def start_http(self) -> None:
+        broker = pwd.getpwnam("mcp-broker")
+        env = {"PATH": "/usr/bin:/bin", "DEMO_TOKEN": self.token, "DEMO_SECRET": self.web_secret, "HOME": "/"}
+        self.http = subprocess.Popen(
+            [PYTHON, "-m", "mcp_servers.demo", "--http", f"127.0.0.1:{self.port}"],
+            env=env, user=broker.pw_uid, group=broker.pw_gid, extra_groups=[], cwd="/",
+            stdout=subprocess.DEVNULL, stderr=open(f"{self.root}/http.log", "wb"),  # noqa: SIM115
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("HTTP demo server did not start")
+
+    def start_daemon(self, wait_servers: tuple[str, ...] = ("demo", "web")) -> None:
+        with open(self.daemon_log, "ab") as log:
+            self.daemon = subprocess.Popen(
+                [BROKERD, "--root", self.root, "--foreground", "--log-level", "debug"],
+                stdout=log, stderr=log, env={"PATH": "/usr/bin:/bin"},
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.daemon.poll() is not None:
+                raise RuntimeError(f"daemon exited: {self.log_tail()}")
+            status = self.ctl("status", "--json")
+            if status.code == 0:
+                import json
+
+                states = {s["name"]: s["state"] for s in json.loads(status.out)["servers"]}
+                if all(states.get(n) == "up" for n in wait_servers):
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"daemon not ready: {self.log_tail()}")
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            try:
+                self.daemon.wait(15)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+        self.daemon = None
+
+    def restart_daemon(self) -> None:
+        self.stop_daemon()
+        self.start_daemon()
+
+    def teardown(self) -> None:
+        self.stop_daemon()
+        if self.http is not None:
+            self.http.kill()
+            self.http.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.paths.sudoers)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return Path(self.daemon_log).read_text(errors="replace")[-n:]
+        except FileNotFoundError:
+            return ""
+
+    # --- acting -------------------------------------------------------------
+
+    def ctl(self, *args: str, check: bool = False) -> Result:
+        proc = subprocess.run([CTL, "--root", self.root, *args], capture_output=True, text=True, check=False)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"mcp-brokerctl {args} failed: {proc.stderr}")
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def as_user(self, user: str, *argv: str, stdin: str | None = None, timeout: float = 60) -> Result:
+        """Run a command as ``user`` with a fresh login-less environment."""
+        proc = subprocess.run(
+            [RUNUSER, "-u", user, "--", *argv], capture_output=True, text=True, input=stdin,
+            env=AGENT_ENV, cwd="/", timeout=timeout, check=False,
+        )
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def mcp(self, *argv: str, user: str = AGENT1, stdin: str | None = None, timeout: float = 60) -> Result:
+        """The agent's own command: ``mcp ARGS`` through the installed shim and sudo."""
+        return self.as_user(user, self.paths.mcp, *argv, stdin=stdin, timeout=timeout)
+
+    def spawn_mcp(self, *argv: str, user: str = AGENT1) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [RUNUSER, "-u", user, "--", self.paths.mcp, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=AGENT_ENV, cwd="/",
+        )
+
+    def server_pids(self, marker: str = "mcp_servers.demo") -> list[int]:
+        """Pids of stdio demo servers the daemon spawned."""
+        assert self.daemon is not None
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if marker.encode() in cmd and b"--http" not in cmd and ppid == self.daemon.pid:
+                found.append(int(entry))
+        return found
