@@ -64,17 +64,13 @@ def _bad_char(ch: str) -> str:
 
 def valid_user_name(user: str) -> bool:
     """Whether ``user`` is safe to use as ``allowed-actions.d/USER.txt``."""
-    return (
-        0 < len(user) <= 64
-        and user[0] not in ".-"
-        and all(ch in _USER_CHARS for ch in user)
-    )
+    return 0 < len(user) <= 64 and user[0] not in ".-" and all(ch in _USER_CHARS for ch in user)
 
 
 class Allowlist:
     """A parsed, valid allowlist: the allowed actions in file order."""
 
-    __slots__ = ("path", "actions", "_set")
+    __slots__ = ("_set", "actions", "path")
 
     def __init__(self, path: str, actions: list[str]) -> None:
         self.path = path

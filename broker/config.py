@@ -211,7 +211,7 @@ def _server(name: str, source: str, spec: ServerSpec, check_owner: bool) -> Serv
         server.url = _substitute(spec.url, env, f"{where}.url")
         server.headers = {k: _substitute(v, env, f"{where}.headers.{k}") for k, v in spec.headers.items()}
     for value in env.values():
-        if len(value) >= 4 and any(value in arg for arg in spec.args + [spec.command or ""]):
+        if len(value) >= 4 and any(value in arg for arg in [*spec.args, spec.command or ""]):
             raise ConfigError(f"{where}.args: holds a secret from its env_file; command lines are world-readable")
     return server
 

@@ -31,8 +31,9 @@ def admin_request(paths: Paths, op: str, timeout: float = 30.0, **fields: Any) -
         try:
             sock.connect(paths.admin_sock)
         except OSError as exc:
-            raise PrivsepError(f"the broker is not answering on {paths.admin_sock}: {exc.strerror or exc}",
-                               EX_UNAVAILABLE) from None
+            raise PrivsepError(
+                f"the broker is not answering on {paths.admin_sock}: {exc.strerror or exc}", EX_UNAVAILABLE
+            ) from None
         sock.sendall(protocol.encode_frame(protocol.request(op, **fields), protocol.MAX_REQUEST_BYTES))
         header = _recv(sock, 4)
         answer = protocol.decode_payload(_recv(sock, protocol.frame_length(header, protocol.MAX_RESPONSE_BYTES)))
@@ -66,8 +67,13 @@ def check_all(paths: Paths) -> list[str]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--root", default="/", show_default=True, envvar="MCP_PRIVSEP_ROOT",
-              help="Install root (staging and tests); root-only, never reachable by agents.")
+@click.option(
+    "--root",
+    default="/",
+    show_default=True,
+    envvar="MCP_PRIVSEP_ROOT",
+    help="Install root (staging and tests); root-only, never reachable by agents.",
+)
 @click.version_option(__version__, prog_name="mcp-brokerctl")
 @click.pass_context
 def cli(ctx: click.Context, root: str) -> None:
@@ -76,8 +82,13 @@ def cli(ctx: click.Context, root: str) -> None:
 
 
 @cli.command()
-@click.option("--agent", "agents", multiple=True, metavar="USER",
-              help="Agent user allowed to run 'mcp' (repeatable; existing agents are kept).")
+@click.option(
+    "--agent",
+    "agents",
+    multiple=True,
+    metavar="USER",
+    help="Agent user allowed to run 'mcp' (repeatable; existing agents are kept).",
+)
 @click.option("--venv", default=None, help="Virtualenv holding mcp-privsep (default: the one running this).")
 @click.pass_context
 def install(ctx: click.Context, agents: tuple[str, ...], venv: str | None) -> None:
@@ -112,12 +123,15 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"broker: {result['broker']} (pid {result['pid']}, version {result['version']}, "
-               f"up {result['uptime_s']} s, audit {result['audit']})")
+    click.echo(
+        f"broker: {result['broker']} (pid {result['pid']}, version {result['version']}, "
+        f"up {result['uptime_s']} s, audit {result['audit']})"
+    )
     for s in result["servers"]:
         reason = f" ({s['reason']})" if s.get("reason") else ""
-        click.echo(f"server {s['name']} [{s['transport']}]: {s['state']}{reason}, {s['tools']} tools, "
-                   f"{s['restarts']} restarts")
+        click.echo(
+            f"server {s['name']} [{s['transport']}]: {s['state']}{reason}, {s['tools']} tools, {s['restarts']} restarts"
+        )
 
 
 @cli.command()

@@ -80,6 +80,8 @@ class Broker:
         self.stopping = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
         self._errlog = open_errlog(paths)
+        #: fire-and-forget tasks, referenced so they are not garbage-collected mid-flight
+        self.background: set[asyncio.Task[Any]] = set()
 
     # --- servers ------------------------------------------------------------
 
@@ -103,7 +105,8 @@ class Broker:
         """Re-read config: start added servers, stop removed, restart changed."""
         cfg = config.load(self.paths)
         old = self.handles
-        added, removed, changed = [], [], []
+        added: list[str] = []
+        changed: list[str] = []
         new: dict[str, ServerHandle] = {}
         for name, server in cfg.servers.items():
             current = old.get(name)
@@ -155,8 +158,14 @@ class Broker:
     async def _admin_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._conn(reader, writer, {0}, protocol.ADMIN_OPS, self._dispatch_admin)
 
-    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, uids: set[int],
-                    ops: dict[str, Any], dispatch: Any) -> None:
+    async def _conn(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        uids: set[int],
+        ops: dict[str, Any],
+        dispatch: Any,
+    ) -> None:
         try:
             sock = writer.get_extra_info("socket")
             cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
@@ -176,7 +185,7 @@ class Broker:
                 answer = await dispatch(op, req, peer_uid)
                 writer.write(protocol.encode_frame(answer))
                 await writer.drain()
-        except (protocol.ProtocolError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, protocol.ProtocolError, asyncio.IncompleteReadError) as exc:
             log.warning("closing connection: %s", exc)
         except (ConnectionError, BrokenPipeError):
             pass
@@ -208,8 +217,14 @@ class Broker:
         started = time.monotonic()
         entry: dict[str, Any] = {"id": rid, "caller": caller, "uid": req["uid"], "op": op}
         if op == "report":
-            entry.update(tool=req["tool"], verb=req["verb"], decision="deny", source="gate",
-                         exit=req["exit"], reason=req["reason"])
+            entry.update(
+                tool=req["tool"],
+                verb=req["verb"],
+                decision="deny",
+                source="gate",
+                exit=req["exit"],
+                reason=req["reason"],
+            )
             with contextlib.suppress(PrivsepError):
                 await self.audit.record(**entry)
             return {"ok": True, "result": None}
@@ -217,8 +232,13 @@ class Broker:
             self.audit.check()
             result, extra = await self._handle_op(op, req, caller)
         except PrivsepError as exc:
-            entry.update(tool=req.get("tool"), decision=_decision(exc), exit=exc.exit_code, reason=exc.message,
-                         duration_ms=round((time.monotonic() - started) * 1000, 3))
+            entry.update(
+                tool=req.get("tool"),
+                decision=_decision(exc),
+                exit=exc.exit_code,
+                reason=exc.message,
+                duration_ms=round((time.monotonic() - started) * 1000, 3),
+            )
             entry.update(getattr(exc, "audit_extra", {}))
             try:
                 await self.audit.record(**entry)
@@ -263,8 +283,9 @@ class Broker:
             raise Unavailable(f"server {handle.name} does not offer a tool named {tool_name}")
         return spec
 
-    async def _call(self, handle: ServerHandle, tool: str, tool_name: str,
-                    req: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    async def _call(
+        self, handle: ServerHandle, tool: str, tool_name: str, req: dict[str, Any]
+    ) -> tuple[Any, dict[str, Any]]:
         settings = self.cfg.settings
         timeout = req["timeout"] or handle.server.spec.timeout or settings.call_timeout
         timeout = min(float(timeout), settings.max_call_timeout)
@@ -351,8 +372,14 @@ class Broker:
             "uptime_s": round(time.time() - self.started, 1),
             "audit": "ok" if self.audit.healthy else self.audit.error,
             "servers": [
-                {"name": h.name, "state": h.state, "reason": h.reason, "tools": len(h.tools),
-                 "restarts": h.restarts, "transport": "stdio" if h.server.spec.command else "http"}
+                {
+                    "name": h.name,
+                    "state": h.state,
+                    "reason": h.reason,
+                    "tools": len(h.tools),
+                    "restarts": h.restarts,
+                    "transport": "stdio" if h.server.spec.command else "http",
+                }
                 for h in self.handles.values()
             ],
         }
@@ -363,8 +390,11 @@ class Broker:
             if server is not None and h.name != server:
                 continue
             out[h.name] = [
-                {"name": t.name, "description": first_line(t.description),
-                 "annotations": t.annotations.model_dump(mode="json", exclude_none=True) if t.annotations else {}}
+                {
+                    "name": t.name,
+                    "description": first_line(t.description),
+                    "annotations": t.annotations.model_dump(mode="json", exclude_none=True) if t.annotations else {},
+                }
                 for t in h.tools.values()
             ]
         if server is not None and server not in out:
@@ -423,7 +453,7 @@ def render_result(result: mcp.types.CallToolResult, cap: int) -> dict[str, Any]:
 def open_errlog(paths: Paths) -> Any:
     """Where stdio servers' stderr goes: a broker-private log file."""
     try:
-        return open(f"{paths.log}/servers.log", "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+        return open(f"{paths.log}/servers.log", "a", buffering=1, encoding="utf-8", errors="replace")
     except OSError:
         return sys.stderr
 
@@ -493,7 +523,8 @@ async def run_broker(paths: Paths, cfg: config.Config, gate_uid: int, ready: Any
             except ConfigError as exc:
                 log.error("reload refused, keeping the running config: %s", exc)
 
-        loop.create_task(do())
+        broker.background.add(task := loop.create_task(do()))
+        task.add_done_callback(broker.background.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     clear_stale_socket(paths.gate_sock)
@@ -528,7 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     paths = Paths(ns.root)
     logging.basicConfig(
-        level=ns.log_level.upper(), stream=sys.stderr, format="%(asctime)s mcp-brokerd[%(process)d] %(levelname)s %(message)s"
+        level=ns.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s mcp-brokerd[%(process)d] %(levelname)s %(message)s",
     )
     try:
         _broker_uid, gate_uid = drop_privileges()
@@ -600,7 +633,7 @@ def _daemonize(paths: Paths, cfg: config.Config, gate_uid: int, pid_fd: int) -> 
             os.close(w)
 
         code = asyncio.run(run_broker(paths, cfg, gate_uid, ready))
-    except BaseException as exc:  # noqa: BLE001 - report any start-up failure to the launcher
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.write(w, f"{type(exc).__name__}: {exc}\n".encode())
         log.exception("daemon failed")

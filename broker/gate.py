@@ -14,10 +14,9 @@ library only and cheap to import (no ``json``, ``socket``, ``argparse``,
 
 from __future__ import annotations
 
+import _socket
 import posix as os  # not os: see allowlist.py
 import sys
-
-import _socket
 
 from broker import __version__, allowlist, protocol
 from broker.errors import (
@@ -78,7 +77,7 @@ _PLAIN_FLAGS = ("--json",)
 class Request:
     """A parsed command line."""
 
-    __slots__ = ("verb", "tool", "kv", "args", "json", "timeout")
+    __slots__ = ("args", "json", "kv", "timeout", "tool", "verb")
 
     def __init__(self, verb: str) -> None:
         self.verb = verb
@@ -236,7 +235,7 @@ def check_allowlist(paths: Paths, user: str, tool: str | None) -> None:
 
 def _validate_cached(cache_dir: str, data: bytes, path: str) -> None:
     """Full validation, skipped when this exact content was validated before."""
-    import _sha256
+    import _sha256  # type: ignore[import-not-found]  # the C module: hashlib would load OpenSSL
 
     marker = f"{cache_dir}/valid-{_sha256.sha256(data).hexdigest()}"
     try:
@@ -298,8 +297,9 @@ def _recv_exact(sock: Any, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _report(paths: Paths, user: str, uid: int, verb: str, tool: str, exit_code: int, reason: str,
-            broker_uid: int | None) -> None:
+def _report(
+    paths: Paths, user: str, uid: int, verb: str, tool: str, exit_code: int, reason: str, broker_uid: int | None
+) -> None:
     """Best effort: let the daemon audit a refusal the gate made itself."""
     message = protocol.request(
         "report", caller=user, uid=uid, verb=verb, tool=tool, exit=exit_code, reason=reason[:1000]
@@ -372,7 +372,7 @@ def main(
     """Run one gate invocation; return the exit code. Testable in-process."""
     argv = sys.argv[1:] if argv is None else argv
     if environ is None:
-        environ = {k.decode(errors='replace'): v.decode(errors='replace') for k, v in os.environ.items()}
+        environ = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in os.environ.items()}
     out = sys.stdout if stdout is None else stdout
     err = sys.stderr if stderr is None else stderr
     req: Request | None = None
@@ -399,8 +399,7 @@ def _report_usage(argv: list[str], root: str, broker_uid: int | None, environ: d
         pass
 
 
-def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, str], out: TextIO,
-         err: TextIO) -> int:
+def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, str], out: TextIO, err: TextIO) -> int:
     if req.verb == "help":
         out.write(HELP)
         return EX_OK
@@ -436,7 +435,9 @@ def run(root: str = "/", broker_uid: int | None = None) -> None:
     os.chdir("/")
     os.umask(0o077)
     os.closerange(3, 1 << 20)
-    environ = {k.decode(): os.environ[k].decode(errors="replace") for k in (b"SUDO_USER", b"SUDO_UID") if k in os.environ}
+    environ = {
+        k.decode(): os.environ[k].decode(errors="replace") for k in (b"SUDO_USER", b"SUDO_UID") if k in os.environ
+    }
     # the caller's locale must not make a tool result unprintable
     sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")  # type: ignore[union-attr]
     sys.stderr.reconfigure(encoding="utf-8", errors="backslashreplace")  # type: ignore[union-attr]

@@ -37,7 +37,7 @@ class Report:
 
 
 def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603 - fixed argv
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise PrivsepError(f"{' '.join(cmd)} failed: {(proc.stderr or proc.stdout).strip()}", 1)
 
@@ -132,7 +132,7 @@ def sudoers_text(paths: Paths, agents: list[str]) -> str:
 def sudoers_agents(path: str) -> list[str]:
     try:
         with open(path, encoding="utf-8") as fh:
-            return [line[len(SUDOERS_MARK):].strip() for line in fh if line.startswith(SUDOERS_MARK)]
+            return [line[len(SUDOERS_MARK) :].strip() for line in fh if line.startswith(SUDOERS_MARK)]
     except FileNotFoundError:
         return []
 
@@ -155,7 +155,7 @@ def install_sudoers(paths: Paths, agents: list[str], report: Report) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o440)
-        proc = subprocess.run([visudo, "-cf", tmp], capture_output=True, text=True, check=False)  # noqa: S603
+        proc = subprocess.run([visudo, "-cf", tmp], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise PrivsepError(f"visudo rejected the sudoers drop-in: {(proc.stdout + proc.stderr).strip()}", 1)
         os.replace(tmp, target)
@@ -203,7 +203,9 @@ def install(paths: Paths, agents: list[str], venv: str | None = None) -> Report:
         try:
             pwd.getpwnam(agent)
         except KeyError:
-            raise ConfigError(f"agent user {agent!r} does not exist (create it first, e.g. useradd -m {agent})") from None
+            raise ConfigError(
+                f"agent user {agent!r} does not exist (create it first, e.g. useradd -m {agent})"
+            ) from None
         if agent in ("root", GATE_USER, BROKER_USER):
             raise ConfigError(f"{agent!r} cannot be an agent")
     venv = venv or sys.prefix
@@ -213,8 +215,15 @@ def install(paths: Paths, agents: list[str], venv: str | None = None) -> Report:
     # the broker re-reads the allowlist, which only root and mcp-gate's group may read
     ensure_group_member(BROKER_USER, GATE_USER, report)
 
-    for parent in (paths.root, os.path.dirname(paths.etc), os.path.dirname(paths.run),
-                   os.path.dirname(paths.state), os.path.dirname(paths.log), paths.bin, paths.sbin):
+    for parent in (
+        paths.root,
+        os.path.dirname(paths.etc),
+        os.path.dirname(paths.run),
+        os.path.dirname(paths.state),
+        os.path.dirname(paths.log),
+        paths.bin,
+        paths.sbin,
+    ):
         os.makedirs(parent, mode=0o755, exist_ok=True)
     ensure_dir(paths.etc, 0, 0, 0o751)
     ensure_dir(paths.servers_d, 0, broker.pw_gid, 0o750)
@@ -227,14 +236,23 @@ def install(paths: Paths, agents: list[str], venv: str | None = None) -> Report:
     ensure_dir(paths.gate_cache, gate.pw_uid, gate.pw_gid, 0o700)
 
     python = os.path.join(venv, "bin", "python")
-    write_new(paths.broker_toml, EXAMPLE_BROKER_TOML.format(python=python, secrets=paths.secrets,
-                                                             servers_d=paths.servers_d),
-              0, broker.pw_gid, 0o640, report)
+    write_new(
+        paths.broker_toml,
+        EXAMPLE_BROKER_TOML.format(python=python, secrets=paths.secrets, servers_d=paths.servers_d),
+        0,
+        broker.pw_gid,
+        0o640,
+        report,
+    )
     write_new(paths.allowlist, EXAMPLE_ALLOWLIST, 0, gate.pw_gid, 0o640, report)
-    write_new(f"{paths.secrets}/demo.env",
-              f"# secrets of the demo server\nDEMO_SECRET=demo-{secrets.token_hex(16)}\n"
-              f"DEMO_TOKEN={secrets.token_hex(24)}\n",
-              broker.pw_uid, broker.pw_gid, 0o600, report)
+    write_new(
+        f"{paths.secrets}/demo.env",
+        f"# secrets of the demo server\nDEMO_SECRET=demo-{secrets.token_hex(16)}\nDEMO_TOKEN={secrets.token_hex(24)}\n",
+        broker.pw_uid,
+        broker.pw_gid,
+        0o600,
+        report,
+    )
 
     replace_file(paths.gate, gate_script(paths, venv, broker.pw_uid), 0o755)
     replace_file(paths.mcp, agent_shim(paths), 0o755)

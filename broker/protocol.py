@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import _json
 
+from broker.errors import PrivsepError
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; the gate never needs it
-    from typing import Any
-
-from broker.errors import PrivsepError
+    from typing import Any, ClassVar
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
@@ -37,9 +37,7 @@ def _no_default(obj: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-_encode = _json.make_encoder(
-    None, _no_default, _json.encode_basestring_ascii, None, ":", ",", False, False, False
-)
+_encode = _json.make_encoder(None, _no_default, _json.encode_basestring_ascii, None, ":", ",", False, False, False)
 
 
 class _ScanContext:
@@ -48,14 +46,15 @@ class _ScanContext:
     object_pairs_hook = None
     parse_float = float
     parse_int = int
-    memo: dict[str, Any] = {}
+    memo: ClassVar[dict[str, Any]] = {}
 
     @staticmethod
     def parse_constant(name: str) -> object:
         raise ValueError(f"{name} is not valid JSON")
 
 
-_scan = _json.make_scanner(_ScanContext())
+# typeshed wants a JSONDecoder; any object with these attributes is what the C scanner reads
+_scan = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]
 _WS = " \t\n\r"
 
 

@@ -38,8 +38,9 @@ class _Broken(Exception):
 class ServerHandle:
     """One server: its live session, its tools, its health."""
 
-    def __init__(self, server: Server, *, connect_timeout: float, backoff_max: float, base_env: dict[str, str],
-                 errlog: IO[str]) -> None:
+    def __init__(
+        self, server: Server, *, connect_timeout: float, backoff_max: float, base_env: dict[str, str], errlog: IO[str]
+    ) -> None:
         self.server = server
         self.name = server.name
         self.connect_timeout = connect_timeout
@@ -55,6 +56,7 @@ class ServerHandle:
         self._broken = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -67,7 +69,7 @@ class ServerHandle:
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout=10)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
                 with contextlib.suppress(BaseException):
                     await self._task
@@ -152,7 +154,7 @@ class ServerHandle:
             return self.client
         try:
             await asyncio.wait_for(self._ready.wait(), wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             why = f": {self.reason}" if self.reason else ""
             raise Unavailable(f"server {self.name} is unavailable{why}") from None
         if self.client is None:
@@ -165,9 +167,11 @@ class ServerHandle:
         client = await self.ready(min(timeout, self.connect_timeout))
         remaining = max(0.01, deadline - time.monotonic())
         try:
-            return await asyncio.wait_for(client.call_tool(tool, arguments, read_timeout_seconds=remaining + 1), remaining)
-        except asyncio.TimeoutError:
-            asyncio.create_task(self._check_alive(client))
+            call = client.call_tool(tool, arguments, read_timeout_seconds=remaining + 1)
+            return await asyncio.wait_for(call, remaining)
+        except TimeoutError:
+            self._background.add(task := asyncio.create_task(self._check_alive(client)))
+            task.add_done_callback(self._background.discard)
             raise TempFail(f"{self.name}.{tool} timed out after {timeout:g} s") from None
         except mcp.MCPError as exc:
             if _is_connection_loss(exc):

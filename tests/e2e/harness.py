@@ -102,7 +102,9 @@ class Installation:
         broker = pwd.getpwnam("mcp-broker")
         gate = pwd.getpwnam("mcp-gate")
         p = self.paths
-        write(p.broker_toml, f"""
+        write(
+            p.broker_toml,
+            f"""
 [broker]
 call_timeout = 10
 max_call_timeout = 30
@@ -113,10 +115,21 @@ restart_backoff_max = 1
 command = "{PYTHON}"
 args = ["-m", "mcp_servers.demo"]
 env_file = "{p.secrets}/demo.env"
-""", 0, broker.pw_gid, 0o640)
-        write(f"{p.secrets}/web.env", f"DEMO_TOKEN={self.token}\nDEMO_SECRET={self.web_secret}\n",
-              broker.pw_uid, broker.pw_gid, 0o600)
-        write(f"{p.servers_d}/web.toml", f"""
+""",
+            0,
+            broker.pw_gid,
+            0o640,
+        )
+        write(
+            f"{p.secrets}/web.env",
+            f"DEMO_TOKEN={self.token}\nDEMO_SECRET={self.web_secret}\n",
+            broker.pw_uid,
+            broker.pw_gid,
+            0o600,
+        )
+        write(
+            f"{p.servers_d}/web.toml",
+            f"""
 [servers.web]
 url = "http://127.0.0.1:{self.port}/mcp"
 env_file = "{p.secrets}/web.env"
@@ -124,7 +137,11 @@ headers = {{ Authorization = "Bearer ${{DEMO_TOKEN}}" }}
 
 [servers.noauth]
 url = "http://127.0.0.1:{self.port}/mcp"
-""", 0, broker.pw_gid, 0o640)
+""",
+            0,
+            broker.pw_gid,
+            0o640,
+        )
         self.set_allowlist(ALLOWLIST)
         write(p.user_allowlist(AGENT2), "demo.add\n", 0, gate.pw_gid, 0o640)
 
@@ -139,8 +156,13 @@ url = "http://127.0.0.1:{self.port}/mcp"
         env = {"PATH": "/usr/bin:/bin", "DEMO_TOKEN": self.token, "DEMO_SECRET": self.web_secret, "HOME": "/"}
         self.http = subprocess.Popen(
             [PYTHON, "-m", "mcp_servers.demo", "--http", f"127.0.0.1:{self.port}"],
-            env=env, user=broker.pw_uid, group=broker.pw_gid, extra_groups=[], cwd="/",
-            stdout=subprocess.DEVNULL, stderr=open(f"{self.root}/http.log", "wb"),  # noqa: SIM115
+            env=env,
+            user=broker.pw_uid,
+            group=broker.pw_gid,
+            extra_groups=[],
+            cwd="/",
+            stdout=subprocess.DEVNULL,
+            stderr=open(f"{self.root}/http.log", "wb"),  # noqa: SIM115
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -153,7 +175,9 @@ url = "http://127.0.0.1:{self.port}/mcp"
         with open(self.daemon_log, "ab") as log:
             self.daemon = subprocess.Popen(
                 [BROKERD, "--root", self.root, "--foreground", "--log-level", "debug"],
-                stdout=log, stderr=log, env={"PATH": "/usr/bin:/bin"},
+                stdout=log,
+                stderr=log,
+                env={"PATH": "/usr/bin:/bin"},
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -209,8 +233,14 @@ url = "http://127.0.0.1:{self.port}/mcp"
     def as_user(self, user: str, *argv: str, stdin: str | None = None, timeout: float = 60) -> Result:
         """Run a command as ``user`` with a fresh login-less environment."""
         proc = subprocess.run(
-            [RUNUSER, "-u", user, "--", *argv], capture_output=True, text=True, input=stdin,
-            env=AGENT_ENV, cwd="/", timeout=timeout, check=False,
+            [RUNUSER, "-u", user, "--", *argv],
+            capture_output=True,
+            text=True,
+            input=stdin,
+            env=AGENT_ENV,
+            cwd="/",
+            timeout=timeout,
+            check=False,
         )
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
@@ -220,8 +250,12 @@ url = "http://127.0.0.1:{self.port}/mcp"
 
     def spawn_mcp(self, *argv: str, user: str = AGENT1) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [RUNUSER, "-u", user, "--", self.paths.mcp, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=AGENT_ENV, cwd="/",
+            [RUNUSER, "-u", user, "--", self.paths.mcp, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=AGENT_ENV,
+            cwd="/",
         )
 
     def server_pids(self, marker: str = "mcp_servers.demo") -> list[int]:

@@ -76,8 +76,13 @@ def test_daemon_rechecks_even_if_the_gate_were_bypassed(live: Installation) -> N
     s = socket.socket(socket.AF_UNIX)
     s.connect(live.paths.gate_sock)
     uid = pwd.getpwnam("mcpt-agent1").pw_uid
-    s.sendall(protocol.encode_frame(protocol.request(
-        "call", caller="mcpt-agent1", uid=uid, tool="demo.echo", kv=[["text", "x"]], args=None, timeout=None)))
+    s.sendall(
+        protocol.encode_frame(
+            protocol.request(
+                "call", caller="mcpt-agent1", uid=uid, tool="demo.echo", kv=[["text", "x"]], args=None, timeout=None
+            )
+        )
+    )
     s.settimeout(10)
     n = protocol.frame_length(s.recv(4), protocol.MAX_RESPONSE_BYTES)
     answer = protocol.decode_payload(s.recv(n))

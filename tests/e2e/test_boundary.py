@@ -61,8 +61,8 @@ def test_describe_gives_the_schema_of_an_allowed_tool_only(live: Installation) -
 
 
 def test_not_allowlisted_tool_is_denied_and_secret_never_shown(live: Installation) -> None:
-    secret_line = open(f"{live.paths.secrets}/demo.env").read()
-    secret = [ln.split("=", 1)[1] for ln in secret_line.splitlines() if ln.startswith("DEMO_SECRET=")][0]
+    with open(f"{live.paths.secrets}/demo.env") as fh:
+        secret = next(ln.split("=", 1)[1] for ln in fh.read().splitlines() if ln.startswith("DEMO_SECRET="))
     r = live.mcp("call", "demo.secret")
     assert r.code == 77
     assert "not in the allowlist" in r.err
@@ -135,7 +135,7 @@ def test_gate_user_is_refused_on_admin_socket(live: Installation) -> None:
     # even code running as mcp-gate (the sudo target) cannot reach admin.sock
     code = (
         "import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
-        "try:\n    s.connect(sys.argv[1]); s.sendall(b'\\x00\\x00\\x00\\x17{\"v\":1,\"op\":\"reload\"}  ')\n"
+        'try:\n    s.connect(sys.argv[1]); s.sendall(b\'\\x00\\x00\\x00\\x17{"v":1,"op":"reload"}  \')\n'
         "    print('DATA', s.recv(10))\nexcept OSError as e:\n    print('refused', e.errno)\n"
     )
     r = live.as_user("mcp-gate", PYTHON, "-c", code, live.paths.admin_sock)
@@ -163,8 +163,16 @@ def test_sudo_grants_nothing_but_the_gate(live: Installation) -> None:
 def test_sudo_environment_cannot_steer_the_gate(live: Installation) -> None:
     # sudo resets the environment; the gate ignores everything but SUDO_USER/SUDO_UID anyway
     r = live.as_user(
-        AGENT1, "env", "SUDO_USER=root", "SUDO_UID=0", "PYTHONPATH=/tmp", "PYTHONSTARTUP=/tmp/x",
-        live.paths.mcp, "call", "demo.echo", "text=ok",
+        AGENT1,
+        "env",
+        "SUDO_USER=root",
+        "SUDO_UID=0",
+        "PYTHONPATH=/tmp",
+        "PYTHONSTARTUP=/tmp/x",
+        live.paths.mcp,
+        "call",
+        "demo.echo",
+        "text=ok",
     )
     assert (r.code, r.out) == (0, "ok\n"), r
     r = live.mcp("call", "demo.echo", "text=hi", user=AGENT2)
@@ -176,7 +184,8 @@ def test_agent_cannot_signal_or_trace_broker_processes(live: Installation) -> No
     pids = [live.daemon.pid, *live.server_pids()]
     code = (
         "import os,sys\nfor p in map(int, sys.argv[1:]):\n"
-        "    try:\n        os.kill(p, 0); print('SIGNALLED', p)\n    except PermissionError:\n        print('eperm', p)\n"
+        "    try:\n        os.kill(p, 0); print('SIGNALLED', p)\n"
+        "    except PermissionError:\n        print('eperm', p)\n"
         "    try:\n        open(f'/proc/{p}/environ','rb').read(); print('ENVIRON', p)\n"
         "    except PermissionError:\n        print('eperm', p)\n"
     )
@@ -187,8 +196,12 @@ def test_agent_cannot_signal_or_trace_broker_processes(live: Installation) -> No
 
 def test_forged_frames_on_gate_socket_close_the_connection(live: Installation) -> None:
     # root may connect (as the gate's SO_PEERCRED peer); malformed frames are dropped, daemon lives on
-    for payload in (b"\xff\xff\xff\xff", b"\x00\x00\x00\x05hello", b'\x00\x00\x00\x0c{"op":"zzz"}',
-                    b'\x00\x00\x00\x1f{"v":1,"op":"list","caller":"x"}'):
+    for payload in (
+        b"\xff\xff\xff\xff",
+        b"\x00\x00\x00\x05hello",
+        b'\x00\x00\x00\x0c{"op":"zzz"}',
+        b'\x00\x00\x00\x1f{"v":1,"op":"list","caller":"x"}',
+    ):
         s = socket.socket(socket.AF_UNIX)
         s.connect(live.paths.gate_sock)
         s.sendall(payload)

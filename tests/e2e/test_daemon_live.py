@@ -37,7 +37,8 @@ def test_daemon_killed_gate_answers_69_at_once_then_daemonized_restart(live: Ins
         assert live.mcp("call", "demo.echo", "text=y").out == "y\n"
         with open(live.paths.pidfile) as fh:
             pid = int(fh.read())
-        uid_line = [ln for ln in open(f"/proc/{pid}/status") if ln.startswith("Uid:")][0]
+        with open(f"/proc/{pid}/status") as fh:
+            uid_line = next(ln for ln in fh if ln.startswith("Uid:"))
         import pwd
 
         assert int(uid_line.split()[1]) == pwd.getpwnam("mcp-broker").pw_uid

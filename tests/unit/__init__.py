@@ -1,0 +1,1 @@
+"""Unit and property tests: no daemon, no sudo, no real users."""
