@@ -18,8 +18,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from broker.allowlist import action_error
 from broker.errors import ConfigError
 from broker.paths import Paths
+from broker.policy import ActionPolicy
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -37,6 +39,19 @@ class BrokerSettings(BaseModel):
     max_output_bytes: int = Field(1_048_576, ge=1024, description="result text beyond this is truncated")
     connect_timeout: float = Field(20.0, gt=0, le=600, description="seconds to start and initialise a server")
     restart_backoff_max: float = Field(30.0, gt=0, le=3600)
+    approval_ttl: float = Field(900.0, gt=0, le=7 * 86400, description="seconds an approval request stays valid")
+    notify_command: list[str] | None = Field(None, description="hook run (as mcp-broker) for mode = notify")
+    denial_budget: int = Field(10, ge=0, description="denials allowed per window before a freeze (0: off)")
+    denial_window: float = Field(600.0, gt=0)
+    freeze_seconds: float = Field(900.0, gt=0)
+    log_argument_values: bool = Field(False, description="audit argument values (redacted) too")
+
+    @field_validator("notify_command")
+    @classmethod
+    def _hook_absolute(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or not value[0].startswith("/")):
+            raise ValueError("notify_command must start with an absolute path")
+        return value
 
     @model_validator(mode="after")
     def _timeouts(self) -> BrokerSettings:
@@ -93,6 +108,16 @@ class FileModel(BaseModel):
 
     broker: BrokerSettings | None = None
     servers: dict[str, ServerSpec] = Field(default_factory=dict)
+    policy: dict[str, ActionPolicy] = Field(default_factory=dict)
+
+    @field_validator("policy")
+    @classmethod
+    def _actions(cls, value: dict[str, ActionPolicy]) -> dict[str, ActionPolicy]:
+        for action in value:
+            problem = action_error(action)
+            if problem is not None:
+                raise ValueError(f"{action!r}: {problem}")
+        return value
 
 
 @dataclass
@@ -131,6 +156,14 @@ class Config:
     settings: BrokerSettings
     servers: dict[str, Server]
     files: list[str]
+    policy: dict[str, ActionPolicy] = field(default_factory=dict)
+
+    def secrets(self) -> dict[str, str]:
+        """Every secret value of every server, by name (for redaction)."""
+        found: dict[str, str] = {}
+        for server in self.servers.values():
+            found.update(server.secrets())
+        return found
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -229,6 +262,7 @@ def load(paths: Paths, check_owner: bool = True) -> Config:
     files += [f"{paths.servers_d}/{n}" for n in extra]
     settings: BrokerSettings | None = None
     servers: dict[str, Server] = {}
+    policy: dict[str, tuple[str, ActionPolicy]] = {}
     for path in files:
         try:
             raw = _read_toml(path)
@@ -244,6 +278,11 @@ def load(paths: Paths, check_owner: bool = True) -> Config:
             if path != paths.broker_toml:
                 problems.append(f"{path}: [broker] belongs in {paths.broker_toml}")
             settings = model.broker
+        for action, rules in model.policy.items():
+            if action in policy:
+                problems.append(f"{path}: policy.{action}: already defined in {policy[action][0]}")
+                continue
+            policy[action] = (path, rules)
         for name, spec in model.servers.items():
             if not NAME_RE.fullmatch(name):
                 problems.append(f"{path}: servers.{name}: server names are [A-Za-z0-9_-]+")
@@ -258,4 +297,9 @@ def load(paths: Paths, check_owner: bool = True) -> Config:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ConfigError(problems[0] + more, problems)
-    return Config(settings=settings or BrokerSettings(), servers=servers, files=files)
+    return Config(
+        settings=settings or BrokerSettings(),
+        servers=servers,
+        files=files,
+        policy={a: rules for a, (_p, rules) in policy.items()},
+    )

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 import click
@@ -196,6 +197,91 @@ def tools(ctx: click.Context, server: str | None) -> None:
             action = f"{name}.{t['name']}"
             mark = "allowed" if action in allowed else "denied "
             click.echo(f"{mark} {action}  {t['description']}")
+
+
+@cli.command()
+@click.option("--all", "show_all", is_flag=True, help="Include decided, used and expired approvals.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def approvals(ctx: click.Context, show_all: bool, as_json: bool) -> None:
+    """List approval requests (pending ones by default), with their arguments."""
+    result = admin_request(_paths(ctx), "approvals", status=None if show_all else "pending")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    if not result:
+        click.echo("approvals: none pending" if not show_all else "approvals: none")
+    for a in result:
+        expires = time.strftime("%H:%M:%S", time.localtime(a["expires"]))
+        click.echo(f"{a['id']}  {a['status']:<8} {a['caller']} -> {a['action']}  (expires {expires})")
+        click.echo(f"          args: {json.dumps(a['args'], ensure_ascii=False)}")
+
+
+@cli.command()
+@click.argument("approval_id", metavar="ID")
+@click.pass_context
+def approve(ctx: click.Context, approval_id: str) -> None:
+    """Approve a pending call (single use, bound to its exact arguments)."""
+    a = admin_request(_paths(ctx), "approve", id=approval_id)
+    click.echo(f"approved {a['id']}: {a['caller']} -> {a['action']} {json.dumps(a['args'], ensure_ascii=False)}")
+
+
+@cli.command()
+@click.argument("approval_id", metavar="ID")
+@click.pass_context
+def reject(ctx: click.Context, approval_id: str) -> None:
+    """Reject a pending call; the agent gets exit 77."""
+    a = admin_request(_paths(ctx), "reject", id=approval_id)
+    click.echo(f"rejected {a['id']}: {a['caller']} -> {a['action']}")
+
+
+@cli.command()
+@click.argument("user")
+@click.pass_context
+def unfreeze(ctx: click.Context, user: str) -> None:
+    """Lift a freeze caused by repeated denials, and reset the count."""
+    result = admin_request(_paths(ctx), "unfreeze", caller=user)
+    click.echo(f"unfreeze: {user} " + ("unfrozen" if result["unfrozen"] else "was not frozen"))
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def pins(ctx: click.Context) -> None:
+    """Tool-definition pins: list them, or accept a changed definition."""
+    if ctx.invoked_subcommand is None:
+        for p in admin_request(_paths(ctx), "pins"):
+            click.echo(f"{p['state']:<16} {p['action']}  {p['hash'][:16]}")
+
+
+@pins.command("accept")
+@click.argument("action", metavar="SERVER.TOOL")
+@click.pass_context
+def pins_accept(ctx: click.Context, action: str) -> None:
+    """Show the diff of a tool's definition and pin what the server offers now."""
+    result = admin_request(_paths(ctx), "pin_accept", action=action)
+    if result["diff"]:
+        click.echo(result["diff"], nl=False)
+    click.echo(f"pins: {action} pinned at {result['hash'][:16]}" + ("" if result["changed"] else " (unchanged)"))
+
+
+@cli.command()
+@click.argument("user")
+@click.argument("action", metavar="SERVER.TOOL")
+@click.argument("pairs", nargs=-1, metavar="[k=v ...]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def explain(ctx: click.Context, user: str, action: str, pairs: tuple[str, ...], as_json: bool) -> None:
+    """Say what a call by USER would meet and why, without calling anything."""
+    from broker.gate import _split_kv
+
+    kv = [list(_split_kv(p)) for p in pairs]
+    result = admin_request(_paths(ctx), "explain", caller=user, tool=action, kv=kv)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for s in result["steps"]:
+        click.echo(f"{s['check']:<10} {s['verdict']:<20} {s['why']}")
+    click.echo(f"verdict: {result['verdict']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import pwd
@@ -25,21 +28,27 @@ from typing import Any
 
 import mcp
 
-from broker import __version__, allowlist, audit, config, protocol
+from broker import __version__, allowlist, audit, config, policy, protocol
 from broker.coerce import build_arguments
 from broker.errors import (
     EX_CONFIG,
+    EX_DATAERR,
+    EX_NOPERM,
     EX_OK,
     EX_SOFTWARE,
+    EX_TOOL_ERROR,
     EX_UNAVAILABLE,
     ArgumentsRejected,
     ConfigError,
     Denied,
     PrivsepError,
+    TempFail,
     Unavailable,
 )
 from broker.paths import BROKER_USER, GATE_USER, Paths
+from broker.redact import Redactor
 from broker.servers import ServerHandle, base_environment
+from broker.state import State
 
 log = logging.getLogger("mcp-brokerd")
 
@@ -65,6 +74,23 @@ class AllowlistCache:
         return parsed
 
 
+class Conn:
+    """One client connection: lets a handler send interim frames and notice a hang-up."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        self.writer.write(protocol.encode_frame(obj))
+        await self.writer.drain()
+
+    async def closed(self) -> None:
+        """Return when the peer hangs up (used only while nothing else reads)."""
+        while await self.reader.read(4096):
+            pass
+
+
 class Broker:
     """The daemon's state and request handlers."""
 
@@ -74,14 +100,22 @@ class Broker:
         self.gate_uid = gate_uid
         self.allowlists = AllowlistCache(paths)
         self.audit = audit.AuditLog(paths.audit_log)
+        self.state = State(f"{paths.state}/state.db")
+        self.redactor = Redactor(cfg.secrets())
         self.handles: dict[str, ServerHandle] = {}
         self.base_env = base_environment(paths.state)
         self.started = time.time()
         self.stopping = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
         self._errlog = open_errlog(paths)
+        self._approval_waiters: dict[str, asyncio.Future[str]] = {}
         #: fire-and-forget tasks, referenced so they are not garbage-collected mid-flight
         self.background: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     # --- servers ------------------------------------------------------------
 
@@ -118,6 +152,7 @@ class Broker:
             new[name] = self._handle(server)
         removed = [n for n in old if n not in cfg.servers]
         self.cfg = cfg
+        self.redactor = Redactor(cfg.secrets())
         for name in removed + changed:
             await old[name].stop()
         self.handles = new
@@ -128,7 +163,7 @@ class Broker:
 
     async def health_loop(self) -> None:
         while not self.stopping.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), HEALTH_INTERVAL)
             for handle in list(self.handles.values()):
                 await handle.health()
@@ -151,6 +186,7 @@ class Broker:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         self.audit.close()
+        self.state.close()
 
     async def _gate_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._conn(reader, writer, {0, self.gate_uid}, protocol.OPS, self._dispatch_gate)
@@ -166,6 +202,7 @@ class Broker:
         ops: dict[str, Any],
         dispatch: Any,
     ) -> None:
+        conn = Conn(reader, writer)
         try:
             sock = writer.get_extra_info("socket")
             cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
@@ -182,9 +219,8 @@ class Broker:
                 payload = await asyncio.wait_for(reader.readexactly(n), 30)
                 req = protocol.decode_payload(payload)
                 op = protocol.validate_request(req, ops)
-                answer = await dispatch(op, req, peer_uid)
-                writer.write(protocol.encode_frame(answer))
-                await writer.drain()
+                answer = await dispatch(op, req, peer_uid, conn)
+                await conn.send(answer)
         except (TimeoutError, protocol.ProtocolError, asyncio.IncompleteReadError) as exc:
             log.warning("closing connection: %s", exc)
         except (ConnectionError, BrokenPipeError):
@@ -211,41 +247,53 @@ class Broker:
             raise protocol.ProtocolError("the gate user cannot be a caller")
         return str(user)
 
-    async def _dispatch_gate(self, op: str, req: dict[str, Any], peer_uid: int) -> dict[str, Any]:
+    async def _dispatch_gate(self, op: str, req: dict[str, Any], peer_uid: int, conn: Conn) -> dict[str, Any]:
         caller = self._caller(req, peer_uid)
-        rid = audit.new_request_id()
         started = time.monotonic()
-        entry: dict[str, Any] = {"id": rid, "caller": caller, "uid": req["uid"], "op": op}
+        entry: dict[str, Any] = {"id": audit.new_request_id(), "caller": caller, "uid": req["uid"], "op": op}
         if op == "report":
             entry.update(
                 tool=req["tool"],
                 verb=req["verb"],
-                decision="deny",
+                decision=_DECISIONS.get(req["exit"], "error"),
                 source="gate",
                 exit=req["exit"],
-                reason=req["reason"],
+                reason=self.redactor.text(req["reason"]),
             )
+            # the gate's own denials feed the denial budget too; a report can only hurt its caller
+            froze = None
+            if req["exit"] == EX_NOPERM and self.state.frozen_until(caller) is None:
+                froze = await self._count_denial(caller, Denied(req["reason"]))
             with contextlib.suppress(PrivsepError):
                 await self.audit.record(**entry)
+                if froze is not None:
+                    await self._audit_freeze(caller, req["uid"], froze)
             return {"ok": True, "result": None}
+        if "tool" in req:
+            entry["tool"] = req["tool"]
         try:
             self.audit.check()
-            result, extra = await self._handle_op(op, req, caller)
+            result, extra = await self._handle_op(op, req, caller, conn, entry)
         except PrivsepError as exc:
+            message = self.redactor.text(exc.message)
+            entry.update(getattr(exc, "audit_extra", {}))
             entry.update(
-                tool=req.get("tool"),
-                decision=_decision(exc),
+                decision=entry.get("decision") or _decision(exc),
+                outcome=entry.get("outcome") or _decision(exc),
                 exit=exc.exit_code,
-                reason=exc.message,
+                reason=message,
                 duration_ms=round((time.monotonic() - started) * 1000, 3),
             )
-            entry.update(getattr(exc, "audit_extra", {}))
+            froze = await self._count_denial(caller, exc)
             try:
                 await self.audit.record(**entry)
+                if froze is not None:
+                    await self._audit_freeze(caller, req["uid"], froze)
             except Unavailable as audit_exc:
-                exc = audit_exc
-            return {"ok": False, "exit": exc.exit_code, "error": exc.message}
+                exc, message = audit_exc, audit_exc.message
+            return {"ok": False, "exit": exc.exit_code, "error": message}
         entry.update(extra)
+        entry["exit"] = 1 if isinstance(result, dict) and result.get("is_error") and op == "call" else 0
         entry["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
         try:
             await self.audit.record(**entry)
@@ -253,9 +301,35 @@ class Broker:
             return {"ok": False, "exit": exc.exit_code, "error": exc.message}
         return {"ok": True, "result": result}
 
-    async def _handle_op(self, op: str, req: dict[str, Any], caller: str) -> tuple[Any, dict[str, Any]]:
+    async def _audit_freeze(self, caller: str, uid: int, reason: str) -> None:
+        await self.audit.record(
+            id=audit.new_request_id(), caller=caller, uid=uid, op="freeze", decision="freeze", reason=reason
+        )
+
+    async def _count_denial(self, caller: str, exc: PrivsepError) -> str | None:
+        """Feed the denial budget; return a reason when this denial froze the caller."""
+        s = self.cfg.settings
+        if s.denial_budget <= 0 or exc.exit_code not in (EX_NOPERM, EX_DATAERR) or getattr(exc, "frozen", False):
+            return None
+        if self.state.record_denial(caller, s.denial_budget, s.denial_window, s.freeze_seconds):
+            until = self.state.frozen_until(caller)
+            log.warning("caller %s frozen until %s", caller, _when(until))
+            return f"more than {s.denial_budget} denials within {s.denial_window:g} s; frozen until {_when(until)}"
+        return None
+
+    def _check_frozen(self, caller: str) -> None:
+        until = self.state.frozen_until(caller)
+        if until is not None:
+            exc = Denied(f"denied: {caller} is frozen until {_when(until)} after repeated denials")
+            exc.frozen = True  # type: ignore[attr-defined]
+            raise exc
+
+    async def _handle_op(
+        self, op: str, req: dict[str, Any], caller: str, conn: Conn, entry: dict[str, Any]
+    ) -> tuple[Any, dict[str, Any]]:
         if op == "status":
             return self._status(caller), {"decision": "allow"}
+        self._check_frozen(caller)
         allowed = self.allowlists.get(caller)
         if op == "list":
             return await self._list(allowed), {"decision": "allow"}
@@ -267,53 +341,138 @@ class Broker:
         if handle is None:
             raise Unavailable(f"server {server_name} is not configured in the broker")
         if op == "describe":
-            spec = await self._tool(handle, tool_name, READY_WAIT)
+            spec = await self._tool(handle, tool, READY_WAIT)
             return {
                 "name": tool,
                 "description": spec.description or "",
                 "input_schema": spec.input_schema,
                 "annotations": spec.annotations.model_dump(mode="json", exclude_none=True) if spec.annotations else {},
-            }, {"tool": tool, "decision": "allow"}
-        return await self._call(handle, tool, tool_name, req)
+            }, {"decision": "allow"}
+        return await self._call(handle, tool, tool_name, req, caller, conn, entry)
 
-    async def _tool(self, handle: ServerHandle, tool_name: str, wait: float) -> mcp.types.Tool:
+    async def _tool(self, handle: ServerHandle, action: str, wait: float) -> mcp.types.Tool:
+        """The tool's live definition, refused when it differs from its pin."""
         await handle.ready(wait)
-        spec = handle.tools.get(tool_name)
+        spec = handle.tools.get(action.partition(".")[2])
         if spec is None:
-            raise Unavailable(f"server {handle.name} does not offer a tool named {tool_name}")
+            raise Unavailable(f"server {handle.name} does not offer a tool named {action.partition('.')[2]}")
+        if self.pin_state(action, spec) == "changed":
+            raise Denied(
+                f"denied: the definition of {action} changed since it was allowed; "
+                "an operator must review it ('mcp-brokerctl pins accept')"
+            )
         return spec
 
+    def pin_state(self, action: str, spec: mcp.types.Tool) -> str:
+        """'pinned' (first sight records the pin), or 'changed'."""
+        digest, definition = tool_digest(spec)
+        pinned = self.state.pin(action)
+        if pinned is None:
+            self.state.set_pin(action, digest, definition)
+            return "pinned"
+        return "pinned" if pinned[0] == digest else "changed"
+
     async def _call(
-        self, handle: ServerHandle, tool: str, tool_name: str, req: dict[str, Any]
+        self,
+        handle: ServerHandle,
+        tool: str,
+        tool_name: str,
+        req: dict[str, Any],
+        caller: str,
+        conn: Conn,
+        entry: dict[str, Any],
     ) -> tuple[Any, dict[str, Any]]:
         settings = self.cfg.settings
-        timeout = req["timeout"] or handle.server.spec.timeout or settings.call_timeout
+        rules = policy.effective(self.cfg.policy, tool, caller)
+        entry["rule"] = rules.source
+        entry["mode"] = rules.mode
+        timeout = req["timeout"] or rules.timeout or handle.server.spec.timeout or settings.call_timeout
         timeout = min(float(timeout), settings.max_call_timeout)
-        spec = await self._tool(handle, tool_name, min(timeout, READY_WAIT))
+        spec = await self._tool(handle, tool, min(timeout, READY_WAIT))
         args = build_arguments(req["kv"], req["args"], spec.input_schema or {})
-        extra: dict[str, Any] = {
-            "tool": tool,
-            "decision": "allow",
-            "arg_keys": sorted(args),
-            "args_size": len(protocol.dumps(args)),
-            "args_digest": audit.args_digest(args),
-        }
+        digest = audit.args_digest(args)
+        entry.update(arg_keys=sorted(args), args_size=len(protocol.dumps(args)), args_digest=digest)
+        if settings.log_argument_values:
+            entry["args"] = self.redactor.deep(args)
+        rules.check_args(args)
+        if rules.rate is not None:
+            retry = self.state.rate_check(rules.rate_key(), *rules.rate)
+            if retry:
+                raise TempFail(f"rate limit {rules.rate_text} for {tool} reached; retry in {retry:.0f} s")
+        if rules.mode == "approve":
+            entry["approval"] = await self._await_approval(caller, tool, args, digest, conn)
+        if rules.rate is not None:
+            self.state.rate_record(rules.rate_key(), rules.rate[1])
+        entry["decision"] = "allow"
+        if rules.mode == "notify":
+            self._notify(entry)
         try:
             result = await handle.call(tool_name, args, timeout)
         except mcp.MCPError as exc:
+            entry["outcome"] = "server_error"
             if exc.code == -32602:
-                err: PrivsepError = ArgumentsRejected(f"{tool}: the server rejected the arguments: {exc}")
-            else:
-                err = PrivsepError(f"{tool}: the server answered with an error: {exc}", 1)
-            err.audit_extra = {**extra, "outcome": "server_error"}  # type: ignore[attr-defined]
-            raise err from None
-        except PrivsepError as exc:
-            exc.audit_extra = {**extra, "outcome": _decision(exc)}  # type: ignore[attr-defined]
+                raise ArgumentsRejected(f"{tool}: the server rejected the arguments: {exc}") from None
+            raise PrivsepError(f"{tool}: the server answered with an error: {exc}", EX_TOOL_ERROR) from None
+        except TempFail:
+            entry["outcome"] = "timeout"
             raise
-        rendered = render_result(result, settings.max_output_bytes)
-        extra["outcome"] = "tool_error" if result.is_error else "ok"
-        extra["result_size"] = rendered.pop("_size")
-        return rendered, extra
+        except PrivsepError:
+            entry["outcome"] = "server_failed"
+            raise
+        rendered = render_result(result, rules.max_output_bytes or settings.max_output_bytes, self.redactor)
+        return rendered, {
+            "outcome": "tool_error" if result.is_error else "ok",
+            "result_size": rendered.pop("_size"),
+        }
+
+    async def _await_approval(self, caller: str, tool: str, args: dict[str, Any], digest: str, conn: Conn) -> str:
+        """Hold a red-zone call until an operator decides; return the approval id."""
+        used = self.state.take_approved(caller, tool, digest)
+        if used is not None:
+            return used.id
+        pending = self.state.pending_for(caller, tool, digest) or self.state.create_approval(
+            caller, tool, digest, self.redactor.deep(args), self.cfg.settings.approval_ttl
+        )
+        if pending.id not in self._approval_waiters:
+            await self.audit.record(
+                id=audit.new_request_id(),
+                caller=caller,
+                op="approval",
+                tool=tool,
+                decision="pending",
+                approval=pending.id,
+                args_digest=digest,
+            )
+        waiter = self._approval_waiters.setdefault(pending.id, asyncio.get_running_loop().create_future())
+        wait = max(0.0, pending.expires - time.time())
+        await conn.send({"pending": pending.id, "wait": wait})
+        hangup: asyncio.Future[Any] = asyncio.ensure_future(conn.closed())
+        try:
+            watched: set[asyncio.Future[Any]] = {waiter, hangup}
+            done, _ = await asyncio.wait(watched, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hangup.cancel()
+        if waiter in done:
+            decision = waiter.result()
+            if decision == "rejected":
+                raise Denied(f"denied: approval {pending.id} was rejected by an operator")
+            if decision == "approved" and self.state.consume(pending.id):
+                return pending.id
+            raise TempFail(f"approval {pending.id} was already used; call again to request a new one")
+        if hangup in done:
+            raise TempFail(f"approval {pending.id} still pending; the caller left")
+        self.state.expire_approvals()
+        self._approval_waiters.pop(pending.id, None)
+        raise TempFail(f"approval {pending.id} expired without a decision")
+
+    def _notify(self, entry: dict[str, Any]) -> None:
+        """Yellow zone: run the operator's hook with a JSON summary, without waiting for it."""
+        command = self.cfg.settings.notify_command
+        if not command:
+            return
+        summary = {k: entry.get(k) for k in ("id", "caller", "tool", "arg_keys", "args_digest", "args_size", "rule")}
+        summary["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.spawn(_run_hook(command, json.dumps(summary).encode(), self.base_env))
 
     async def _list(self, allowed: allowlist.Allowlist) -> dict[str, Any]:
         tools = []
@@ -327,7 +486,9 @@ class Broker:
                     await handle.ready(2.0)
             spec = handle.tools.get(tool_name) if handle.state == "up" else None
             if spec is not None:
-                tools.append({"name": action, "description": first_line(spec.description)})
+                changed = self.pin_state(action, spec) == "changed"
+                description = "(blocked: definition changed)" if changed else first_line(spec.description)
+                tools.append({"name": action, "description": description})
             elif handle.state != "up":
                 tools.append({"name": action, "description": "(server unavailable)"})
         return {"tools": tools}
@@ -352,17 +513,136 @@ class Broker:
 
     # --- admin requests -----------------------------------------------------
 
-    async def _dispatch_admin(self, op: str, req: dict[str, Any], peer_uid: int) -> dict[str, Any]:
+    async def _dispatch_admin(self, op: str, req: dict[str, Any], peer_uid: int, conn: Conn) -> dict[str, Any]:
         try:
-            if op == "status":
-                return {"ok": True, "result": self._admin_status()}
-            if op == "reload":
-                return {"ok": True, "result": await self.reload()}
-            if op == "tools":
-                return {"ok": True, "result": self._admin_tools(req.get("server"))}
+            result = await self._admin_op(op, req)
         except PrivsepError as exc:
             return {"ok": False, "exit": exc.exit_code, "error": exc.message}
-        return {"ok": False, "exit": EX_SOFTWARE, "error": f"unhandled op {op}"}
+        return {"ok": True, "result": result}
+
+    async def _admin_op(self, op: str, req: dict[str, Any]) -> Any:
+        if op == "status":
+            return self._admin_status()
+        if op == "reload":
+            return await self.reload()
+        if op == "tools":
+            return self._admin_tools(req.get("server"))
+        if op == "approvals":
+            return [a.as_dict() for a in self.state.approvals(req.get("status"))]
+        if op in ("approve", "reject"):
+            return await self._decide(req["id"], "approved" if op == "approve" else "rejected")
+        if op == "unfreeze":
+            found = self.state.unfreeze(req["caller"])
+            await self.audit.record(
+                id=audit.new_request_id(), caller=req["caller"], op="unfreeze", decision="unfreeze", by="root"
+            )
+            return {"unfrozen": found}
+        if op == "freezes":
+            return self.state.freezes()
+        if op == "pins":
+            return self._pins()
+        if op == "pin_accept":
+            return await self._pin_accept(req["action"])
+        if op == "explain":
+            return await self._explain(req)
+        raise PrivsepError(f"unhandled op {op}", EX_SOFTWARE)
+
+    async def _decide(self, approval_id: str, status: str) -> dict[str, Any]:
+        decided = self.state.decide(approval_id, status, "root")
+        if decided is None:
+            current = self.state.get_approval(approval_id)
+            why = f"it is {current.status}" if current else "no such approval"
+            raise PrivsepError(f"approval {approval_id} cannot be {status}: {why}", 1)
+        await self.audit.record(
+            id=audit.new_request_id(),
+            caller=decided.caller,
+            op="approval",
+            tool=decided.action,
+            decision=status,
+            approval=approval_id,
+            by="root",
+        )
+        waiter = self._approval_waiters.pop(approval_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(status)
+        return decided.as_dict()
+
+    def _pins(self) -> list[dict[str, Any]]:
+        out = []
+        pins = self.state.pins()
+        for action, (digest, _definition) in sorted(pins.items()):
+            server, _, tool = action.partition(".")
+            handle = self.handles.get(server)
+            spec = handle.tools.get(tool) if handle is not None else None
+            state = "not offered now" if spec is None else "ok" if tool_digest(spec)[0] == digest else "changed"
+            out.append({"action": action, "hash": digest, "state": state})
+        return out
+
+    async def _pin_accept(self, action: str) -> dict[str, Any]:
+        server, _, tool = action.partition(".")
+        handle = self.handles.get(server)
+        spec = handle.tools.get(tool) if handle is not None else None
+        if spec is None:
+            raise PrivsepError(f"{action}: the server does not offer this tool now", 1)
+        digest, definition = tool_digest(spec)
+        old = self.state.pin(action)
+        diff = "".join(
+            difflib.unified_diff(
+                _pretty(old[1]).splitlines(keepends=True) if old else [],
+                _pretty(definition).splitlines(keepends=True),
+                fromfile=f"{action} (pinned)",
+                tofile=f"{action} (offered now)",
+            )
+        )
+        self.state.set_pin(action, digest, definition)
+        await self.audit.record(id=audit.new_request_id(), op="pin_accept", tool=action, decision="pin", hash=digest)
+        return {"action": action, "hash": digest, "diff": diff, "changed": old is None or old[0] != digest}
+
+    async def _explain(self, req: dict[str, Any]) -> dict[str, Any]:
+        """What a call would meet, step by step, without calling anything (like doas -C)."""
+        caller, tool = req["caller"], req["tool"]
+        steps: list[dict[str, str]] = []
+
+        def step(name: str, verdict: str, why: str) -> dict[str, Any]:
+            steps.append({"check": name, "verdict": verdict, "why": why})
+            return {"caller": caller, "tool": tool, "steps": steps, "verdict": verdict}
+
+        until = self.state.frozen_until(caller)
+        if until is not None:
+            return step("freeze", "deny (77)", f"{caller} is frozen until {_when(until)}")
+        step("freeze", "pass", "not frozen")
+        try:
+            allowed = self.allowlists.get(caller)
+        except ConfigError as exc:
+            return step("allowlist", "config error (78)", exc.message)
+        if not allowed.allows(tool):
+            return step("allowlist", "deny (77)", f"{tool} is not in {allowed.path}")
+        step("allowlist", "pass", f"listed in {allowed.path}")
+        handle = self.handles.get(tool.partition(".")[0])
+        if handle is None:
+            return step("server", "unavailable (69)", "server not configured")
+        spec = handle.tools.get(tool.partition(".")[2])
+        if spec is None:
+            return step("server", "unavailable (69)", f"server is {handle.state}, tool not offered")
+        if self.pin_state(tool, spec) == "changed":
+            return step("pin", "deny (77)", "definition changed since pinned; run 'mcp-brokerctl pins accept'")
+        step("pin", "pass", "definition matches its pin")
+        rules = policy.effective(self.cfg.policy, tool, caller)
+        try:
+            args = build_arguments(req["kv"], None, spec.input_schema or {})
+            rules.check_args(args)
+        except ArgumentsRejected as exc:
+            return step("arguments", "rejected (65)", exc.message)
+        step("arguments", "pass", f"typed by the schema and checked against {rules.source}")
+        if rules.rate is not None:
+            retry = self.state.rate_check(rules.rate_key(), *rules.rate)
+            if retry:
+                return step("rate", "try later (75)", f"{rules.rate_text} reached; retry in {retry:.0f} s")
+            step("rate", "pass", f"under {rules.rate_text}")
+        verdict = {"allow": "allow", "notify": "allow, operator notified", "approve": "held for approval"}
+        result = step("mode", verdict[rules.mode], f"mode {rules.mode} from {rules.source}")
+        result["policy"] = rules.describe()
+        return result
 
     def _admin_status(self) -> dict[str, Any]:
         return {
@@ -382,6 +662,8 @@ class Broker:
                 }
                 for h in self.handles.values()
             ],
+            "frozen": self.state.freezes(),
+            "pending_approvals": len(self.state.approvals("pending")),
         }
 
     def _admin_tools(self, server: str | None) -> dict[str, Any]:
@@ -402,10 +684,51 @@ class Broker:
         return out
 
 
+_DECISIONS = {77: "deny", 78: "config_error", 65: "rejected", 69: "unavailable", 75: "tempfail", 64: "usage"}
+
+
 def _decision(exc: PrivsepError) -> str:
-    return {77: "deny", 78: "config_error", 65: "rejected", 69: "unavailable", 75: "tempfail", 64: "usage"}.get(
-        exc.exit_code, "error"
+    return _DECISIONS.get(exc.exit_code, "error")
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts or 0))
+
+
+def _pretty(definition: str) -> str:
+    return json.dumps(json.loads(definition), indent=2, sort_keys=True) + "\n"
+
+
+def tool_digest(spec: mcp.types.Tool) -> tuple[str, str]:
+    """(sha256, canonical JSON) of what pinning covers: name, description, schema, annotations."""
+    definition = json.dumps(
+        {
+            "name": spec.name,
+            "description": spec.description or "",
+            "input_schema": spec.input_schema,
+            "annotations": spec.annotations.model_dump(mode="json", exclude_none=True) if spec.annotations else {},
+        },
+        sort_keys=True,
+        separators=(",", ":"),
     )
+    return hashlib.sha256(definition.encode()).hexdigest(), definition
+
+
+async def _run_hook(command: list[str], payload: bytes, env: dict[str, str]) -> None:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=env,
+            cwd=env.get("HOME", "/"),
+        )
+        await asyncio.wait_for(proc.communicate(payload), 60)
+        if proc.returncode:
+            log.warning("notify hook exited with %s", proc.returncode)
+    except (OSError, TimeoutError) as exc:
+        log.warning("notify hook failed: %s", exc)
 
 
 def first_line(text: str | None) -> str:
@@ -415,12 +738,12 @@ def first_line(text: str | None) -> str:
     return ""
 
 
-def render_result(result: mcp.types.CallToolResult, cap: int) -> dict[str, Any]:
-    """The answer the gate prints: joined text, blocks, structured content, capped."""
+def render_result(result: mcp.types.CallToolResult, cap: int, redactor: Redactor) -> dict[str, Any]:
+    """The answer the gate prints: joined text, blocks, structured content; redacted, then capped."""
     texts: list[str] = []
     blocks: list[dict[str, Any]] = []
     for block in result.content:
-        data = block.model_dump(mode="json", exclude_none=True)
+        data = redactor.deep(block.model_dump(mode="json", exclude_none=True))
         blocks.append(data)
         kind = data.get("type")
         if kind == "text":
@@ -433,7 +756,7 @@ def render_result(result: mcp.types.CallToolResult, cap: int) -> dict[str, Any]:
             res = data.get("resource", {})
             texts.append(str(res.get("text", f"[resource {res.get('uri', '')}]")))
     text = "\n".join(texts)
-    structured = result.structured_content
+    structured = redactor.deep(result.structured_content)
     if not text and structured is not None:
         text = protocol.dumps(structured)
     out: dict[str, Any] = {"is_error": bool(result.is_error), "text": text, "content": blocks}

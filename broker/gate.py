@@ -36,6 +36,7 @@ from broker.paths import Paths
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, TextIO
 
 MAX_ARGV_BYTES = 256 * 1024
@@ -253,7 +254,13 @@ def _validate_cached(cache_dir: str, data: bytes, path: str) -> None:
 # --- talking to the daemon --------------------------------------------------
 
 
-def exchange(paths: Paths, message: dict[str, Any], wait: float, broker_uid: int | None) -> dict[str, Any]:
+def exchange(
+    paths: Paths,
+    message: dict[str, Any],
+    wait: float,
+    broker_uid: int | None,
+    on_pending: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Send one request over gate.sock and return the daemon's answer."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
@@ -270,16 +277,23 @@ def exchange(paths: Paths, message: dict[str, Any], wait: float, broker_uid: int
         sock.settimeout(wait)
         try:
             sock.sendall(protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES))
-            header = _recv_exact(sock, 4)
-            payload = _recv_exact(sock, protocol.frame_length(header, protocol.MAX_RESPONSE_BYTES))
+            while True:
+                header = _recv_exact(sock, 4)
+                answer = protocol.decode_payload(
+                    _recv_exact(sock, protocol.frame_length(header, protocol.MAX_RESPONSE_BYTES))
+                )
+                pending = answer.get("pending")
+                if pending is None or on_pending is None:
+                    return answer
+                # held for an operator's approval: say so, then wait as long as it may take
+                on_pending(str(pending))
+                extra = answer.get("wait")
+                if isinstance(extra, (int, float)) and 0 <= extra <= 7 * 86400:
+                    sock.settimeout(wait + float(extra))
         except TimeoutError:
             raise Unavailable(f"broker unavailable: no answer within {wait:g} s") from None
         except OSError as exc:
             raise Unavailable(f"broker unavailable: connection failed ({exc.strerror or exc})") from None
-        except protocol.ProtocolError as exc:
-            raise Unavailable(f"broker unavailable: {exc}") from None
-        try:
-            return protocol.decode_payload(payload)
         except protocol.ProtocolError as exc:
             raise Unavailable(f"broker unavailable: {exc}") from None
     finally:
@@ -421,7 +435,11 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
     if req.verb == "call":
         fields.update(kv=req.kv, args=req.args, timeout=req.timeout)
     wait = (req.timeout + 10.0) if req.timeout is not None else DEFAULT_WAIT
-    answer = exchange(paths, protocol.request(req.verb, **fields), wait, broker_uid)
+    def on_pending(approval_id: str) -> None:
+        err.write(f"mcp: pending approval {approval_id}, waiting\n")
+        err.flush()
+
+    answer = exchange(paths, protocol.request(req.verb, **fields), wait, broker_uid, on_pending)
     if not answer.get("ok"):
         code = answer.get("exit")
         if type(code) is not int or code in (EX_OK, EX_TOOL_ERROR):

@@ -148,10 +148,20 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 }
 
 #: admin.sock (root only) has its own closed set.
+_OPT_STR = (str, type(None))
+
 ADMIN_OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "status": {},
     "reload": {},
-    "tools": {"server": ((str, type(None)), True)},
+    "tools": {"server": (_OPT_STR, True)},
+    "approvals": {"status": (_OPT_STR, True)},
+    "approve": {"id": (_STR, True)},
+    "reject": {"id": (_STR, True)},
+    "unfreeze": {"caller": (_STR, True)},
+    "freezes": {},
+    "pins": {},
+    "pin_accept": {"action": (_STR, True)},
+    "explain": {"caller": (_STR, True), "tool": (_STR, True), "kv": (_LIST, True)},
 }
 
 MAX_STRING = 1024  # caller and tool names, reasons
@@ -180,7 +190,7 @@ def validate_request(obj: dict[str, Any], ops: dict[str, dict[str, tuple[tuple[t
             raise ProtocolError(f"key {key!r} has the wrong type")
         if type(value) is str and len(value) > MAX_STRING:
             raise ProtocolError(f"key {key!r} is too long")
-    if op == "call":
+    if "kv" in spec:
         kv = obj["kv"]
         if len(kv) > MAX_KV:
             raise ProtocolError("too many arguments")

@@ -49,11 +49,12 @@ def inst() -> Iterator[Installation]:
 
 
 @pytest.fixture
-def live(inst: Installation) -> Installation:
+def live(inst: Installation) -> Iterator[Installation]:
     """The shared installation, with a daemon that is up and the default allowlist."""
     from tests.e2e.harness import ALLOWLIST
 
     if inst.daemon is None or inst.daemon.poll() is not None:
         inst.start_daemon()
     inst.set_allowlist(ALLOWLIST)
-    return inst
+    yield inst
+    inst.set_allowlist(ALLOWLIST)

@@ -102,24 +102,9 @@ class Installation:
         broker = pwd.getpwnam("mcp-broker")
         gate = pwd.getpwnam("mcp-gate")
         p = self.paths
-        write(
-            p.broker_toml,
-            f"""
-[broker]
-call_timeout = 10
-max_call_timeout = 30
-connect_timeout = 15
-restart_backoff_max = 1
-
-[servers.demo]
-command = "{PYTHON}"
-args = ["-m", "mcp_servers.demo"]
-env_file = "{p.secrets}/demo.env"
-""",
-            0,
-            broker.pw_gid,
-            0o640,
-        )
+        self.write_broker_toml()
+        with open(f"{p.secrets}/demo.env", "a", encoding="utf-8") as fh:
+            fh.write(f"DEMO_ECHO_DESCRIPTION_FILE={self.root}/echo-description.txt\n")
         write(
             f"{p.secrets}/web.env",
             f"DEMO_TOKEN={self.token}\nDEMO_SECRET={self.web_secret}\n",
@@ -144,6 +129,39 @@ url = "http://127.0.0.1:{self.port}/mcp"
         )
         self.set_allowlist(ALLOWLIST)
         write(p.user_allowlist(AGENT2), "demo.add\n", 0, gate.pw_gid, 0o640)
+
+    def write_broker_toml(self, broker_extra: str = "", policy: str = "") -> None:
+        """The test broker.toml: denial budget off unless a test turns it on."""
+        broker = pwd.getpwnam("mcp-broker")
+        p = self.paths
+        budget = "" if "denial_budget" in broker_extra else "denial_budget = 0"
+        write(
+            p.broker_toml,
+            f"""
+[broker]
+call_timeout = 10
+max_call_timeout = 30
+connect_timeout = 15
+restart_backoff_max = 1
+{budget}
+{broker_extra}
+
+[servers.demo]
+command = "{PYTHON}"
+args = ["-m", "mcp_servers.demo"]
+env_file = "{p.secrets}/demo.env"
+
+{policy}
+""",
+            0,
+            broker.pw_gid,
+            0o640,
+        )
+
+    def set_policy(self, policy: str = "", broker_extra: str = "") -> None:
+        """Rewrite broker.toml with this policy and reload the running daemon."""
+        self.write_broker_toml(broker_extra, policy)
+        self.ctl("reload", check=True)
 
     def set_allowlist(self, text: str, mode: int = 0o640) -> None:
         gate = pwd.getpwnam("mcp-gate")
@@ -256,7 +274,15 @@ url = "http://127.0.0.1:{self.port}/mcp"
             text=True,
             env=AGENT_ENV,
             cwd="/",
+            start_new_session=True,  # so kill_tree reaches sudo and the gate too
         )
+
+    @staticmethod
+    def kill_tree(proc: subprocess.Popen[str]) -> None:
+        """Kill an agent command with everything it started (runuser, sudo, the gate)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def server_pids(self, marker: str = "mcp_servers.demo") -> list[int]:
         """Pids of stdio demo servers the daemon spawned."""

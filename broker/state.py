@@ -1,0 +1,234 @@
+"""Durable broker state in ``/var/lib/mcp-privsep/state.db`` (SQLite).
+
+Rate-limit events, denials and freezes, approvals and tool pins live here so
+a daemon restart resets none of them. The file is private to mcp-broker:
+nothing the agent can read or write influences it except through requests
+the daemon itself decides on.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rate_events (key TEXT NOT NULL, ts REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS rate_events_key ON rate_events (key, ts);
+CREATE TABLE IF NOT EXISTS denials (caller TEXT NOT NULL, ts REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS denials_caller ON denials (caller, ts);
+CREATE TABLE IF NOT EXISTS freezes (caller TEXT PRIMARY KEY, until REAL NOT NULL, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS approvals (
+    id TEXT PRIMARY KEY, caller TEXT NOT NULL, action TEXT NOT NULL, args_hash TEXT NOT NULL,
+    args_json TEXT NOT NULL, status TEXT NOT NULL, created REAL NOT NULL, expires REAL NOT NULL,
+    decided_by TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS pins (
+    action TEXT PRIMARY KEY, hash TEXT NOT NULL, definition TEXT NOT NULL, pinned REAL NOT NULL
+);
+"""
+
+
+@dataclass
+class Approval:
+    """One approval request, bound to the exact arguments by their hash."""
+
+    id: str
+    caller: str
+    action: str
+    args_hash: str
+    args: Any
+    status: str  # pending, approved, rejected, used, expired
+    created: float
+    expires: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "caller": self.caller,
+            "action": self.action,
+            "args_hash": self.args_hash,
+            "args": self.args,
+            "status": self.status,
+            "created": self.created,
+            "expires": self.expires,
+        }
+
+
+class State:
+    """The broker's durable state; one connection, used from the event loop."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- rate limits ----------------------------------------------------------
+
+    def rate_check(self, key: str, limit: int, window: float, now: float | None = None) -> float:
+        """Seconds until a call is allowed again (0: allowed now)."""
+        now = time.time() if now is None else now
+        rows = self.db.execute(
+            "SELECT ts FROM rate_events WHERE key = ? AND ts > ? ORDER BY ts", (key, now - window)
+        ).fetchall()
+        if len(rows) < limit:
+            return 0.0
+        oldest_that_matters = rows[len(rows) - limit][0]
+        return max(0.001, float(oldest_that_matters) + window - now)
+
+    def rate_record(self, key: str, window: float, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self.db:
+            self.db.execute("INSERT INTO rate_events (key, ts) VALUES (?, ?)", (key, now))
+            self.db.execute("DELETE FROM rate_events WHERE key = ? AND ts <= ?", (key, now - window))
+
+    # --- denial budget and freezes --------------------------------------------
+
+    def frozen_until(self, caller: str, now: float | None = None) -> float | None:
+        now = time.time() if now is None else now
+        row = self.db.execute("SELECT until FROM freezes WHERE caller = ?", (caller,)).fetchone()
+        if row is None:
+            return None
+        if row[0] <= now:
+            self.db.execute("DELETE FROM freezes WHERE caller = ?", (caller,))
+            return None
+        return float(row[0])
+
+    def record_denial(self, caller: str, budget: int, window: float, freeze: float, now: float | None = None) -> bool:
+        """Count a denial; return True when this one froze the caller."""
+        now = time.time() if now is None else now
+        with self.db:
+            self.db.execute("INSERT INTO denials (caller, ts) VALUES (?, ?)", (caller, now))
+            self.db.execute("DELETE FROM denials WHERE caller = ? AND ts <= ?", (caller, now - window))
+            (count,) = self.db.execute("SELECT COUNT(*) FROM denials WHERE caller = ?", (caller,)).fetchone()
+            if count > budget:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO freezes (caller, until, reason) VALUES (?, ?, ?)",
+                    (caller, now + freeze, f"{count} denials within {window:g} s"),
+                )
+                self.db.execute("DELETE FROM denials WHERE caller = ?", (caller,))
+                return True
+        return False
+
+    def unfreeze(self, caller: str) -> bool:
+        with self.db:
+            cur = self.db.execute("DELETE FROM freezes WHERE caller = ?", (caller,))
+            self.db.execute("DELETE FROM denials WHERE caller = ?", (caller,))
+        return cur.rowcount > 0
+
+    def freezes(self) -> list[dict[str, Any]]:
+        now = time.time()
+        rows = self.db.execute("SELECT caller, until, reason FROM freezes WHERE until > ?", (now,)).fetchall()
+        return [{"caller": c, "until": u, "reason": r} for c, u, r in rows]
+
+    # --- approvals ------------------------------------------------------------
+
+    def _approval(self, row: tuple[Any, ...]) -> Approval:
+        return Approval(
+            id=row[0],
+            caller=row[1],
+            action=row[2],
+            args_hash=row[3],
+            args=json.loads(row[4]),
+            status=row[5],
+            created=row[6],
+            expires=row[7],
+        )
+
+    _COLS = "id, caller, action, args_hash, args_json, status, created, expires"
+
+    def expire_approvals(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.db.execute(
+            "UPDATE approvals SET status = 'expired' WHERE status IN ('pending', 'approved') AND expires <= ?", (now,)
+        )
+
+    def take_approved(self, caller: str, action: str, args_hash: str) -> Approval | None:
+        """Consume (single use) an approved, unexpired approval for exactly these arguments."""
+        self.expire_approvals()
+        with self.db:
+            row = self.db.execute(
+                f"SELECT {self._COLS} FROM approvals WHERE caller = ? AND action = ? AND args_hash = ? "  # noqa: S608
+                "AND status = 'approved' ORDER BY created LIMIT 1",
+                (caller, action, args_hash),
+            ).fetchone()
+            if row is None:
+                return None
+            self.db.execute("UPDATE approvals SET status = 'used' WHERE id = ? AND status = 'approved'", (row[0],))
+        return self._approval(row)
+
+    def pending_for(self, caller: str, action: str, args_hash: str) -> Approval | None:
+        self.expire_approvals()
+        row = self.db.execute(
+            f"SELECT {self._COLS} FROM approvals WHERE caller = ? AND action = ? AND args_hash = ? "  # noqa: S608
+            "AND status = 'pending' ORDER BY created LIMIT 1",
+            (caller, action, args_hash),
+        ).fetchone()
+        return None if row is None else self._approval(row)
+
+    def create_approval(self, caller: str, action: str, args_hash: str, args: Any, ttl: float) -> Approval:
+        now = time.time()
+        approval = Approval(secrets.token_hex(4), caller, action, args_hash, args, "pending", now, now + ttl)
+        with self.db:
+            self.db.execute(
+                f"INSERT INTO approvals ({self._COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                (approval.id, caller, action, args_hash, json.dumps(args), "pending", now, now + ttl),
+            )
+        return approval
+
+    def get_approval(self, approval_id: str) -> Approval | None:
+        self.expire_approvals()
+        row = self.db.execute(f"SELECT {self._COLS} FROM approvals WHERE id = ?", (approval_id,)).fetchone()  # noqa: S608
+        return None if row is None else self._approval(row)
+
+    def decide(self, approval_id: str, status: str, by: str) -> Approval | None:
+        """Move a pending approval to approved or rejected; None if not pending."""
+        self.expire_approvals()
+        with self.db:
+            cur = self.db.execute(
+                "UPDATE approvals SET status = ?, decided_by = ? WHERE id = ? AND status = 'pending'",
+                (status, by, approval_id),
+            )
+        return self.get_approval(approval_id) if cur.rowcount else None
+
+    def consume(self, approval_id: str) -> bool:
+        with self.db:
+            cur = self.db.execute(
+                "UPDATE approvals SET status = 'used' WHERE id = ? AND status = 'approved'", (approval_id,)
+            )
+        return cur.rowcount == 1
+
+    def approvals(self, status: str | None = "pending") -> list[Approval]:
+        self.expire_approvals()
+        if status is None:
+            rows = self.db.execute(f"SELECT {self._COLS} FROM approvals ORDER BY created").fetchall()  # noqa: S608
+        else:
+            rows = self.db.execute(
+                f"SELECT {self._COLS} FROM approvals WHERE status = ? ORDER BY created",  # noqa: S608
+                (status,),
+            ).fetchall()
+        return [self._approval(r) for r in rows]
+
+    # --- pins -----------------------------------------------------------------
+
+    def pin(self, action: str) -> tuple[str, str] | None:
+        row = self.db.execute("SELECT hash, definition FROM pins WHERE action = ?", (action,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def set_pin(self, action: str, digest: str, definition: str) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO pins (action, hash, definition, pinned) VALUES (?, ?, ?, ?)",
+                (action, digest, definition, time.time()),
+            )
+
+    def pins(self) -> dict[str, tuple[str, str]]:
+        return {a: (h, d) for a, h, d in self.db.execute("SELECT action, hash, definition FROM pins").fetchall()}

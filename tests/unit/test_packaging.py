@@ -1,0 +1,419 @@
+"""Static checks of the files operators install by hand: ``packaging/`` and ``etc/``.
+
+These are the security-relevant examples and units the README points at:
+
+* the sudoers template (``packaging/sudoers.in``), the rendered example
+  (``etc/sudoers.d/mcp-privsep``) and what ``mcp-brokerctl install`` writes
+  (``broker.install.sudoers_text``) must pass ``visudo -cf`` and grant exactly
+  ``AGENT ALL=(mcp-gate) NOPASSWD: /usr/local/sbin/mcp-gate``: no SETENV, no
+  env_keep, no Defaults, no wildcard, no ALL as the command;
+* the systemd unit carries the hardening the README promises, and
+  ``systemd-analyze verify`` accepts it when that tool works on the machine;
+* the OpenRC script is valid shell and does not share its pid file with the
+  daemon;
+* ``etc/broker.toml`` loads with the daemon's own pydantic model, and
+  ``etc/allowed-actions.txt`` parses with the gate's own allowlist parser.
+
+Nothing here needs root, real users or a running daemon.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from broker import allowlist, install
+from broker.config import BrokerSettings, FileModel
+from broker.paths import GATE_USER, Paths
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGING = ROOT / "packaging"
+ETC = ROOT / "etc"
+SUDOERS_TEMPLATE = PACKAGING / "sudoers.in"
+SUDOERS_EXAMPLE = ETC / "sudoers.d" / "mcp-privsep"
+UNIT = PACKAGING / "mcp-brokerd.service"
+OPENRC = PACKAGING / "mcp-brokerd.openrc"
+BROKER_TOML = ETC / "broker.toml"
+ALLOWLIST = ETC / "allowed-actions.txt"
+
+GATE = "/usr/local/sbin/mcp-gate"
+BROKERD = "/usr/local/sbin/mcp-brokerd"
+AGENT = "moltbot"
+
+# --- sudoers ------------------------------------------------------------------
+
+RULE_RE = re.compile(
+    r"^(?P<user>[a-z_][a-z0-9_.-]*)\s+ALL\s*=\s*\((?P<runas>[^)]*)\)\s*(?P<tags>(?:[A-Z_]+:\s*)*)(?P<cmd>.*)$"
+)
+
+
+def visudo() -> str:
+    found = shutil.which("visudo") or next(
+        (p for p in ("/usr/sbin/visudo", "/sbin/visudo") if os.access(p, os.X_OK)), None
+    )
+    if found is None:
+        pytest.skip("visudo is not installed (apt-get install -y sudo): cannot syntax-check sudoers files")
+    return found
+
+
+def visudo_check(text: str, tmp_path: Path, name: str = "mcp-privsep") -> None:
+    """``visudo -cf`` on ``text``; it checks syntax only, the users need not exist."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o440)
+    proc = subprocess.run([visudo(), "-cf", str(path)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"visudo rejected:\n{text}\n{proc.stdout}{proc.stderr}"
+
+
+def sudoers_rules(text: str) -> list[re.Match[str]]:
+    """Every non-comment line, each required to be one plain agent rule."""
+    rules = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        match = RULE_RE.match(stripped)
+        assert match is not None, f"not a plain 'USER ALL=(mcp-gate) NOPASSWD: CMD' rule: {line!r}"
+        rules.append(match)
+    return rules
+
+
+def assert_minimal_grant(text: str, agents: list[str]) -> None:
+    """Exactly one rule per agent: one absolute command, as mcp-gate, nothing else."""
+    rules = sudoers_rules(text)
+    assert [m["user"] for m in rules] == agents
+    for m in rules:
+        assert m["runas"].strip() == GATE_USER, m.group(0)
+        assert m["tags"].replace(" ", "") == "NOPASSWD:", f"only the NOPASSWD tag is allowed: {m.group(0)}"
+        assert m["cmd"].strip() == GATE, f"the command must be exactly {GATE}: {m.group(0)}"
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        for bad in ("SETENV", "env_keep", "env_reset", "Defaults", "*", "!", ",", "\\", "sudoedit"):
+            assert bad not in line, f"{bad!r} in sudoers line {line!r}"
+        # ALL only as the host, never as the command or the run-as user
+        assert line.count("ALL") <= 1, f"ALL beyond the host position: {line!r}"
+
+
+def render_template(agent: str) -> str:
+    return SUDOERS_TEMPLATE.read_text(encoding="utf-8").replace("@AGENT@", agent)
+
+
+def test_sudoers_template_has_one_placeholder_rule() -> None:
+    text = SUDOERS_TEMPLATE.read_text(encoding="utf-8")
+    assert text.startswith("#"), "the template starts with a comment header"
+    assert f"@AGENT@ ALL=(mcp-gate) NOPASSWD: {GATE}\n" in text
+    assert_minimal_grant(text.replace("@AGENT@", "agent"), ["agent"])
+
+
+@pytest.mark.parametrize("agent", [AGENT, "openclaw", "svc_agent-2"])
+def test_sudoers_template_rendered_passes_visudo(agent: str, tmp_path: Path) -> None:
+    text = render_template(agent)
+    assert "@AGENT@" not in text
+    assert_minimal_grant(text, [agent])
+    visudo_check(text, tmp_path)
+
+
+def test_sudoers_template_keeps_the_install_marker() -> None:
+    """'mcp-brokerctl install --agent' re-reads its marker lines to keep earlier agents."""
+    text = render_template(AGENT)
+    assert f"{install.SUDOERS_MARK}{AGENT}\n" in text
+    assert install.sudoers_agents(str(SUDOERS_TEMPLATE)) == ["@AGENT@"]
+
+
+def test_sudoers_example_passes_visudo_and_matches_template(tmp_path: Path) -> None:
+    text = SUDOERS_EXAMPLE.read_text(encoding="utf-8")
+    assert_minimal_grant(text, [AGENT])
+    visudo_check(text, tmp_path)
+    rendered = [m.group(0) for m in sudoers_rules(render_template(AGENT))]
+    assert [m.group(0) for m in sudoers_rules(text)] == rendered
+    assert install.sudoers_agents(str(SUDOERS_EXAMPLE)) == [AGENT]
+
+
+def test_sudoers_example_name_is_read_by_sudo() -> None:
+    """sudo skips drop-ins whose names contain a dot or end in '~'."""
+    assert "." not in SUDOERS_EXAMPLE.name and not SUDOERS_EXAMPLE.name.endswith("~")
+
+
+@pytest.mark.parametrize("agents", [[AGENT], [AGENT, "openclaw"]])
+def test_install_sudoers_text_passes_visudo(agents: list[str], tmp_path: Path) -> None:
+    text = install.sudoers_text(Paths("/"), agents)
+    assert_minimal_grant(text, agents)
+    visudo_check(text, tmp_path)
+
+
+def test_install_and_template_grant_the_same(tmp_path: Path) -> None:
+    generated = [m.group(0) for m in sudoers_rules(install.sudoers_text(Paths("/"), [AGENT]))]
+    assert generated == [m.group(0) for m in sudoers_rules(render_template(AGENT))]
+
+
+def test_visudo_rejects_a_broken_rule(tmp_path: Path) -> None:
+    """The visudo check above is real: a missing ':' after NOPASSWD is caught."""
+    path = tmp_path / "broken"
+    path.write_text(f"{AGENT} ALL=(mcp-gate) NOPASSWD {GATE}\n", encoding="utf-8")
+    proc = subprocess.run([visudo(), "-cf", str(path)], capture_output=True, text=True, check=False)
+    assert proc.returncode != 0
+
+
+# --- systemd ------------------------------------------------------------------
+
+
+def unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
+    parser.read(UNIT, encoding="utf-8")
+    return parser
+
+
+def unit_values(key: str, section: str = "Service") -> list[str]:
+    """Every value of a (possibly repeated) key, in file order."""
+    values = []
+    current = None
+    for raw in UNIT.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1]
+        elif current == section and line and not line.startswith(("#", ";")):
+            k, _, v = line.partition("=")
+            if k.strip() == key:
+                values.append(v.strip())
+    return values
+
+
+HARDENING = {
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectKernelLogs": "yes",
+    "ProtectControlGroups": "yes",
+    "ProtectClock": "yes",
+    "ProtectHostname": "yes",
+    "RestrictNamespaces": "yes",
+    "RestrictRealtime": "yes",
+    "RestrictSUIDSGID": "yes",
+    "LockPersonality": "yes",
+    "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+    "SystemCallArchitectures": "native",
+    "SystemCallFilter": "@system-service",
+    "CapabilityBoundingSet": "",
+    "UMask": "0077",
+    "ReadOnlyPaths": "/etc/mcp-privsep",
+}
+
+
+def test_unit_runs_the_daemon_as_mcp_broker() -> None:
+    svc = unit()["Service"]
+    assert svc["Type"] == "simple"
+    assert svc["ExecStart"] == f"{BROKERD} --foreground"
+    assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert svc["Restart"] == "on-failure"
+    assert svc["User"] == "mcp-broker"
+    # mcp-gate only as a supplementary group (to read the allowlist), never primary
+    assert svc["Group"] == "mcp-broker"
+    assert svc["SupplementaryGroups"].split() == ["mcp-gate"]
+    assert "AmbientCapabilities" not in svc or svc["AmbientCapabilities"] == ""
+    assert unit()["Install"]["WantedBy"] == "multi-user.target"
+
+
+@pytest.mark.parametrize(("key", "value"), sorted(HARDENING.items()))
+def test_unit_hardening(key: str, value: str) -> None:
+    assert unit_values(key) == [value], f"{key}= should be set once, to {value!r}"
+
+
+def test_unit_leaves_off_what_would_break_the_broker_or_its_servers() -> None:
+    svc = unit()["Service"]
+    # W+X for ctypes/cffi and JIT-ing servers; SO_PEERCRED must see the real gate uid
+    assert "MemoryDenyWriteExecute" not in svc
+    assert "PrivateUsers" not in svc
+    assert "PIDFile" not in svc  # Type=simple: systemd knows the main pid
+
+
+def test_unit_directories() -> None:
+    svc = unit()["Service"]
+    assert svc["RuntimeDirectory"] == "mcp-privsep"
+    assert svc["RuntimeDirectoryMode"] == "2750"
+    assert svc["StateDirectory"] == "mcp-privsep"
+    assert svc["StateDirectoryMode"] == "0700"
+    assert svc["LogsDirectory"] == "mcp-privsep"
+    assert svc["LogsDirectoryMode"] == "0700"
+    # systemd makes the run dir mcp-broker:mcp-broker; the (unprivileged) pre-start
+    # step hands it to group mcp-gate so that mcp-gate can reach gate.sock
+    assert unit_values("ExecStartPre") == ["/bin/chgrp mcp-gate /run/mcp-privsep"]
+    paths = Paths("/")
+    assert paths.run == "/run/mcp-privsep"
+    assert paths.state == "/var/lib/mcp-privsep"
+    assert paths.log == "/var/log/mcp-privsep"
+
+
+def systemd_analyze_reason(tmp_path: Path) -> str | None:
+    """Why ``systemd-analyze verify`` cannot run here, or None when it works."""
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        return "systemd-analyze is not installed (it comes with the systemd package)"
+    probe = tmp_path / "probe" / "mcp-privsep-probe.service"
+    probe.parent.mkdir()
+    probe.write_text("[Service]\nExecStart=/bin/true\n", encoding="utf-8")
+    proc = subprocess.run(
+        [tool, "verify", "--man=no", str(probe)], capture_output=True, text=True, check=False, timeout=60
+    )
+    if proc.returncode != 0 or proc.stderr.strip():
+        return f"systemd-analyze verify does not work on this machine: {(proc.stderr or proc.stdout).strip()}"
+    return None
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    reason = systemd_analyze_reason(tmp_path)
+    if reason is not None:
+        pytest.skip(reason)
+    text = UNIT.read_text(encoding="utf-8")
+    if not os.access(BROKERD, os.X_OK):
+        # verify insists every Exec*= command exists; stand in for the daemon
+        # when it is not installed on this machine, and check the rest as is.
+        stub = tmp_path / "mcp-brokerd"
+        stub.write_text("#!/bin/sh\nexit 0\n", encoding="utf-8")
+        stub.chmod(0o755)
+        text = text.replace(f"ExecStart={BROKERD} ", f"ExecStart={stub} ")
+    copy = tmp_path / "unit" / UNIT.name
+    copy.parent.mkdir()
+    copy.write_text(text, encoding="utf-8")
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(copy)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    # verify exits 0 on unknown keys and bad values, with a warning: fail on any output
+    output = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 0 and not output, output
+
+
+# --- OpenRC -------------------------------------------------------------------
+
+
+def openrc() -> str:
+    return OPENRC.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("shell", ["sh", "dash", "bash"])
+def test_openrc_script_is_valid_shell(shell: str) -> None:
+    path = shutil.which(shell)
+    if path is None:
+        pytest.skip(f"{shell} is not installed")
+    proc = subprocess.run([path, "-n", str(OPENRC)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def shell_function(text: str, name: str) -> str:
+    """The body of a top-level shell function (from ``name() {`` to a ``}`` line)."""
+    match = re.search(rf"^{name}\(\)\s*\{{\n(.*?)^\}}$", text, re.M | re.S)
+    assert match is not None, f"no {name}() in {OPENRC.name}"
+    return match[1]
+
+
+def test_openrc_script_settings() -> None:
+    text = openrc()
+    assert text.startswith("#!/sbin/openrc-run\n")
+    assert f'command="{BROKERD}"' in text
+    assert 'command_args="--foreground"' in text
+    assert re.search(r"^command_background=(true|yes|\"yes\"|\"true\")$", text, re.M)
+    assert 'extra_started_commands="reload"' in text
+    assert "checkpath -d -m 2750 -o mcp-broker:mcp-gate /run/mcp-privsep" in text
+    assert re.search(r"^\tneed localmount$", shell_function(text, "depend"), re.M)
+    assert re.search(r"^\tafter net$", shell_function(text, "depend"), re.M)
+    assert re.search(r"start-stop-daemon --signal HUP --pidfile \"\$\{pidfile\}\"", shell_function(text, "reload"))
+
+
+def test_openrc_pidfile_is_not_the_daemons() -> None:
+    """start-stop-daemon writes its pid file as root and trusts it for 'stop'.
+
+    So it must be neither the daemon's own locked pid file nor anywhere
+    mcp-broker can write (the run directory is mcp-broker's).
+    """
+    match = re.search(r"^pidfile=\"?([^\"\n]+)\"?$", openrc(), re.M)
+    assert match is not None
+    pidfile = match[1].replace("${RC_SVCNAME}", "mcp-brokerd")
+    assert pidfile != Paths("/").pidfile
+    assert not pidfile.startswith(Paths("/").run + "/")
+    assert os.path.dirname(pidfile) == "/run"
+
+
+# --- etc/broker.toml ----------------------------------------------------------
+
+
+def broker_toml() -> dict[str, object]:
+    with BROKER_TOML.open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def test_broker_toml_validates() -> None:
+    model = FileModel.model_validate(broker_toml())
+    demo = model.servers["demo"]
+    assert demo.command == "/opt/mcp-privsep/venv/bin/python"
+    assert demo.args == ["-m", "mcp_servers.demo"]
+    assert demo.env_file == "/etc/mcp-privsep/secrets/demo.env"
+    assert demo.url is None
+
+
+def test_broker_toml_documents_the_defaults() -> None:
+    """The comment says the [broker] values shown are the defaults: keep that true."""
+    raw = broker_toml()["broker"]
+    assert isinstance(raw, dict)
+    assert set(raw) >= {
+        "call_timeout",
+        "max_call_timeout",
+        "max_output_bytes",
+        "connect_timeout",
+        "restart_backoff_max",
+    }
+    defaults = BrokerSettings()
+    for key, value in raw.items():
+        assert getattr(defaults, key) == value, (
+            f"[broker] {key} = {value!r} but the default is {getattr(defaults, key)!r}"
+        )
+
+
+def test_broker_toml_http_example_validates_when_uncommented() -> None:
+    lines = BROKER_TOML.read_text(encoding="utf-8").splitlines()
+    start = lines.index("# [servers.ha]")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("# "):
+            break
+        block.append(line[2:])
+    data = tomllib.loads("\n".join(block))
+    model = FileModel.model_validate(data)
+    ha = model.servers["ha"]
+    assert ha.url == "http://127.0.0.1:8123/api/mcp"
+    assert ha.env_file == "/etc/mcp-privsep/secrets/ha.env"
+    assert ha.headers == {"Authorization": "Bearer ${HA_TOKEN}"}
+    assert ha.command is None
+
+
+def test_broker_toml_holds_no_secret() -> None:
+    text = BROKER_TOML.read_text(encoding="utf-8")
+    assert not re.search(r"(?i)bearer\s+(?!\$\{)[A-Za-z0-9._-]{8,}", text)
+    assert not re.search(r"^\s*args\s*=.*\$\{", text, re.M)
+
+
+# --- etc/allowed-actions.txt --------------------------------------------------
+
+
+def test_allowlist_example_parses() -> None:
+    parsed = allowlist.from_bytes(ALLOWLIST.read_bytes(), str(ALLOWLIST))
+    assert parsed.actions == ("demo.echo", "demo.whoami", "demo.add")
+    assert not parsed.allows("demo.secret")
+    assert "#demo.secret" in ALLOWLIST.read_text(encoding="utf-8")
+    _actions, errors = allowlist.parse(ALLOWLIST.read_text(encoding="utf-8"), str(ALLOWLIST))
+    assert errors == []
