@@ -435,6 +435,7 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
     if req.verb == "call":
         fields.update(kv=req.kv, args=req.args, timeout=req.timeout)
     wait = (req.timeout + 10.0) if req.timeout is not None else DEFAULT_WAIT
+
     def on_pending(approval_id: str) -> None:
         err.write(f"mcp: pending approval {approval_id}, waiting\n")
         err.flush()

@@ -179,7 +179,7 @@ def test_approval_is_bound_to_the_exact_arguments_and_expires(pol: Installation)
     pol.set_policy('[policy."demo.echo"]\nmode = "approve"\n', broker_extra="approval_ttl = 3")
     proc = pol.spawn_mcp("call", "demo.echo", "text=a")
     approval = _pending_id(proc)
-    out, err = proc.communicate(timeout=20)
+    _out, err = proc.communicate(timeout=20)
     assert proc.returncode == 75 and "expired" in err
     assert pol.ctl("approve", approval).code != 0
     # an approval granted for one argument set does not cover another
