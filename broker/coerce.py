@@ -8,11 +8,13 @@ types the schema allows is rejected (exit 65), never guessed.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 from broker.errors import ArgumentsRejected
+from broker.protocol import loads
+
+_NUMBER_CHARS = frozenset("0123456789+-.eE")
 
 _ORDER = ("null", "boolean", "integer", "number", "array", "object", "string")
 
@@ -67,6 +69,9 @@ def _convert(kind: str, raw: str) -> tuple[bool, Any]:
             return True, int(text)
         return False, None
     if kind == "number":
+        # Python's float() also takes Unicode digits, '_' and 'inf'; JSON numbers do not
+        if not raw.strip() or not set(raw.strip()) <= _NUMBER_CHARS:
+            return False, None
         try:
             if raw.strip().lstrip("+-").isdigit():
                 return True, int(raw)
@@ -76,7 +81,7 @@ def _convert(kind: str, raw: str) -> tuple[bool, Any]:
         return (math.isfinite(number), number)
     if kind in ("array", "object"):
         try:
-            value = json.loads(raw)
+            value = loads(raw)  # strict: no NaN/Infinity, depth errors become ValueError
         except ValueError:
             return False, None
         return (_json_type(value) == kind, value)

@@ -10,6 +10,7 @@ by every user through /proc).
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import stat
 import tomllib
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from broker.allowlist import action_error
 from broker.errors import ConfigError
-from broker.paths import Paths
+from broker.paths import BROKER_USER, Paths
 from broker.policy import ActionPolicy
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -192,10 +193,13 @@ def read_env_file(path: str, check_owner: bool = True) -> dict[str, str]:
         raise ConfigError(f"{path}: env file missing") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot open env file: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path}: env file is not a regular file")
     with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: env file is not a regular file")
+        if check_owner and st.st_uid not in _secret_owners():
+            raise ConfigError(f"{path}: env file must be owned by {BROKER_USER} or root (owner uid {st.st_uid})")
         if check_owner and st.st_mode & 0o077:
             raise ConfigError(
                 f"{path}: env file is accessible by group or other (mode {stat.S_IMODE(st.st_mode):04o}); "
@@ -226,6 +230,13 @@ def read_env_file(path: str, check_owner: bool = True) -> dict[str, str]:
     return env
 
 
+def _secret_owners() -> set[int]:
+    try:
+        return {0, pwd.getpwnam(BROKER_USER).pw_uid}
+    except KeyError:
+        return {0}
+
+
 def _substitute(template: str, env: dict[str, str], where: str) -> str:
     def repl(match: re.Match[str]) -> str:
         key = match.group(1)
@@ -238,7 +249,10 @@ def _substitute(template: str, env: dict[str, str], where: str) -> str:
 
 def _server(name: str, source: str, spec: ServerSpec, check_owner: bool) -> Server:
     where = f"{source}: servers.{name}"
-    env = read_env_file(spec.env_file, check_owner) if spec.env_file else {}
+    try:
+        env = read_env_file(spec.env_file, check_owner) if spec.env_file else {}
+    except ConfigError as exc:
+        raise ConfigError(f"{exc.message} (env_file of servers.{name} in {source})") from None
     server = Server(name=name, source=source, spec=spec, env=env)
     if spec.url is not None:
         server.url = _substitute(spec.url, env, f"{where}.url")
@@ -262,6 +276,7 @@ def load(paths: Paths, check_owner: bool = True) -> Config:
     files += [f"{paths.servers_d}/{n}" for n in extra]
     settings: BrokerSettings | None = None
     servers: dict[str, Server] = {}
+    defined_in: dict[str, str] = {}
     policy: dict[str, tuple[str, ActionPolicy]] = {}
     for path in files:
         try:
@@ -287,9 +302,10 @@ def load(paths: Paths, check_owner: bool = True) -> Config:
             if not NAME_RE.fullmatch(name):
                 problems.append(f"{path}: servers.{name}: server names are [A-Za-z0-9_-]+")
                 continue
-            if name in servers:
-                problems.append(f"{path}: servers.{name}: already defined in {servers[name].source}")
+            if name in defined_in:
+                problems.append(f"{path}: servers.{name}: already defined in {defined_in[name]}")
                 continue
+            defined_in[name] = path
             try:
                 servers[name] = _server(name, path, spec, check_owner)
             except ConfigError as exc:

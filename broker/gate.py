@@ -91,8 +91,16 @@ class Request:
 
 def parse_argv(argv: list[str], stdin: TextIO | None) -> Request:
     """Parse the agent's arguments; raise UsageError on anything unexpected."""
-    if len(argv) > MAX_ARGC or sum(len(a) for a in argv) > MAX_ARGV_BYTES:
-        raise UsageError("too many or too long arguments")
+    if len(argv) > MAX_ARGC:
+        raise UsageError("too many arguments")
+    size = 0
+    for arg in argv:
+        try:
+            size += len(arg.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise UsageError("an argument is not valid UTF-8") from None
+    if size > MAX_ARGV_BYTES:
+        raise UsageError(f"arguments exceed {MAX_ARGV_BYTES} bytes")
     if not argv:
         raise UsageError("missing verb (try 'mcp help')")
     verb = argv[0]
@@ -262,6 +270,10 @@ def exchange(
     on_pending: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Send one request over gate.sock and return the daemon's answer."""
+    try:
+        frame = protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES)
+    except protocol.ProtocolError as exc:
+        raise UsageError(f"request too large or malformed: {exc}") from None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(CONNECT_TIMEOUT)
@@ -276,7 +288,7 @@ def exchange(
                 raise Unavailable(f"broker unavailable: gate.sock is served by uid {peer_uid}, not the broker")
         sock.settimeout(wait)
         try:
-            sock.sendall(protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES))
+            sock.sendall(frame)
             while True:
                 header = _recv_exact(sock, 4)
                 answer = protocol.decode_payload(
@@ -393,7 +405,9 @@ def main(
     try:
         req = parse_argv(argv, sys.stdin if stdin is None else stdin)
     except UsageError as exc:
-        code = _fail(None, exc, out, err)
+        bare = Request("usage")
+        bare.json = "--json" in argv  # the request did not parse, but the caller asked for JSON
+        code = _fail(bare, exc, out, err)
         _report_usage(argv, root, broker_uid, environ, str(exc))
         return code
     try:

@@ -37,7 +37,8 @@ def _no_default(obj: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-_encode = _json.make_encoder(None, _no_default, _json.encode_basestring_ascii, None, ":", ",", False, False, False)
+# non-ASCII stays as UTF-8 (at most 4 bytes a character, not 12 as \ud83d\ude00 escapes)
+_encode = _json.make_encoder(None, _no_default, _json.encode_basestring, None, ":", ",", False, False, False)
 
 
 class _ScanContext:
@@ -59,7 +60,7 @@ _WS = " \t\n\r"
 
 
 def dumps(obj: object) -> str:
-    """Compact ASCII JSON; NaN and infinities are refused."""
+    """Compact JSON; NaN and infinities are refused."""
     return "".join(_encode(obj, 0))
 
 
@@ -87,7 +88,10 @@ def loads(text: str) -> Any:
 
 def encode_frame(obj: dict[str, Any], limit: int = MAX_RESPONSE_BYTES) -> bytes:
     """Serialise one message as a frame; refuse one larger than ``limit``."""
-    payload = dumps(obj).encode("ascii")
+    try:
+        payload = dumps(obj).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError("message is not valid UTF-8") from None
     if len(payload) > limit:
         raise ProtocolError(f"message of {len(payload)} bytes exceeds the {limit}-byte cap")
     return len(payload).to_bytes(4, "big") + payload

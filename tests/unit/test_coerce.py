@@ -389,24 +389,15 @@ def test_build_arguments_never_raises_anything_else(pairs: list, closed: bool) -
     assert "text" in got
 
 
-# --- bugs --------------------------------------------------------------------------
+# --- once bugs, now regression tests --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: coerce._convert parses array/object values with json.loads, which accepts NaN/Infinity; "
-    "the daemon's protocol.dumps(args) then raises ValueError outside the PrivsepError handling",
-)
 @pytest.mark.parametrize(("prop", "raw"), [(ARR, "[NaN]"), (ARR, "[1, Infinity]"), (OBJ, '{"a": -Infinity}')])
 def test_nan_inside_json_containers_is_rejected(prop: dict, raw: str) -> None:
     with pytest.raises(ArgumentsRejected):
         coerce_value("k", raw, prop)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: coerce._convert lets json.loads' RecursionError escape for deeply nested array/object values",
-)
 @pytest.mark.parametrize("prop", [ARR, OBJ, {"type": ["array", "string"]}])
 def test_deeply_nested_json_is_rejected_not_crashing(prop: dict) -> None:
     raw = "[" * 100_000
@@ -417,10 +408,6 @@ def test_deeply_nested_json_is_rejected_not_crashing(prop: dict) -> None:
     assert got == raw  # only acceptable as the literal string of an array-or-string property
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inconsistency: coerce 'number' accepts non-ASCII digits and '_' separators that 'integer' refuses",
-)
 @pytest.mark.parametrize("raw", ["\u0663", "\u0661\u0662", "1_000", "\uff11\uff12"])
 def test_number_and_integer_agree_on_digit_strings(raw: str) -> None:
     with pytest.raises(ArgumentsRejected):

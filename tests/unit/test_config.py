@@ -242,12 +242,6 @@ def test_server_defined_in_two_files_names_both(tree: Tree) -> None:
     assert len(problems) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="minor BUG: config.load only detects a duplicate when the first definition loaded cleanly; if the first "
-    "one failed (here: env file missing) the second file's definition is silently taken and the duplicate is "
-    "not reported",
-)
 def test_duplicate_reported_even_when_first_definition_is_broken(tree: Tree) -> None:
     tree.broker(f'[servers.demo]\ncommand = "/bin/true"\nenv_file = "{tree.paths.secrets}/absent.env"\n')
     b = tree.server_file("b.toml", '[servers.demo]\ncommand = "/bin/true"\n')
@@ -368,17 +362,12 @@ def test_env_file_symlink_and_missing(tree: Tree) -> None:
         read_env_file(f"{tree.paths.secrets}/fifo.env")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: config.read_env_file calls os.fdopen() before its S_ISREG check; for a directory fdopen raises "
-    "IsADirectoryError (and leaks the fd), so config.load() raises IsADirectoryError instead of ConfigError",
-)
 def test_env_file_that_is_a_directory_is_a_config_error(tree: Tree) -> None:
     d = f"{tree.paths.secrets}/dir.env"
     os.mkdir(d, 0o700)
     tree.broker(f'[servers.x]\ncommand = "/bin/tool"\nenv_file = "{d}"\n')
     problems = tree.problems()
-    assert problems == [f"{d}: env file is not a regular file"]
+    assert problems == [f"{d}: env file is not a regular file (env_file of servers.x in {tree.paths.broker_toml})"]
 
 
 @pytest.mark.parametrize(
@@ -417,7 +406,7 @@ def test_env_file_bad_utf8_and_size(tree: Tree) -> None:
 def test_env_file_error_is_reported_by_load(tree: Tree) -> None:
     env = tree.env("x.env", "oops\n")
     tree.broker(f'[servers.x]\ncommand = "/bin/tool"\nenv_file = "{env}"\n')
-    assert tree.problems() == [f"{env}:1: expected KEY=VALUE"]
+    assert tree.problems() == [f"{env}:1: expected KEY=VALUE (env_file of servers.x in {tree.paths.broker_toml})"]
 
 
 # --- Server.secrets ----------------------------------------------------------------------

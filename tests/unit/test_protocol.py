@@ -53,7 +53,6 @@ JSON_VALUES = st.recursive(
 @given(JSON_VALUES)
 def test_dumps_loads_round_trip(value: object) -> None:
     text = dumps(value)
-    assert text.isascii()
     assert "\n" not in text
     assert loads(text) == value
     assert json.loads(text) == value  # interoperable with the standard library
@@ -68,7 +67,7 @@ def test_strings_with_any_code_point_round_trip(s: str) -> None:
 
 
 def test_dumps_is_compact() -> None:
-    assert dumps({"a": [1, 2.5, None, True], "b": "é"}) == '{"a":[1,2.5,null,true],"b":"\\u00e9"}'
+    assert dumps({"a": [1, 2.5, None, True], "b": "é\n"}) == '{"a":[1,2.5,null,true],"b":"é\\n"}'
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, [math.nan], {"a": math.inf}])
@@ -145,10 +144,16 @@ def test_encode_frame_cap_is_inclusive() -> None:
         encode_frame({"a": "x" * 100}, limit=payload_len - 1)
 
 
-def test_encode_frame_counts_escaped_bytes_not_characters() -> None:
-    # one astral character is 12 ASCII bytes on the wire
+def test_encode_frame_counts_utf8_bytes_not_characters() -> None:
+    # one astral character is 4 UTF-8 bytes on the wire: 30 of them exceed 100 bytes
     with pytest.raises(ProtocolError):
-        encode_frame({"a": "\U0001f600" * 10}, limit=100)
+        encode_frame({"a": "\U0001f600" * 30}, limit=100)
+    assert len(encode_frame({"a": "\U0001f600" * 20}, limit=100)) == 4 + 8 + 80
+
+
+def test_encode_frame_refuses_lone_surrogates() -> None:
+    with pytest.raises(ProtocolError):
+        encode_frame({"a": "\udc80"})
 
 
 @pytest.mark.parametrize(
