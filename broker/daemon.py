@@ -333,6 +333,8 @@ class Broker:
         allowed = self.allowlists.get(caller)
         if op == "list":
             return await self._list(allowed), {"decision": "allow"}
+        if op == "catalog":
+            return await self._catalog(allowed), {"decision": "allow"}
         tool = req["tool"]
         if not allowed.allows(tool):
             raise Denied(f"denied: {tool} is not in the allowlist for {caller}")
@@ -491,6 +493,31 @@ class Broker:
                 tools.append({"name": action, "description": description})
             elif handle.state != "up":
                 tools.append({"name": action, "description": "(server unavailable)"})
+        return {"tools": tools}
+
+    async def _catalog(self, allowed: allowlist.Allowlist) -> dict[str, Any]:
+        """Full MCP tool definitions for ``mcp stdio``: allowed, offered, and matching their pins."""
+        tools = []
+        for action in allowed.actions:
+            server_name, _, tool_name = action.partition(".")
+            handle = self.handles.get(server_name)
+            if handle is None:
+                continue
+            if handle.state != "up":
+                with contextlib.suppress(PrivsepError):
+                    await handle.ready(2.0)
+            spec = handle.tools.get(tool_name)
+            if spec is None or self.pin_state(action, spec) == "changed":
+                continue
+            definition = json.loads(tool_digest(spec)[1])
+            entry: dict[str, Any] = {
+                "name": action,
+                "description": self.redactor.text(definition["description"]),
+                "inputSchema": definition["input_schema"] or {"type": "object"},
+            }
+            if definition["annotations"]:
+                entry["annotations"] = definition["annotations"]
+            tools.append(entry)
         return {"tools": tools}
 
     def _status(self, caller: str) -> dict[str, Any]:

@@ -64,6 +64,8 @@ verbs:
                                      JSON arrays/objects); --args takes a JSON
                                      object, or - to read one from stdin
   mcp status [--json]                is the broker up, are its servers healthy
+  mcp stdio                          an MCP server on stdin/stdout offering exactly
+                                     your allowed tools (for MCP clients)
   mcp help | --help | --version
 
 exit codes: 0 ok, 1 the tool reported an error, 64 usage, 65 arguments
@@ -434,25 +436,34 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
     if req.verb == "version":
         out.write(f"mcp-privsep {__version__}\n")
         return EX_OK
-    if req.verb == "stdio":
-        raise UsageError("'stdio' is not available in this version of mcp-privsep")
     user, uid = caller_identity(environ)
-    if req.verb in ("list", "describe", "call"):
+
+    def on_pending(approval_id: str) -> None:
+        err.write(f"mcp: pending approval {approval_id}, waiting\n")
+        err.flush()
+
+    def checked(tool: str | None) -> None:
         try:
-            check_allowlist(paths, user, req.tool or None)
+            check_allowlist(paths, user, tool)
         except (Denied, ConfigError) as exc:
-            _report(paths, user, uid, req.verb, req.tool, exc.exit_code, str(exc), broker_uid)
+            _report(paths, user, uid, req.verb, tool or "", exc.exit_code, str(exc), broker_uid)
             raise
+
+    if req.verb == "stdio":
+        from broker import stdio
+
+        def forward(message: dict[str, Any], wait: float) -> dict[str, Any]:
+            return exchange(paths, message, wait, broker_uid, on_pending)
+
+        return stdio.run(paths, user, uid, forward, checked)
+    if req.verb in ("list", "describe", "call"):
+        checked(req.tool or None)
     fields: dict[str, Any] = {"caller": user, "uid": uid}
     if req.verb in ("describe", "call"):
         fields["tool"] = req.tool
     if req.verb == "call":
         fields.update(kv=req.kv, args=req.args, timeout=req.timeout)
     wait = (req.timeout + 10.0) if req.timeout is not None else DEFAULT_WAIT
-
-    def on_pending(approval_id: str) -> None:
-        err.write(f"mcp: pending approval {approval_id}, waiting\n")
-        err.flush()
 
     answer = exchange(paths, protocol.request(req.verb, **fields), wait, broker_uid, on_pending)
     if not answer.get("ok"):

@@ -112,10 +112,10 @@ run(root={paths.root!r}, broker_uid={broker_uid})
 '''
 
 
-def agent_shim(paths: Paths) -> str:
+def agent_shim(paths: Paths, venv: str) -> str:
     from agent import render
 
-    return render(GATE_USER, paths.gate)
+    return render(GATE_USER, paths.gate, os.path.join(site_packages(venv), "agent", "cli.py"))
 
 
 def sudoers_text(paths: Paths, agents: list[str]) -> str:
@@ -255,7 +255,7 @@ def install(paths: Paths, agents: list[str], venv: str | None = None) -> Report:
     )
 
     replace_file(paths.gate, gate_script(paths, venv, broker.pw_uid), 0o755)
-    replace_file(paths.mcp, agent_shim(paths), 0o755)
+    replace_file(paths.mcp, agent_shim(paths, venv), 0o755)
     for name, target in ((paths.brokerd, "mcp-brokerd"), (paths.brokerctl, "mcp-brokerctl")):
         link = os.path.join(venv, "bin", target)
         if os.path.islink(name) or os.path.exists(name):

@@ -140,6 +140,8 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "timeout": (_OPT_NUM, True),
     },
     "status": {"caller": (_STR, True), "uid": (_INT, True)},
+    # mcp stdio: the allowed tools with their full pinned definitions
+    "catalog": {"caller": (_STR, True), "uid": (_INT, True)},
     # the gate's own refusals, forwarded so the daemon can audit them
     "report": {
         "caller": (_STR, True),

@@ -1,0 +1,190 @@
+"""The agent-side helpers of ``mcp``: ``key=@path`` expansion and ``mcp skill``.
+
+Runs as the agent, before sudo, with ``/usr/bin/python3 -IS``; the shell
+shim calls it only when an argument needs it, so plain calls stay a single
+``exec sudo``. ``key=@path`` reads the file *as the agent* (so it can only
+send what the agent could read anyway) and passes the values to the gate as
+a JSON object on stdin (``--args -``); the gate itself never expands ``@``.
+``key=@@text`` sends the literal ``@text``.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+GATE_USER = "mcp-gate"
+MAX_FILE_BYTES = 1024 * 1024
+FLAGS_WITH_VALUE = ("--args", "--timeout")
+
+USAGE_EXIT = 64
+DATA_EXIT = 65
+
+
+class AgentError(Exception):
+    def __init__(self, message: str, code: int = USAGE_EXIT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _gate_argv(gate: str, argv: list[str]) -> list[str]:
+    return ["sudo", "-n", "-u", GATE_USER, gate, *argv]
+
+
+def _read_value(path: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise AgentError(f"cannot read {path}: {exc.strerror}", DATA_EXIT) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise AgentError(f"{path} is larger than {MAX_FILE_BYTES} bytes", DATA_EXIT)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AgentError(f"{path} is not UTF-8 text; only text can be sent with key=@path", DATA_EXIT) from None
+
+
+def _split(item: str) -> tuple[str, str, str] | None:
+    """(key, separator, value) of a k=v / k:v item, split at the first separator."""
+    cuts = [p for p in (item.find("="), item.find(":")) if p > 0]
+    if not cuts:
+        return None
+    cut = min(cuts)
+    return item[:cut], item[cut], item[cut + 1 :]
+
+
+def expand(argv: list[str], stdin: Any) -> tuple[list[str], str | None]:
+    """Rewrite ``call`` arguments: @file values move into a JSON object for ``--args -``."""
+    if len(argv) < 2 or argv[0] != "call":
+        return argv, None
+    out = argv[:2]
+    from_files: dict[str, str] = {}
+    args_json: str | None = None
+    rest = argv[2:]
+    i = 0
+    only_positional = False
+    while i < len(rest):
+        item = rest[i]
+        i += 1
+        if not only_positional and item.startswith("-") and item != "-":
+            name, eq, value = item.partition("=")
+            if item == "--":
+                only_positional = True
+                out.append(item)
+            elif name == "--args":
+                if not eq and i < len(rest):
+                    value = rest[i]
+                    i += 1
+                args_json = value
+            elif name in FLAGS_WITH_VALUE and not eq and i < len(rest):
+                out += [item, rest[i]]
+                i += 1
+            else:
+                out.append(item)  # the gate judges every flag
+            continue
+        parts = _split(item)
+        if parts is None or not parts[2].startswith("@"):
+            out.append(item)
+            continue
+        key, sep, value = parts
+        if value.startswith("@@"):
+            out.append(f"{key}{sep}{value[1:]}")
+            continue
+        if key in from_files:
+            raise AgentError(f"argument {key!r} given twice")
+        from_files[key] = _read_value(value[1:])
+    if not from_files:
+        return (out if args_json is None else [*out, "--args", args_json]), None
+    base: dict[str, Any] = {}
+    if args_json is not None:
+        text = stdin.read() if args_json == "-" else args_json
+        try:
+            base = json.loads(text)
+        except ValueError as exc:
+            raise AgentError(f"--args: not valid JSON ({exc})") from None
+        if not isinstance(base, dict):
+            raise AgentError("--args: expected a JSON object")
+    for key, value in from_files.items():
+        if key in base:
+            raise AgentError(f"argument {key!r} given twice")
+        base[key] = value
+    return [*out, "--args", "-"], json.dumps(base)
+
+
+def skill(gate: str) -> str:
+    """A Markdown skill file describing the caller's allowed tools."""
+    listing = subprocess.run(_gate_argv(gate, ["list", "--json"]), capture_output=True, text=True, check=False)
+    if listing.returncode != 0:
+        raise AgentError(listing.stderr.strip() or "mcp list failed", listing.returncode)
+    tools = json.loads(listing.stdout).get("tools", [])
+    lines = [
+        "# Tools through mcp-privsep",
+        "",
+        "You can use the tools below with the `mcp` command. They run in a separate, privileged broker that",
+        "holds their credentials: you cannot read those credentials, and you never need them. Every call is",
+        "checked against an allowlist and policy and is audited. Only the tools listed here exist for you;",
+        "anything else is denied (exit 77), and misspelt names are never corrected.",
+        "",
+        "## How to call",
+        "",
+        "- `mcp call SERVER.TOOL key=value ...` (or `key:value`); values are typed by the tool's schema",
+        "  (numbers, true/false, null, JSON arrays and objects).",
+        '- `mcp call SERVER.TOOL --args \'{"key": "value"}\'`, or `--args -` to read the JSON object from stdin.',
+        "- `key=@path` sends the text of a file you can read; `key=@@text` sends a literal `@text`.",
+        "- `--json` prints the full result as JSON; `--timeout SECONDS` bounds the call.",
+        "- `mcp describe SERVER.TOOL` prints the input schema; `mcp list` lists the tools; `mcp status` checks health.",
+        "",
+        "Exit codes: 0 ok; 1 the tool reported an error; 64 usage error; 65 arguments rejected by the schema",
+        "or a policy rule; 69 broker unavailable; 75 try again later (timeout, rate limit, waiting for a human",
+        "approval); 77 denied; 78 the broker is misconfigured (tell the operator).",
+        "",
+        "## Tools",
+    ]
+    for tool in tools:
+        name = tool.get("name", "")
+        lines += ["", f"### {name}", "", tool.get("description") or "(no description)"]
+        described = subprocess.run(
+            _gate_argv(gate, ["describe", name, "--json"]), capture_output=True, text=True, check=False
+        )
+        if described.returncode == 0:
+            schema = json.loads(described.stdout).get("input_schema") or {}
+            props = schema.get("properties") or {}
+            required = set(schema.get("required") or [])
+            if props:
+                lines.append("")
+                for key, prop in props.items():
+                    kind = prop.get("type", "any") if isinstance(prop, dict) else "any"
+                    need = "required" if key in required else "optional"
+                    lines.append(f"- `{key}` ({kind}, {need})")
+            example = " ".join(f"{k}=..." for k in props if k in required)
+            lines += ["", f"Example: `mcp call {name}{' ' + example if example else ''}`"]
+    if not tools:
+        lines += ["", "No tools are allowed for you at the moment."]
+    return "\n".join(lines) + "\n"
+
+
+def main(gate: str, argv: list[str]) -> int:
+    try:
+        if argv[:1] == ["skill"]:
+            if len(argv) > 1:
+                raise AgentError("'skill' takes no arguments")
+            sys.stdout.write(skill(gate))
+            return 0
+        new_argv, payload = expand(argv, sys.stdin)
+    except AgentError as exc:
+        sys.stderr.write(f"mcp: {exc}\n")
+        return exc.code
+    command = _gate_argv(gate, new_argv)
+    if payload is None:
+        os.execvp("sudo", command)  # noqa: S606 - argv list, no shell; replaces this helper
+    return subprocess.run(command, input=payload.encode(), check=False).returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1], sys.argv[2:]))
