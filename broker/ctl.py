@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from typing import Any
 
 import click
 
-from broker import __version__, allowlist, config, protocol
-from broker.errors import EX_UNAVAILABLE, ConfigError, PrivsepError
-from broker.paths import Paths
+from broker import __version__, admin_cli, allowlist, config, protocol
+from broker.errors import ConfigError, PrivsepError
+from broker.paths import BROKER_USER, Paths
 
 
 def _paths(ctx: click.Context) -> Paths:
@@ -25,36 +24,23 @@ def _paths(ctx: click.Context) -> Paths:
 
 
 def admin_request(paths: Paths, op: str, timeout: float = 30.0, **fields: Any) -> Any:
-    """One request over admin.sock; raise Unavailable-style errors."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        try:
-            sock.connect(paths.admin_sock)
-        except OSError as exc:
-            raise PrivsepError(
-                f"the broker is not answering on {paths.admin_sock}: {exc.strerror or exc}", EX_UNAVAILABLE
-            ) from None
-        sock.sendall(protocol.encode_frame(protocol.request(op, **fields), protocol.MAX_REQUEST_BYTES))
-        header = _recv(sock, 4)
-        answer = protocol.decode_payload(_recv(sock, protocol.frame_length(header, protocol.MAX_RESPONSE_BYTES)))
-    except (OSError, protocol.ProtocolError) as exc:
-        raise PrivsepError(f"the broker did not answer: {exc}", EX_UNAVAILABLE) from None
-    finally:
-        sock.close()
+    """One request over admin.sock (root only); the daemon's refusal becomes a PrivsepError."""
+    from broker.gate import exchange
+
+    answer = exchange(paths.admin_sock, protocol.request(op, **fields), timeout, _broker_uid())
     if not answer.get("ok"):
-        raise PrivsepError(str(answer.get("error")), int(answer.get("exit", 1)))
+        code = answer.get("exit")
+        raise PrivsepError(str(answer.get("error")), code if isinstance(code, int) else 1)
     return answer.get("result")
 
 
-def _recv(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise OSError("connection closed")
-        buf += chunk
-    return buf
+def _broker_uid() -> int | None:
+    import pwd
+
+    try:
+        return pwd.getpwnam(BROKER_USER).pw_uid
+    except KeyError:
+        return None
 
 
 def check_all(paths: Paths) -> list[str]:
@@ -182,24 +168,6 @@ def stop(ctx: click.Context, timeout: float) -> None:
 
 
 @cli.command()
-@click.argument("server", required=False)
-@click.pass_context
-def tools(ctx: click.Context, server: str | None) -> None:
-    """List the tools each server offers and whether they are allowed."""
-    paths = _paths(ctx)
-    result = admin_request(paths, "tools", server=server)
-    try:
-        allowed = set(allowlist.load(paths.allowlist, paths.allowlist_d, "root").actions)
-    except ConfigError:
-        allowed = set()
-    for name, entries in result.items():
-        for t in entries:
-            action = f"{name}.{t['name']}"
-            mark = "allowed" if action in allowed else "denied "
-            click.echo(f"{mark} {action}  {t['description']}")
-
-
-@cli.command()
 @click.option("--all", "show_all", is_flag=True, help="Include decided, used and expired approvals.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -282,6 +250,19 @@ def explain(ctx: click.Context, user: str, action: str, pairs: tuple[str, ...], 
     for s in result["steps"]:
         click.echo(f"{s['check']:<10} {s['verdict']:<20} {s['why']}")
     click.echo(f"verdict: {result['verdict']}")
+
+
+from broker.admin_audit import audit  # noqa: E402 - its own module, registered after the core commands
+
+cli.add_command(audit)
+
+
+cli.add_command(admin_cli.tools)
+cli.add_command(admin_cli.allow)
+cli.add_command(admin_cli.deny)
+cli.add_command(admin_cli.import_)
+cli.add_command(admin_cli.doctor)
+cli.add_command(admin_cli.uninstall)
 
 
 def main(argv: list[str] | None = None) -> int:

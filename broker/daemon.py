@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import mcp
@@ -99,7 +100,7 @@ class Broker:
         self.cfg = cfg
         self.gate_uid = gate_uid
         self.allowlists = AllowlistCache(paths)
-        self.audit = audit.AuditLog(paths.audit_log)
+        self.audit = audit.AuditLog(paths.audit_log, **audit.options(cfg.settings))
         self.state = State(f"{paths.state}/state.db")
         self.redactor = Redactor(cfg.secrets())
         self.handles: dict[str, ServerHandle] = {}
@@ -153,6 +154,7 @@ class Broker:
         removed = [n for n in old if n not in cfg.servers]
         self.cfg = cfg
         self.redactor = Redactor(cfg.secrets())
+        self.audit.configure(**audit.options(cfg.settings))
         for name in removed + changed:
             await old[name].stop()
         self.handles = new
@@ -260,6 +262,9 @@ class Broker:
                 exit=req["exit"],
                 reason=self.redactor.text(req["reason"]),
             )
+            if req["exit"] == EX_NOPERM:  # the rule that denied: the caller's allowlist
+                with contextlib.suppress(PrivsepError, OSError):
+                    entry["rule"] = allowlist.locate(self.paths.allowlist, self.paths.allowlist_d, caller)[1]
             # the gate's own denials feed the denial budget too; a report can only hurt its caller
             froze = None
             if req["exit"] == EX_NOPERM and self.state.frozen_until(caller) is None:
@@ -322,6 +327,7 @@ class Broker:
         if until is not None:
             exc = Denied(f"denied: {caller} is frozen until {_when(until)} after repeated denials")
             exc.frozen = True  # type: ignore[attr-defined]
+            exc.audit_extra = {"rule": "denial_budget"}  # type: ignore[attr-defined]
             raise exc
 
     async def _handle_op(
@@ -331,6 +337,7 @@ class Broker:
             return self._status(caller), {"decision": "allow"}
         self._check_frozen(caller)
         allowed = self.allowlists.get(caller)
+        entry["rule"] = allowed.path  # a call's policy source replaces it once the allowlist passes
         if op == "list":
             return await self._list(allowed), {"decision": "allow"}
         if op == "catalog":
@@ -476,8 +483,10 @@ class Broker:
         summary["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.spawn(_run_hook(command, json.dumps(summary).encode(), self.base_env))
 
-    async def _list(self, allowed: allowlist.Allowlist) -> dict[str, Any]:
-        tools = []
+    async def _offered(
+        self, allowed: allowlist.Allowlist
+    ) -> AsyncIterator[tuple[str, ServerHandle, mcp.types.Tool | None]]:
+        """Each allowed action of a configured server, with its live definition if offered."""
         for action in allowed.actions:
             server_name, _, tool_name = action.partition(".")
             handle = self.handles.get(server_name)
@@ -486,7 +495,11 @@ class Broker:
             if handle.state != "up":
                 with contextlib.suppress(PrivsepError):
                     await handle.ready(2.0)
-            spec = handle.tools.get(tool_name) if handle.state == "up" else None
+            yield action, handle, handle.tools.get(tool_name) if handle.state == "up" else None
+
+    async def _list(self, allowed: allowlist.Allowlist) -> dict[str, Any]:
+        tools = []
+        async for action, handle, spec in self._offered(allowed):
             if spec is not None:
                 changed = self.pin_state(action, spec) == "changed"
                 description = "(blocked: definition changed)" if changed else first_line(spec.description)
@@ -498,15 +511,7 @@ class Broker:
     async def _catalog(self, allowed: allowlist.Allowlist) -> dict[str, Any]:
         """Full MCP tool definitions for ``mcp stdio``: allowed, offered, and matching their pins."""
         tools = []
-        for action in allowed.actions:
-            server_name, _, tool_name = action.partition(".")
-            handle = self.handles.get(server_name)
-            if handle is None:
-                continue
-            if handle.state != "up":
-                with contextlib.suppress(PrivsepError):
-                    await handle.ready(2.0)
-            spec = handle.tools.get(tool_name)
+        async for action, _handle, spec in self._offered(allowed):
             if spec is None or self.pin_state(action, spec) == "changed":
                 continue
             definition = json.loads(tool_digest(spec)[1])
@@ -622,7 +627,9 @@ class Broker:
             )
         )
         self.state.set_pin(action, digest, definition)
-        await self.audit.record(id=audit.new_request_id(), op="pin_accept", tool=action, decision="pin", hash=digest)
+        await self.audit.record(
+            id=audit.new_request_id(), op="pin_accept", tool=action, decision="pin", pin_hash=digest
+        )
         return {"action": action, "hash": digest, "diff": diff, "changed": old is None or old[0] != digest}
 
     async def _explain(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -265,13 +265,17 @@ def _validate_cached(cache_dir: str, data: bytes, path: str) -> None:
 
 
 def exchange(
-    paths: Paths,
+    sock_path: str,
     message: dict[str, Any],
     wait: float,
     broker_uid: int | None,
     on_pending: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Send one request over gate.sock and return the daemon's answer."""
+    """Send one request to the daemon (gate.sock, or admin.sock for root) and return its answer.
+
+    ``broker_uid``, when known, is the only non-root uid the socket's server may
+    have (SO_PEERCRED); interim ``pending`` frames go to ``on_pending``.
+    """
     try:
         frame = protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES)
     except protocol.ProtocolError as exc:
@@ -280,14 +284,14 @@ def exchange(
     try:
         sock.settimeout(CONNECT_TIMEOUT)
         try:
-            sock.connect(paths.gate_sock)
+            sock.connect(sock_path)
         except OSError as exc:
             raise Unavailable(f"broker unavailable: cannot connect to the broker ({exc.strerror or exc})") from None
         if broker_uid is not None:
             cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
             peer_uid = int.from_bytes(cred[4:8], sys.byteorder)
             if peer_uid not in (0, broker_uid):
-                raise Unavailable(f"broker unavailable: gate.sock is served by uid {peer_uid}, not the broker")
+                raise Unavailable(f"broker unavailable: {sock_path} is served by uid {peer_uid}, not the broker")
         sock.settimeout(wait)
         try:
             sock.sendall(frame)
@@ -333,7 +337,7 @@ def _report(
         "report", caller=user, uid=uid, verb=verb, tool=tool, exit=exit_code, reason=reason[:1000]
     )
     try:
-        exchange(paths, message, 2.0, broker_uid)
+        exchange(paths.gate_sock, message, 2.0, broker_uid)
     except PrivsepError:
         pass  # the daemon is down: the refusal must not wait for it
 
@@ -453,7 +457,7 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
         from broker import stdio
 
         def forward(message: dict[str, Any], wait: float) -> dict[str, Any]:
-            return exchange(paths, message, wait, broker_uid, on_pending)
+            return exchange(paths.gate_sock, message, wait, broker_uid, on_pending)
 
         return stdio.run(paths, user, uid, forward, checked)
     if req.verb in ("list", "describe", "call"):
@@ -465,7 +469,7 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
         fields.update(kv=req.kv, args=req.args, timeout=req.timeout)
     wait = (req.timeout + 10.0) if req.timeout is not None else DEFAULT_WAIT
 
-    answer = exchange(paths, protocol.request(req.verb, **fields), wait, broker_uid, on_pending)
+    answer = exchange(paths.gate_sock, protocol.request(req.verb, **fields), wait, broker_uid, on_pending)
     if not answer.get("ok"):
         code = answer.get("exit")
         if type(code) is not int or code in (EX_OK, EX_TOOL_ERROR):

@@ -110,7 +110,8 @@ class ServerHandle:
 
     async def _session_once(self) -> None:
         client = self._client()
-        self.state = "starting"
+        if self.state != "down":  # a retry keeps showing why it is down until it is up again
+            self.state = "starting"
         async with contextlib.AsyncExitStack() as stack:
             await asyncio.wait_for(stack.enter_async_context(client), self.connect_timeout)
             listed = await asyncio.wait_for(client.list_tools(), self.connect_timeout)
