@@ -419,7 +419,13 @@ def main(
     try:
         return _run(req, Paths(root), broker_uid, environ, out, err)
     except PrivsepError as exc:
-        return _fail(req, exc, out, err)
+        code = _fail(req, exc, out, err)
+        report = getattr(exc, "report", None)
+        if report is not None:
+            out.flush()
+            err.flush()
+            report()
+        return code
     except Exception as exc:  # noqa: BLE001 - the edge: never a traceback to the agent
         return _fail(req, PrivsepError(f"internal error: {type(exc).__name__}: {exc}", EX_SOFTWARE), out, err)
 
@@ -450,7 +456,11 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
         try:
             check_allowlist(paths, user, tool)
         except (Denied, ConfigError) as exc:
-            _report(paths, user, uid, req.verb, tool or "", exc.exit_code, str(exc), broker_uid)
+            args = (paths, user, uid, req.verb, tool or "", exc.exit_code, str(exc), broker_uid)
+            if req.verb == "stdio":
+                _report(*args)
+            else:  # audited by the daemon, but only after the caller has its answer (main() sends it)
+                exc.report = lambda: _report(*args)  # type: ignore[union-attr]
             raise
 
     if req.verb == "stdio":

@@ -401,9 +401,10 @@ def test_caller_identity() -> None:
     assert gate.caller_identity({"SUDO_USER": "", "SUDO_UID": "5"}) == me
 
 
-def test_stdio_is_refused_cleanly() -> None:
-    r = run(["stdio"])
-    assert r.code in CONTRACT_EXIT_CODES and r.code != 0
+@pytest.mark.parametrize("extra", [["--json"], ["x"], ["--config", "/tmp/x"]])
+def test_stdio_takes_no_arguments(extra: list[str]) -> None:
+    r = run(["stdio", *extra])
+    assert r.code == 64
     r.one_error_line()
 
 
