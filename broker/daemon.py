@@ -351,12 +351,9 @@ class Broker:
             raise Unavailable(f"server {server_name} is not configured in the broker")
         if op == "describe":
             spec = await self._tool(handle, tool, READY_WAIT)
-            return {
-                "name": tool,
-                "description": spec.description or "",
-                "input_schema": spec.input_schema,
-                "annotations": spec.annotations.model_dump(mode="json", exclude_none=True) if spec.annotations else {},
-            }, {"decision": "allow"}
+            definition = json.loads(tool_digest(spec)[1])
+            definition["name"] = tool
+            return self.redactor.deep(definition), {"decision": "allow"}
         return await self._call(handle, tool, tool_name, req, caller, conn, entry)
 
     async def _tool(self, handle: ServerHandle, action: str, wait: float) -> mcp.types.Tool:
@@ -503,6 +500,7 @@ class Broker:
             if spec is not None:
                 changed = self.pin_state(action, spec) == "changed"
                 description = "(blocked: definition changed)" if changed else first_line(spec.description)
+                description = self.redactor.text(description)
                 tools.append({"name": action, "description": description})
             elif handle.state != "up":
                 tools.append({"name": action, "description": "(server unavailable)"})
@@ -796,11 +794,12 @@ def render_result(result: mcp.types.CallToolResult, cap: int, redactor: Redactor
     out: dict[str, Any] = {"is_error": bool(result.is_error), "text": text, "content": blocks}
     if structured is not None:
         out["structured_content"] = structured
-    size = len(text.encode("utf-8", "replace"))
+    # text, blocks (images, embedded blobs) and structured content all count against the cap
+    size = max(len(text.encode("utf-8", "replace")), len(protocol.dumps(blocks)), len(protocol.dumps(structured)))
     out["_size"] = size
     if size > cap:
         cut = text.encode("utf-8", "replace")[:cap].decode("utf-8", "ignore")
-        out["text"] = cut + f"\n[output truncated: {cap} of {size} bytes shown]"
+        out["text"] = cut + f"\n[output truncated: the result was {size} bytes, over the {cap}-byte cap]"
         out["truncated"] = True
         out["content"] = []
         out.pop("structured_content", None)

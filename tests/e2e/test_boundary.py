@@ -209,3 +209,23 @@ def test_forged_frames_on_gate_socket_close_the_connection(live: Installation) -
         assert s.recv(100) == b""
         s.close()
     assert live.mcp("call", "demo.echo", "text=still").out == "still\n"
+
+
+def test_agent_cannot_pose_as_another_agent(live: Installation) -> None:
+    # sudo refuses to set SUDO_USER/SUDO_UID from the command line (no SETENV, env_reset)
+    agent2 = pwd.getpwnam(AGENT2)
+    r = live.as_user(
+        AGENT1,
+        "sudo",
+        "-n",
+        "-u",
+        "mcp-gate",
+        f"SUDO_USER={AGENT2}",
+        f"SUDO_UID={agent2.pw_uid}",
+        live.paths.gate,
+        "call",
+        "demo.add",
+        "a=1",
+        "b=1",
+    )
+    assert r.code != 0 and r.out == ""
