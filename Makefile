@@ -57,6 +57,16 @@ lint: venv
 	$(VENV_PY) -m ruff check broker agent mcp_servers tests
 	$(VENV_PY) -m mypy
 
+# Measure it (root, after 'make demo'): a table on stdout, JSON in bench/results/latest.json.
+# BENCH_ARGS=--quick for a smoke run; bench/soak.py is the long run (not part of this target).
 bench: EXTRAS_SPEC = .
 bench: venv
-	$(VENV_PY) bench/bench.py
+	$(VENV_PY) bench/bench.py $(BENCH_ARGS)
+
+# Debian package: $(DEB_OUT)/mcp-privsep_VERSION-1_ARCH.deb, built with dpkg-deb from
+# the project's and its pinned dependencies' wheels; install it with
+# 'apt install ./dist/mcp-privsep_*.deb'. See packaging/deb/build.sh.
+DEB_OUT ?= dist
+.PHONY: deb
+deb: deps
+	PYTHON_SYS=$(PYTHON_SYS) bash packaging/deb/build.sh $(DEB_OUT)

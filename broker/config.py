@@ -15,7 +15,7 @@ import re
 import stat
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -46,12 +46,39 @@ class BrokerSettings(BaseModel):
     denial_window: float = Field(600.0, gt=0)
     freeze_seconds: float = Field(900.0, gt=0)
     log_argument_values: bool = Field(False, description="audit argument values (redacted) too")
+    audit_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="rotate audit.jsonl before it grows beyond this many bytes (0: never)"
+    )
+    audit_keep: int = Field(10, ge=0, le=999, description="rotated audit files kept (audit.jsonl.1 ... .N)")
+    audit_syslog: bool = Field(False, description="mirror every audit record to syslog (RFC 5424)")
+    audit_syslog_socket: str = Field("/dev/log", description="the local syslog datagram socket")
+    audit_syslog_facility: Literal[
+        "auth",
+        "authpriv",
+        "daemon",
+        "user",
+        "local0",
+        "local1",
+        "local2",
+        "local3",
+        "local4",
+        "local5",
+        "local6",
+        "local7",
+    ] = Field("authpriv", description="syslog facility of the audit mirror")
 
     @field_validator("notify_command")
     @classmethod
     def _hook_absolute(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and (not value or not value[0].startswith("/")):
             raise ValueError("notify_command must start with an absolute path")
+        return value
+
+    @field_validator("audit_syslog_socket")
+    @classmethod
+    def _socket_absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("audit_syslog_socket must be an absolute path")
         return value
 
     @model_validator(mode="after")

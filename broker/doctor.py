@@ -1,0 +1,816 @@
+"""``mcp-brokerctl doctor``: check a live installation from outside and from the agent's side.
+
+Read-only. Every problem becomes one :class:`Finding` with what is wrong and
+the command that fixes it; the CLI prints one line each and exits 1 when
+there is any problem (warnings alone keep exit 0).
+
+What is checked:
+
+* **files**: owner, group and mode of every path of :class:`broker.paths.Paths`
+  (the README's table), every allowlist, TOML and secret file, the state and
+  log files, the commands, and every file of the code's virtualenv (the gate
+  and the daemon run it: a writable file there is a way around everything);
+  every ancestor directory must be root's and not writable by others (a
+  root-owned sticky directory such as /tmp is accepted);
+* **config**: the allowlists and ``broker.toml``/``servers.d`` parse (like
+  ``mcp-brokerctl check``);
+* **sudoers**: the drop-in exists, is ``root:root 0440``, passes ``visudo -cf``,
+  holds exactly one ``AGENT ALL=(mcp-gate) NOPASSWD: GATE`` rule per agent
+  marker and nothing else (no wildcard, no SETENV, no env_keep, no
+  Defaults, no include), and ``sudo -l -U AGENT`` shows the agent no other
+  sudo right from any other sudoers file;
+* **as each agent** (``runuser``, the agent's real groups): it cannot read
+  the config, secrets, allowlists, state or audit log, cannot list the
+  secrets directory, cannot write the allowlist, the commands or the code,
+  cannot connect to ``gate.sock`` or ``admin.sock``, cannot signal the
+  daemon; and ``mcp status`` through sudo does work;
+* **the daemon**: it answers on ``admin.sock``, runs as ``mcp-broker``, its
+  audit log is healthy, every server is up, no pinned tool definition has
+  changed.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import re
+import shutil
+import stat
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from broker import allowlist, config
+from broker.errors import ConfigError, PrivsepError
+from broker.install import SUDOERS_MARK
+from broker.paths import BROKER_USER, GATE_USER, Paths
+
+RUNUSER = "/usr/sbin/runuser"
+SYSTEM_PYTHON = "/usr/bin/python3"
+AGENT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+MAX_LISTED = 5
+
+#: run as the agent: try each access, report "ok" or the errno name; never writes a byte
+PROBE = r"""
+import errno, json, os, socket, sys
+out = []
+for how, target in json.load(sys.stdin):
+    try:
+        if how == "read":
+            os.close(os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW))
+        elif how == "list":
+            os.listdir(target)
+        elif how == "write":
+            os.close(os.open(target, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_NOFOLLOW))
+        elif how == "create_in":
+            name = os.path.join(target, ".mcp-privsep-doctor-%d" % os.getpid())
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(name)
+        elif how == "connect":
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(2)
+            try:
+                s.connect(target)
+            finally:
+                s.close()
+        elif how == "signal":
+            os.kill(int(target), 0)
+        out.append("ok")
+    except OSError as exc:
+        out.append(errno.errorcode.get(exc.errno or 0, str(exc)))
+json.dump(out, sys.stdout)
+"""
+
+
+@dataclass
+class Finding:
+    """One result: ``level`` is "ok", "warning" or "problem"."""
+
+    level: str
+    section: str
+    message: str
+    fix: str = ""
+
+    def line(self) -> str:
+        tag = {"ok": "ok     ", "warning": "WARNING", "problem": "PROBLEM"}[self.level]
+        fix = f"  -> fix: {self.fix}" if self.fix and self.level != "ok" else ""
+        return f"{tag} {self.section}: {self.message}{fix}"
+
+
+@dataclass
+class Rule:
+    """What a path must look like."""
+
+    path: str
+    kind: str  # "dir", "file", "sock", "any"
+    owner: str
+    group: str | None
+    forbid: int  # mode bits that must be clear
+    need: int = 0  # mode bits that must be set
+    why: str = ""
+    mode: int | None = None  # the mode the fix command sets
+
+
+def _uid(name: str) -> int | None:
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
+
+
+def _gid(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def _name_of_uid(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _name_of_gid(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+class Doctor:
+    """Runs every check and collects :class:`Finding` objects."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        agents: list[str] | None = None,
+        admin: Callable[..., Any] | None = None,
+    ) -> None:
+        self.paths = paths
+        self.findings: list[Finding] = []
+        self.admin = admin
+        self.explicit_agents = agents or []
+        self.status: dict[str, Any] | None = None
+
+    # --- recording ------------------------------------------------------------------
+
+    def problem(self, section: str, message: str, fix: str = "") -> None:
+        self.findings.append(Finding("problem", section, message, fix))
+
+    def warning(self, section: str, message: str, fix: str = "") -> None:
+        self.findings.append(Finding("warning", section, message, fix))
+
+    def ok(self, section: str, message: str) -> None:
+        self.findings.append(Finding("ok", section, message))
+
+    @property
+    def problems(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "problem"]
+
+    def run(self) -> list[Finding]:
+        """Every check, in order; returns all findings."""
+        self.check_users()
+        self.check_files()
+        self.check_config()
+        agents = self.check_sudoers()
+        self.check_daemon()
+        for agent in agents:
+            self.check_agent(agent)
+        return self.findings
+
+    # --- users ----------------------------------------------------------------------
+
+    def check_users(self) -> None:
+        missing = [u for u in (GATE_USER, BROKER_USER) if _uid(u) is None]
+        if missing:
+            self.problem("users", f"missing system user(s) {', '.join(missing)}", "mcp-brokerctl install")
+            return
+        unlocked = _unlocked_users((GATE_USER, BROKER_USER))
+        for user in unlocked:
+            self.problem("users", f"{user} has a usable password (it must be locked)", f"usermod --lock {user}")
+        for user in (GATE_USER, BROKER_USER):
+            pw = pwd.getpwnam(user)
+            if pw.pw_shell not in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false"):
+                self.problem(
+                    "users", f"{user} has a login shell ({pw.pw_shell})", f"usermod --shell /usr/sbin/nologin {user}"
+                )
+            if pw.pw_uid == 0:
+                self.problem("users", f"{user} has uid 0", f"give {user} its own system uid")
+        members = grp.getgrnam(GATE_USER).gr_mem
+        if BROKER_USER not in members:
+            self.problem(
+                "users",
+                f"{BROKER_USER} is not in group {GATE_USER} (the daemon cannot re-read the allowlist)",
+                f"usermod --append --groups {GATE_USER} {BROKER_USER}",
+            )
+        extra = [m for m in members if m != BROKER_USER]
+        if extra:
+            self.problem(
+                "users",
+                f"group {GATE_USER} has other members ({', '.join(extra)}): they can read the allowlist "
+                "and connect to gate.sock, bypassing sudo",
+                f"gpasswd --delete USER {GATE_USER}",
+            )
+        if not self.problems:
+            self.ok("users", f"{GATE_USER} and {BROKER_USER} are locked system users")
+
+    # --- files ----------------------------------------------------------------------
+
+    def rules(self) -> list[Rule]:
+        p = self.paths
+        rules = [
+            Rule(p.etc, "dir", "root", None, 0o026, 0o001, "config directory", 0o751),
+            Rule(p.broker_toml, "file", "root", BROKER_USER, 0o137, 0o040, "daemon config", 0o640),
+            Rule(p.servers_d, "dir", "root", BROKER_USER, 0o027, 0o050, "server definitions", 0o750),
+            Rule(p.allowlist, "file", "root", GATE_USER, 0o137, 0o040, "allowlist", 0o640),
+            Rule(p.allowlist_d, "dir", "root", GATE_USER, 0o027, 0o050, "per-user allowlists", 0o750),
+            Rule(p.secrets, "dir", BROKER_USER, None, 0o077, 0o700, "secrets", 0o700),
+            Rule(p.run, "dir", BROKER_USER, GATE_USER, 0o027, 0o2050, "sockets", 0o2750),
+            Rule(p.gate_sock, "sock", BROKER_USER, GATE_USER, 0o117, 0o020, "gate socket", 0o660),
+            Rule(p.admin_sock, "sock", BROKER_USER, None, 0o077, 0, "admin socket", 0o600),
+            Rule(p.pidfile, "file", BROKER_USER, None, 0o022, 0, "pid file", 0o600),
+            Rule(p.state, "dir", BROKER_USER, None, 0o077, 0o700, "state", 0o700),
+            Rule(p.log, "dir", BROKER_USER, None, 0o077, 0o700, "audit log directory", 0o700),
+            Rule(p.audit_log, "file", BROKER_USER, None, 0o177, 0, "audit log", 0o600),
+            Rule(p.cache, "dir", "root", None, 0o022, 0, "cache", 0o755),
+            Rule(p.gate_cache, "dir", GATE_USER, None, 0o077, 0, "gate cache", 0o700),
+            Rule(p.mcp, "file", "root", None, 0o022, 0o005, "agent command", 0o755),
+            Rule(p.gate, "file", "root", None, 0o022, 0o005, "gate command", 0o755),
+        ]
+        for directory, suffix, owner, group, forbid, need, why, mode in (
+            (p.servers_d, ".toml", "root", BROKER_USER, 0o137, 0o040, "server definitions", 0o640),
+            (p.allowlist_d, ".txt", "root", GATE_USER, 0o137, 0o040, "per-user allowlist", 0o640),
+            (p.secrets, "", BROKER_USER, None, 0o177, 0o400, "secret", 0o600),
+            (p.state, "", BROKER_USER, None, 0o077, 0, "state", 0o600),
+            (p.log, "", BROKER_USER, None, 0o077, 0, "log", 0o600),
+            (p.gate_cache, "", GATE_USER, None, 0o077, 0, "gate cache", 0o600),
+        ):
+            try:
+                names = sorted(os.listdir(directory))
+            except OSError:
+                continue
+            for name in names:
+                if name.endswith(suffix) and not (suffix and name.startswith(".")):
+                    full = f"{directory}/{name}"
+                    is_dir = os.path.isdir(full) and not os.path.islink(full)
+                    rules.append(
+                        Rule(
+                            full,
+                            "any",
+                            owner,
+                            group,
+                            forbid & ~0o111 if is_dir else forbid,
+                            need,
+                            why,
+                            (0o700 if is_dir else mode),
+                        )
+                    )
+        for env_file in self._env_files():
+            if not env_file.startswith(p.secrets + "/"):
+                rules.append(Rule(env_file, "file", BROKER_USER, None, 0o177, 0o400, "env file of a server", 0o600))
+        return rules
+
+    def _env_files(self) -> list[str]:
+        try:
+            cfg = config.load(self.paths, check_owner=False)
+        except ConfigError:
+            return []
+        return sorted({s.spec.env_file for s in cfg.servers.values() if s.spec.env_file})
+
+    def check_path(self, rule: Rule) -> bool:
+        """One path against its rule; record problems; return whether it is fine."""
+        try:
+            st = os.lstat(rule.path)
+        except FileNotFoundError:
+            if rule.kind == "sock" or rule.path == self.paths.pidfile:
+                return True  # reported by the daemon check when the daemon is down
+            if rule.path == self.paths.audit_log:
+                self.warning("files", f"{rule.path} does not exist yet (written on the first decision)")
+                return True
+            self.problem("files", f"{rule.path} ({rule.why}) is missing", "mcp-brokerctl install")
+            return False
+        except OSError as exc:
+            self.problem("files", f"{rule.path}: {exc.strerror}")
+            return False
+        ok = True
+        want_type = {"dir": stat.S_ISDIR, "file": stat.S_ISREG, "sock": stat.S_ISSOCK}.get(rule.kind)
+        if stat.S_ISLNK(st.st_mode):
+            self.problem(
+                "files", f"{rule.path} ({rule.why}) is a symlink", f"replace it with a real file: rm {rule.path}"
+            )
+            return False
+        if want_type is not None and not want_type(st.st_mode):
+            self.problem(
+                "files", f"{rule.path} ({rule.why}) is not a {rule.kind}", f"remove it and re-run install: {rule.path}"
+            )
+            return False
+        uid, gid = _uid(rule.owner), _gid(rule.group) if rule.group else None
+        owner_text = rule.owner + (f":{rule.group}" if rule.group else "")
+        if uid is None or st.st_uid != uid or (rule.group is not None and st.st_gid != gid):
+            self.problem(
+                "files",
+                f"{rule.path} ({rule.why}) is owned by {_name_of_uid(st.st_uid)}:{_name_of_gid(st.st_gid)}, "
+                f"expected {owner_text}",
+                f"chown {owner_text} {rule.path}",
+            )
+            ok = False
+        mode = stat.S_IMODE(st.st_mode)
+        bad = mode & rule.forbid
+        lacking = rule.need & ~mode
+        if bad or lacking:
+            words = []
+            if bad & 0o022:
+                words.append("writable by " + "/".join(w for b, w in ((0o020, "group"), (0o002, "other")) if bad & b))
+            if bad & 0o044:
+                words.append("readable by " + "/".join(w for b, w in ((0o040, "group"), (0o004, "other")) if bad & b))
+            if bad & 0o011 or bad & 0o100 or bad & 0o400 or bad & 0o200:
+                words.append("has extra permission bits")
+            if lacking:
+                words.append("lacks needed permission bits")
+            fix_mode = rule.mode if rule.mode is not None else (mode & ~rule.forbid) | rule.need
+            self.problem(
+                "files",
+                f"{rule.path} ({rule.why}) has mode {mode:04o}: {', '.join(words)}",
+                f"chmod {fix_mode:04o} {rule.path}",
+            )
+            ok = False
+        return ok
+
+    def check_files(self) -> None:
+        count = 0
+        ok = True
+        ancestors: set[str] = set()
+        rules = self.rules()
+        for rule in rules:
+            count += 1
+            ok = self.check_path(rule) and ok
+            ancestors.update(_ancestors(rule.path))
+        ancestors -= {r.path for r in rules}  # checked by their own rule
+        for cmd in (self.paths.brokerd, self.paths.brokerctl):
+            count += 1
+            ok = self._check_command_link(cmd) and ok
+        venv = self.venv()
+        if venv:
+            ancestors.update(_ancestors(venv))
+            ok = self.check_venv(venv) and ok
+        ancestors.update(_ancestors(self.paths.sudoers))
+        for a in sorted(ancestors, key=len):
+            try:
+                st = os.stat(a)
+            except OSError:
+                continue
+            sticky_root = st.st_mode & stat.S_ISVTX and st.st_uid == 0
+            if st.st_uid != 0 or (st.st_mode & 0o022 and not sticky_root):
+                self.problem(
+                    "files",
+                    f"{a} (a parent directory) is owned by {_name_of_uid(st.st_uid)} with mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}: whoever can write it can swap what is below",
+                    f"chown root {a} && chmod go-w {a}",
+                )
+                ok = False
+        if ok:
+            self.ok("files", f"{count} paths, their parents and the code have the right owner and mode")
+
+    def _check_command_link(self, path: str) -> bool:
+        try:
+            target = os.path.realpath(path)
+            st = os.stat(path)
+        except OSError:
+            self.problem("files", f"{path} is missing", "mcp-brokerctl install")
+            return False
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            self.problem(
+                "files",
+                f"{path} -> {target} is writable by others or not root's",
+                f"chown root {target} && chmod go-w {target}",
+            )
+            return False
+        return True
+
+    def venv(self) -> str | None:
+        """The virtualenv the installed commands run from."""
+        try:
+            link = os.readlink(self.paths.brokerctl)
+        except OSError:
+            link = ""
+        if link.endswith("/bin/mcp-brokerctl"):
+            return os.path.dirname(os.path.dirname(link))
+        try:
+            with open(self.paths.gate, encoding="utf-8") as fh:
+                m = re.search(r"sys\.path\.append\('([^']+)'\)", fh.read())
+        except OSError:
+            return None
+        if m:
+            site = m.group(1)  # VENV/lib/pythonX.Y/site-packages
+            return os.path.dirname(os.path.dirname(os.path.dirname(site)))
+        return None
+
+    def check_venv(self, venv: str) -> bool:
+        bad: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(venv):
+            for name in [*dirnames, *filenames, ""]:
+                full = os.path.join(dirpath, name) if name else dirpath
+                try:
+                    st = os.lstat(full)
+                except OSError:
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    continue
+                if st.st_uid != 0 or st.st_mode & 0o022:
+                    bad.append(full)
+            dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+        if bad:
+            shown = ", ".join(bad[:MAX_LISTED]) + (
+                f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+            )
+            self.problem(
+                "files",
+                f"the code in {venv} has {len(bad)} path(s) not owned by root or writable by others: {shown}",
+                f"chown -R root: {venv} && chmod -R go-w {venv}",
+            )
+            return False
+        return True
+
+    # --- config ----------------------------------------------------------------------
+
+    def check_config(self) -> None:
+        problems = allowlist.check_all(self.paths.allowlist, self.paths.allowlist_d)
+        try:
+            config.load(self.paths)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        for p in problems:
+            self.problem("config", p, "edit the file named, then 'mcp-brokerctl check'")
+        if not problems:
+            self.ok("config", "allowlists, broker.toml and servers.d parse")
+
+    # --- sudoers ----------------------------------------------------------------------
+
+    def expected_rule(self, agent: str) -> str:
+        return f"{agent} ALL=({GATE_USER}) NOPASSWD: {self.paths.gate}"
+
+    def check_sudoers(self) -> list[str]:
+        """Check the drop-in; return the agents to check from their side."""
+        path = self.paths.sudoers
+        try:
+            st = os.lstat(path)
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            self.warning(
+                "sudoers",
+                f"{path} does not exist: no agent can run 'mcp' yet",
+                "mcp-brokerctl install --agent USER",
+            )
+            return list(self.explicit_agents)
+        except (OSError, UnicodeDecodeError) as exc:
+            self.problem("sudoers", f"{path}: cannot read: {exc}")
+            return list(self.explicit_agents)
+        before = len(self.problems)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_gid != 0 or stat.S_IMODE(st.st_mode) != 0o440:
+            self.problem(
+                "sudoers",
+                f"{path} is {_name_of_uid(st.st_uid)}:{_name_of_gid(st.st_gid)} {stat.S_IMODE(st.st_mode):04o}, "
+                "expected root:root 0440",
+                f"chown root:root {path} && chmod 0440 {path}",
+            )
+        visudo = shutil.which("visudo") or "/usr/sbin/visudo"
+        proc = subprocess.run([visudo, "-cf", path], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            self.problem(
+                "sudoers",
+                f"visudo -cf {path} fails: {(proc.stdout + proc.stderr).strip().splitlines()[0:1]}",
+                "mcp-brokerctl install --agent USER (rewrites it)",
+            )
+        marked = []
+        seen_rules: set[str] = set()
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if line.startswith(SUDOERS_MARK.strip()):
+                marked.append(line[len(SUDOERS_MARK.strip()) :].strip())
+                continue
+            if not line or (line.startswith("#") and not re.match(r"#include(dir)?\s", line)):
+                continue
+            norm = " ".join(line.split())
+            agent = norm.split(" ", 1)[0]
+            if norm == self.expected_rule(agent) and allowlist.valid_user_name(agent):
+                seen_rules.add(agent)
+                continue
+            self.problem(
+                "sudoers",
+                f"{path}:{lineno}: {_sudoers_why(line)}: {line}",
+                f"remove the line; the only rule is '{self.expected_rule('AGENT')}' "
+                "(mcp-brokerctl install --agent AGENT writes it)",
+            )
+        for agent in marked:
+            if agent not in seen_rules:
+                self.problem(
+                    "sudoers",
+                    f"{path}: agent {agent} has a marker but not the exact rule",
+                    f"mcp-brokerctl install --agent {agent}",
+                )
+        for agent in sorted(seen_rules - set(marked)):
+            self.warning(
+                "sudoers",
+                f"{path}: agent {agent} has a rule but no '{SUDOERS_MARK.strip()} {agent}' marker "
+                "(install would drop it when adding an agent)",
+                f"mcp-brokerctl install --agent {agent}",
+            )
+        agents = list(dict.fromkeys([*marked, *sorted(seen_rules), *self.explicit_agents]))
+        for agent in agents:
+            if _uid(agent) is None:
+                self.problem(
+                    "sudoers", f"agent {agent} does not exist", f"useradd -m {agent}, or remove it from {path}"
+                )
+                continue
+            self.check_sudo_list(agent)
+        if len(self.problems) == before:
+            self.ok("sudoers", f"{path}: visudo-clean, exactly one rule per agent ({', '.join(agents) or 'none'})")
+        return [a for a in agents if _uid(a) is not None]
+
+    def check_sudo_list(self, agent: str) -> None:
+        """``sudo -l -U AGENT``: every right the agent has, from every sudoers file."""
+        sudo = shutil.which("sudo") or "/usr/bin/sudo"
+        proc = subprocess.run([sudo, "-n", "-l", "-U", agent], capture_output=True, text=True, check=False)
+        out = proc.stdout
+        defaults, _sep, commands = out.partition("may run the following commands")
+        for bad in ("!env_reset", "env_keep", "setenv", "!secure_path"):
+            if bad in defaults.split("User ", 1)[0].lower().replace(" ", ""):
+                self.problem(
+                    "sudoers",
+                    f"sudo defaults for {agent} include {bad}: the gate must get sudo's reset environment",
+                    f"remove that Defaults entry (visudo; grep -r {bad} /etc/sudoers /etc/sudoers.d)",
+                )
+        for entry in commands.splitlines()[1:]:
+            entry = entry.strip()
+            if not entry:
+                continue
+            if entry.startswith("Sudoers entry") or entry.startswith("RunAs") or entry.startswith("Options"):
+                continue
+            m = re.fullmatch(r"\(([^)]*)\)\s*((?:[A-Z_]+:\s*)*)(.*)", entry)
+            if not m:
+                self.problem(
+                    "sudoers", f"{agent} may also run via sudo: {entry}", f"remove it from sudoers (sudo -l -U {agent})"
+                )
+                continue
+            runas, tags, cmds = m.group(1).strip(), m.group(2).replace(" ", ""), m.group(3)
+            tag_set = {t for t in tags.split(":") if t}
+            for cmd in (c.strip() for c in cmds.split(",")):
+                fine = (
+                    runas == GATE_USER
+                    and tag_set <= {"NOPASSWD"}
+                    and re.fullmatch(r"/[^\s*?\[\]]*/mcp-gate", cmd) is not None
+                )
+                if not fine:
+                    self.problem(
+                        "sudoers",
+                        f"{agent} may also run via sudo: ({runas}) {tags} {cmd}: "
+                        f"{_sudoers_why(f'({runas}) {tags} {cmd}')}",
+                        f"remove that rule (sudo -l -U {agent} shows it; grep -r {agent} /etc/sudoers /etc/sudoers.d)",
+                    )
+
+    # --- daemon ---------------------------------------------------------------------
+
+    def check_daemon(self) -> None:
+        if self.admin is None:
+            return
+        try:
+            status = self.admin("status")
+        except PrivsepError as exc:
+            self.problem("daemon", f"not answering: {exc}", "mcp-brokerd --daemon (or systemctl start mcp-brokerd)")
+            return
+        self.status = status
+        before = len(self.problems)
+        pid = int(status.get("pid", 0))
+        uid = _proc_uid(pid)
+        broker_uid = _uid(BROKER_USER)
+        if uid is not None and uid != broker_uid:
+            self.problem(
+                "daemon",
+                f"mcp-brokerd (pid {pid}) runs as {_name_of_uid(uid)}, not {BROKER_USER}",
+                "restart it: mcp-brokerctl stop && mcp-brokerd --daemon",
+            )
+        if status.get("broker") != "up":
+            self.problem(
+                "daemon", f"broker is {status.get('broker')}", "see the daemon log; check the audit log's disk"
+            )
+        if status.get("audit") != "ok":
+            self.problem("daemon", f"audit log: {status.get('audit')}", f"check {self.paths.audit_log} and its disk")
+        for s in status.get("servers", []):
+            if s.get("state") != "up":
+                reason = f" ({s['reason']})" if s.get("reason") else ""
+                self.problem(
+                    "servers",
+                    f"server {s['name']} is {s['state']}{reason}",
+                    f"check [servers.{s['name']}] and its env file, then mcp-brokerctl reload",
+                )
+        for frozen in status.get("frozen", []) or []:
+            who = frozen.get("caller", frozen) if isinstance(frozen, dict) else frozen
+            self.warning("daemon", f"caller {who} is frozen after repeated denials", f"mcp-brokerctl unfreeze {who}")
+        if status.get("pending_approvals"):
+            self.warning("daemon", f"{status['pending_approvals']} approval(s) pending", "mcp-brokerctl approvals")
+        try:
+            pins = self.admin("pins")
+        except PrivsepError as exc:
+            self.problem("pins", f"cannot list pins: {exc}")
+            pins = []
+        for p in pins:
+            if p.get("state") == "changed":
+                self.problem(
+                    "pins",
+                    f"the definition of {p['action']} changed since it was pinned; calls to it are blocked",
+                    f"review and accept: mcp-brokerctl pins accept {p['action']}",
+                )
+        if len(self.problems) == before:
+            servers = status.get("servers", [])
+            self.ok(
+                "daemon",
+                f"up (pid {pid}, as {BROKER_USER}), audit ok, {len(servers)} server(s) up, "
+                f"{len(pins)} pin(s) unchanged",
+            )
+
+    # --- the agent's side -----------------------------------------------------------------
+
+    def probes(self) -> list[tuple[str, str, str]]:
+        """(how, path, why it must fail) for every access the agent must not have."""
+        p = self.paths
+        out: list[tuple[str, str, str]] = []
+
+        def existing(path: str) -> bool:
+            return os.path.lexists(path)
+
+        for path, why in (
+            (p.broker_toml, "the daemon config"),
+            (p.allowlist, "the allowlist"),
+            (p.audit_log, "the audit log"),
+        ):
+            if existing(path):
+                out.append(("read", path, why))
+        for directory, why in (
+            (p.secrets, "the secrets"),
+            (p.servers_d, "server definitions"),
+            (p.allowlist_d, "per-user allowlists"),
+            (p.state, "the state"),
+            (p.log, "the logs"),
+            (p.run, "the sockets"),
+            (p.gate_cache, "the gate's cache"),
+        ):
+            if existing(directory):
+                out.append(("list", directory, why))
+                try:
+                    names = sorted(os.listdir(directory))
+                except OSError:
+                    names = []
+                for name in names:
+                    full = f"{directory}/{name}"
+                    if os.path.isfile(full) and not os.path.islink(full):
+                        out.append(("read", full, why))
+        for env_file in self._env_files():
+            out.append(("read", env_file, "a server's secrets"))
+        for path, why in ((p.allowlist, "the allowlist"), (p.gate, "the gate command"), (p.mcp, "the mcp command")):
+            if existing(path):
+                out.append(("write", path, why))
+        venv = self.venv()
+        if venv:
+            site = os.path.join(venv, "lib")
+            for d in (venv, os.path.join(venv, "bin"), site):
+                if os.path.isdir(d):
+                    out.append(("create_in", d, "the code"))
+        for directory in (p.etc, p.allowlist_d, p.servers_d):
+            if existing(directory):
+                out.append(("create_in", directory, "the config"))
+        for sock, why in ((p.gate_sock, "gate.sock (only mcp-gate may)"), (p.admin_sock, "admin.sock (root only)")):
+            if existing(sock):
+                out.append(("connect", sock, why))
+        if self.status and self.status.get("pid"):
+            out.append(("signal", str(self.status["pid"]), "the daemon"))
+        # de-duplicate, keep order
+        seen: set[tuple[str, str]] = set()
+        unique = []
+        for how, path, why in out:
+            if (how, path) not in seen:
+                seen.add((how, path))
+                unique.append((how, path, why))
+        return unique
+
+    def check_agent(self, agent: str) -> None:
+        section = f"agent {agent}"
+        before = len(self.problems)
+        probes = self.probes()
+        runuser = shutil.which("runuser") or RUNUSER
+        try:
+            proc = subprocess.run(
+                [runuser, "-u", agent, "--", SYSTEM_PYTHON, "-I", "-S", "-c", PROBE],
+                input=json.dumps([[how, path] for how, path, _why in probes]),
+                capture_output=True,
+                text=True,
+                env=AGENT_ENV,
+                cwd="/",
+                timeout=60,
+                check=False,
+            )
+            err = (proc.stderr or "").strip()
+            results = json.loads(proc.stdout) if proc.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+            results = None
+            err = str(exc)
+        if results is None or len(results) != len(probes):
+            self.problem(section, f"could not run a probe as {agent}: {err[:200]}")
+            return
+        verbs = {
+            "read": "can read",
+            "list": "can list",
+            "write": "can write",
+            "create_in": "can create files in",
+            "connect": "can connect to",
+            "signal": "can signal",
+        }
+        for (how, path, why), got in zip(probes, results, strict=True):
+            if got == "ok":
+                target = f"pid {path}" if how == "signal" else path
+                self.problem(section, f"{agent} {verbs[how]} {target} ({why})", _agent_fix(how, path, self.paths))
+        if self.status is not None:
+            mcp = subprocess.run(
+                [runuser, "-u", agent, "--", self.paths.mcp, "status", "--json"],
+                capture_output=True,
+                text=True,
+                env=AGENT_ENV,
+                cwd="/",
+                timeout=60,
+                check=False,
+            )
+            if mcp.returncode != 0:
+                line = (mcp.stderr.strip().splitlines() or [f"exit {mcp.returncode}"])[-1]
+                self.problem(
+                    section,
+                    f"'mcp status' as {agent} fails (exit {mcp.returncode}): {line}",
+                    f"mcp-brokerctl install --agent {agent}; then mcp-brokerctl doctor again",
+                )
+        if len(self.problems) == before:
+            self.ok(
+                section,
+                f"cannot reach secrets, config, audit, sockets or the daemon ({len(probes)} probes); "
+                + ("'mcp status' works" if self.status is not None else "daemon down, 'mcp status' not tried"),
+            )
+
+
+def _unlocked_users(users: tuple[str, ...]) -> list[str]:
+    """Users of ``users`` whose /etc/shadow password field is a usable hash."""
+    try:
+        with open("/etc/shadow", encoding="utf-8", errors="replace") as fh:
+            fields = {line.split(":", 2)[0]: line.split(":", 2)[1] for line in fh if line.count(":") >= 2}
+    except OSError:
+        return []
+    # an empty field means "no password needed": unlocked too
+    return [u for u in users if u in fields and not fields[u].startswith(("!", "*"))]
+
+
+def _ancestors(path: str) -> list[str]:
+    out = []
+    d = os.path.dirname(path)
+    while d and d != "/":
+        out.append(d)
+        d = os.path.dirname(d)
+    out.append("/")
+    return out
+
+
+def _proc_uid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Uid:"):
+                    return int(line.split()[2])  # effective
+    except OSError:
+        return None
+    return None
+
+
+def _sudoers_why(line: str) -> str:
+    upper = line.upper()
+    if re.search(r"[*?\[\]]", line):
+        return "a wildcard (sudo matches it against the arguments: the gate must be the only judge)"
+    if "SETENV" in upper or "ENV_KEEP" in upper or "ENV_RESET" in upper:
+        return "changes the environment sudo passes (SETENV/env_keep/env_reset)"
+    if upper.startswith("DEFAULTS"):
+        return "a Defaults line"
+    if re.match(r"[#@]include", line):
+        return "an include"
+    if re.search(r"\bALL\s*$", line) or "(ALL" in upper:
+        return "grants ALL"
+    return "not the one expected rule"
+
+
+def _agent_fix(how: str, path: str, paths: Paths) -> str:
+    if how == "connect":
+        return f"chown {BROKER_USER}:{GATE_USER} {paths.run} && chmod 2750 {paths.run}; restart the daemon"
+    if how == "signal":
+        return "the daemon must run as mcp-broker: mcp-brokerctl stop && mcp-brokerd --daemon"
+    if how in ("create_in", "write"):
+        return f"chown root {path} && chmod go-w {path}"
+    return f"chmod o-rwx {path} (and see the files section for its expected owner and mode)"

@@ -1,0 +1,810 @@
+"""``mcp-brokerctl import``: bring existing MCP client configs under the broker.
+
+Reads exactly the one file the operator names (never an editor's config by
+discovery, never anything from the working directory) in one of these shapes:
+
+* an **mcporter** config (``config/mcporter.json`` / ``~/.mcporter/mcporter.json``):
+  JSONC (``//`` and ``/* */`` comments, trailing commas) with ``mcpServers``
+  entries that may use ``baseUrl``/``url``/``serverUrl``, ``command`` as a
+  string or an array, ``executable``, ``args``, ``cwd``, ``env``,
+  ``headers``, ``bearerToken``/``bearerTokenEnv`` and ``${VAR}``,
+  ``${VAR:-fallback}`` or ``$env:VAR`` placeholders;
+* a **Claude Desktop / Cursor** ``mcpServers`` JSON (``command``/``args``/``env``
+  or ``url``/``headers``, optionally ``type``), or VS Code's ``servers``.
+
+Every server becomes a ``[servers.NAME]`` table in
+``servers.d/imported.toml`` (written with tomli-w; an existing server name is
+refused, never overwritten) and one secret env file ``secrets/NAME.env``
+(``mcp-broker`` 0600):
+
+* every ``env`` value goes to the env file, whatever its name (when unsure,
+  a value is a secret);
+* header values that are credentials (the header's name matches
+  TOKEN|KEY|SECRET|PASSWORD|AUTH|CREDENTIAL|COOKIE, or the value is a
+  ``Bearer``/``Basic``/``Token`` credential or looks like a token) go to the
+  env file and the header says ``${VAR}`` instead (``Bearer ${VAR}`` keeps
+  the scheme readable);
+* a URL's password, credential-named query parameters and token-like path
+  segments go the same way;
+* placeholders that referred to the shell environment of whoever ran the
+  client cannot be resolved here (this command does not read its own
+  environment): their keys land in the env file empty, with a TODO;
+* a secret in ``args`` (``--token X``, ``--api-key=X``, ``KEY=X``, a bare
+  token, an env value) is *not* written into args (a command line is
+  readable by every user through /proc): it is moved to the env file and
+  flagged, because the server must then read it from its environment.
+
+The report says what moved where and never prints a secret value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pwd
+import re
+import shlex
+import shutil
+import stat
+import tomllib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+
+import tomli_w
+from pydantic import ValidationError
+
+from broker import admin_edit, config
+from broker.errors import PrivsepError
+from broker.paths import BROKER_USER, Paths
+
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_CANTCREAT = 73
+MAX_INPUT_BYTES = 1024 * 1024
+IMPORTED_NAME = "imported.toml"
+#: where a relative command is looked up: root's secure path, never the caller's PATH
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+SECRET_NAME_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|AUTH|CREDENTIAL|COOKIE|SESSION", re.IGNORECASE)
+_SCHEME_RE = re.compile(r"^(Bearer|Basic|Token|Bot)\s+(\S.*)$", re.IGNORECASE)
+_PLACEHOLDER_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$env:([A-Za-z_][A-Za-z0-9_]*)")
+_TOKEN_PREFIXES = (
+    "sk-",
+    "sk_",
+    "pk_",
+    "rk_",
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "glpat-",
+    "xoxb-",
+    "xoxp-",
+    "xoxa-",
+    "xoxr-",
+    "xapp-",
+    "AKIA",
+    "ASIA",
+    "AIza",
+    "ya29.",
+    "eyJ",
+    "shpat_",
+    "ntn_",
+    "secret_",
+    "lin_api_",
+    "hf_",
+)
+_TOKENISH_RE = re.compile(r"[A-Za-z0-9_\-+/=.~]{20,}")
+_KNOWN_KEYS = {
+    "command",
+    "executable",
+    "args",
+    "cwd",
+    "env",
+    "url",
+    "baseUrl",
+    "base_url",
+    "serverUrl",
+    "server_url",
+    "headers",
+    "bearerToken",
+    "bearer_token",
+    "bearerTokenEnv",
+    "bearer_token_env",
+    "type",
+    "transport",
+    "description",
+    "auth",
+    "allowedTools",
+    "allowed_tools",
+    "blockedTools",
+    "blocked_tools",
+    "disabled",
+}
+
+
+class ImportProblem(PrivsepError):
+    """The input cannot be imported as it is; carries every problem."""
+
+    exit_code = EX_DATAERR
+
+    def __init__(self, message: str, problems: list[str] | None = None, exit_code: int = EX_DATAERR) -> None:
+        super().__init__(message, exit_code)
+        self.problems = problems if problems is not None else [message]
+
+
+# --- recognising secrets --------------------------------------------------------------
+
+
+def _entropy(text: str) -> float:
+    counts = Counter(text)
+    return -sum(c / len(text) * math.log2(c / len(text)) for c in counts.values())
+
+
+def looks_like_token(value: str) -> bool:
+    """Heuristic: a known credential prefix, or a long high-entropy word that is not a path or a name."""
+    v = value.strip()
+    if len(v) >= 12 and v.startswith(_TOKEN_PREFIXES):
+        return True
+    if not _TOKENISH_RE.fullmatch(v) or v.startswith(("/", "./", "../", "~")):
+        return False
+    segments = [part for part in re.split(r"[-_./+=~]", v) if part]
+    if all(part.isalpha() or part.isdigit() for part in segments):
+        return False  # words and numbers joined: package names, hosts, dates, versions
+    digits = sum(c.isdigit() for c in v)
+    letters = sum(c.isalpha() for c in v)
+    return digits >= 2 and letters >= 2 and _entropy(v) >= 3.5
+
+
+def secret_name(name: str) -> bool:
+    """Whether a header, env, flag or query key names a credential."""
+    return bool(SECRET_NAME_RE.search(name))
+
+
+def env_key(name: str) -> str:
+    """An env-file key from any name: upper case, [A-Z0-9_], not starting with a digit."""
+    key = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_").upper() or "SECRET"
+    return "_" + key if key[0].isdigit() else key
+
+
+# --- reading --------------------------------------------------------------------------
+
+
+def strip_jsonc(text: str) -> tuple[str, bool]:
+    """Remove // and /* */ comments and trailing commas outside strings; (json, whether any was found)."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    found = False
+    in_str = False
+    while i < n:
+        ch = text[i]
+        if in_str:
+            out.append(ch)
+            if ch == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 2
+                continue
+            if ch == '"':
+                in_str = False
+            i += 1
+            continue
+        if ch == '"':
+            in_str = True
+            out.append(ch)
+            i += 1
+        elif text.startswith("//", i):
+            found = True
+            while i < n and text[i] != "\n":
+                i += 1
+        elif text.startswith("/*", i):
+            found = True
+            end = text.find("*/", i + 2)
+            if end < 0:
+                raise ImportProblem("unterminated /* comment")
+            out.append(" ")
+            i = end + 2
+        elif ch == ",":
+            j = i + 1
+            while j < n and text[j] in " \t\r\n":
+                j += 1
+            if j < n and text[j] in "}]":
+                found = True
+                i += 1
+            elif text.startswith(("//", "/*"), j):
+                # a comment between the comma and a closing bracket: look past it
+                rest, _f = strip_jsonc(text[j:])
+                stripped = rest.lstrip()
+                if stripped[:1] in ("}", "]"):
+                    found = True
+                    i += 1
+                else:
+                    out.append(ch)
+                    i += 1
+            else:
+                out.append(ch)
+                i += 1
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out), found
+
+
+def read_config(path: str) -> tuple[dict[str, Any], str]:
+    """Parse the named file; return (the server entries by name, a description of the format)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImportProblem(f"{path}: cannot open: {exc.strerror}", exit_code=EX_NOINPUT) from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise ImportProblem(f"{path}: not a regular file", exit_code=EX_NOINPUT)
+        data = fh.read(MAX_INPUT_BYTES + 1)
+    if len(data) > MAX_INPUT_BYTES:
+        raise ImportProblem(f"{path}: larger than {MAX_INPUT_BYTES} bytes; not an MCP client config")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ImportProblem(f"{path}: not valid UTF-8") from None
+    try:
+        doc = json.loads(text)
+        jsonc = False
+    except json.JSONDecodeError:
+        try:
+            doc = json.loads(strip_jsonc(text)[0])
+        except (json.JSONDecodeError, ImportProblem) as exc:
+            raise ImportProblem(f"{path}: not JSON or JSONC: {exc}") from None
+        jsonc = True
+    if not isinstance(doc, dict):
+        raise ImportProblem(f"{path}: expected a JSON object with 'mcpServers'")
+    key = "mcpServers" if "mcpServers" in doc else "servers" if "servers" in doc else None
+    if key is None or not isinstance(doc[key], dict):
+        raise ImportProblem(f"{path}: no 'mcpServers' object (expected an mcporter, Claude Desktop or Cursor config)")
+    mcporter_keys = {"imports", "daemonIdleTimeoutMs", "daemon_idle_timeout_ms"}
+    entry_keys = {k for e in doc[key].values() if isinstance(e, dict) for k in e}
+    mcporter = (
+        jsonc
+        or bool(mcporter_keys & set(doc))
+        or bool(entry_keys & {"baseUrl", "base_url", "bearerToken", "bearerTokenEnv", "executable", "lifecycle"})
+    )
+    fmt = (
+        "mcporter config (JSONC)"
+        if mcporter
+        else "VS Code 'servers' JSON"
+        if key == "servers"
+        else ("Claude Desktop / Cursor 'mcpServers' JSON")
+    )
+    notes = []
+    if "imports" in doc:
+        notes.append(
+            "top-level 'imports' "
+            f"({', '.join(map(str, doc['imports'])) if isinstance(doc['imports'], list) else doc['imports']}): "
+            "not followed; mcp-privsep never reads editor configs by itself: import each file explicitly"
+        )
+    return {"servers": doc[key], "notes": notes}, fmt
+
+
+# --- converting -------------------------------------------------------------------------
+
+
+@dataclass
+class EnvEntry:
+    key: str
+    value: str
+    origin: str
+    todo: bool = False
+
+
+@dataclass
+class ImportedServer:
+    """One server as it will be written, and what happened to its parts."""
+
+    name: str
+    original: str
+    transport: str
+    table: dict[str, Any] = field(default_factory=dict)
+    env: list[EnvEntry] = field(default_factory=list)
+    moves: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    todos: list[str] = field(default_factory=list)
+    suggest_allow: list[str] = field(default_factory=list)
+
+    def _unique_key(self, key: str) -> str:
+        taken = {e.key for e in self.env}
+        if key not in taken:
+            return key
+        n = 2
+        while f"{key}_{n}" in taken:
+            n += 1
+        return f"{key}_{n}"
+
+    def add_env(self, key: str, value: str, origin: str, todo: bool = False, reuse: bool = False) -> str:
+        for e in self.env:
+            if reuse and e.key == key:
+                return key
+            if e.value == value and value and not todo and not e.todo:
+                return e.key  # the same secret twice: one entry
+        key = self._unique_key(key)
+        self.env.append(EnvEntry(key, value, origin, todo))
+        return key
+
+    def secret_values(self) -> list[str]:
+        return [e.value for e in self.env if e.value]
+
+
+@dataclass
+class ImportPlan:
+    """Everything ``import`` would write, with its report."""
+
+    source: str
+    format: str
+    toml_path: str
+    servers: list[ImportedServer] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def document(self, existing: dict[str, Any] | None = None) -> dict[str, Any]:
+        doc: dict[str, Any] = dict(existing or {})
+        servers = dict(doc.get("servers", {}))
+        for s in self.servers:
+            servers[s.name] = s.table
+        doc["servers"] = servers
+        return doc
+
+
+def _placeholders(value: str, server: ImportedServer, where: str) -> str:
+    """Turn mcporter/shell placeholders into ``${KEY}`` backed by the env file."""
+
+    def repl(m: re.Match[str]) -> str:
+        var = m.group(1) or m.group(3)
+        fallback = m.group(2)
+        key = env_key(var)
+        if fallback is not None and fallback != "":
+            key = server.add_env(key, fallback, f"{where} (${{{var}:-...}} default)", reuse=True)
+        else:
+            existing = next((e for e in server.env if e.key == key), None)
+            if existing is None:
+                server.add_env(key, "", where, todo=True)
+                server.todos.append(
+                    f"{where}: ${{{var}}} came from the environment of whoever ran the client; "
+                    f"put its value in the env file as {key}=..."
+                )
+        return "${" + key + "}"
+
+    return _PLACEHOLDER_RE.sub(repl, value)
+
+
+def _header(server: ImportedServer, name: str, value: str, env_file: str) -> str:
+    where = f"header {name}"
+    if _PLACEHOLDER_RE.search(value):
+        converted = _placeholders(value, server, where)
+        server.moves.append(f"{where}: placeholder(s) -> ${{...}} from {env_file}")
+        return converted
+    credential = (
+        secret_name(name)
+        or name.lower() in ("authorization", "proxy-authorization", "cookie")
+        or bool(_SCHEME_RE.match(value))
+        or looks_like_token(value)
+    )
+    if not credential:
+        server.moves.append(f"{where}: not a credential; kept in the TOML as is")
+        return value
+    scheme = _SCHEME_RE.match(value)
+    if scheme:
+        base = "BEARER_TOKEN" if scheme.group(1).lower() == "bearer" else env_key(f"{name}_{scheme.group(1)}")
+        key = server.add_env(base, scheme.group(2).strip(), where)
+        server.moves.append(f"{where}: credential -> {env_file} as {key}; TOML says '{scheme.group(1)} ${{{key}}}'")
+        return f"{scheme.group(1)} ${{{key}}}"
+    key = server.add_env(env_key(name), value, where)
+    server.moves.append(f"{where}: credential -> {env_file} as {key}; TOML says '${{{key}}}'")
+    return "${" + key + "}"
+
+
+def _url(server: ImportedServer, url: str, env_file: str) -> str:
+    if _PLACEHOLDER_RE.search(url):
+        url = _placeholders(url, server, "url")
+        server.moves.append(f"url: placeholder(s) -> ${{...}} from {env_file}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ImportProblem(f"url {parts.scheme or '(none)'}:// is not http:// or https://")
+    netloc = parts.netloc
+    if parts.password and not _PLACEHOLDER_RE.fullmatch(parts.password):
+        key = server.add_env("URL_PASSWORD", parts.password, "url password")
+        host = netloc.rpartition("@")[2]
+        netloc = f"{parts.username}:${{{key}}}@{host}"
+        server.moves.append(f"url: password -> {env_file} as {key}")
+    path_segments = parts.path.split("/")
+    for i, seg in enumerate(path_segments):
+        if seg and not seg.startswith("${") and looks_like_token(seg):
+            key = server.add_env("URL_PATH_TOKEN", seg, "url path")
+            path_segments[i] = "${" + key + "}"
+            server.moves.append(f"url: token-like path segment -> {env_file} as {key}")
+    query = []
+    moved = False
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        if v and not v.startswith("${") and (secret_name(k) or looks_like_token(v)):
+            key = server.add_env(env_key(f"URL_{k}"), v, f"url query {k}")
+            query.append(f"{quote(k, safe='')}=${{{key}}}")
+            server.moves.append(f"url: query parameter {k} -> {env_file} as {key}")
+            moved = True
+        else:
+            query.append(f"{quote(k, safe='')}={quote(v, safe='${}')}" if v else quote(k, safe=""))
+    new_query = "&".join(query) if moved else parts.query
+    return urlunsplit((parts.scheme, netloc, "/".join(path_segments), new_query, parts.fragment))
+
+
+def _command(raw: dict[str, Any], base_dir: str) -> tuple[str, list[str]]:
+    value = raw.get("command", raw.get("executable"))
+    args = raw.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise ImportProblem("'args' must be a list of strings")
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, str) for v in value):
+            raise ImportProblem("'command' as a list must hold strings")
+        return value[0], [*value[1:], *args]
+    if not isinstance(value, str) or not value.strip():
+        raise ImportProblem("'command' must be a non-empty string")
+    if not args and " " in value.strip() and not os.path.isfile(os.path.join(base_dir, os.path.expanduser(value))):
+        try:
+            tokens = shlex.split(value)
+        except ValueError as exc:
+            raise ImportProblem(f"'command' does not parse as a command line: {exc}") from None
+        return tokens[0], tokens[1:]
+    return value, list(args)
+
+
+_FLAG_RE = re.compile(r"^(--?[A-Za-z0-9][A-Za-z0-9_.-]*)(?:=(.*))?$", re.DOTALL)
+_KV_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.+)$", re.DOTALL)
+
+
+def _args(server: ImportedServer, args: list[str], env_file: str, env_values: list[str]) -> list[str]:
+    """Args with every secret taken out (moved to the env file and flagged)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        where = f"args[{i}]"
+        flag = _FLAG_RE.match(arg)
+        kv = _KV_RE.match(arg)
+        if _PLACEHOLDER_RE.search(arg):
+            _placeholders(arg, server, where)
+            server.warnings.append(
+                f"{where} used a placeholder ({arg}): the broker never puts values into args (command lines "
+                f"are readable by every user); removed from args; its key is in {env_file} -- make the server "
+                "read it from its environment"
+            )
+            i += 1
+            continue
+        value = flag.group(2) if flag else None
+        if flag and value and (secret_name(flag.group(1)) or looks_like_token(value)):
+            key = server.add_env(env_key(flag.group(1)), value, where)
+            server.warnings.append(_arg_warning(where, f"{flag.group(1)}=...", key, env_file))
+            i += 1
+            continue
+        if (
+            flag
+            and flag.group(2) is None
+            and secret_name(flag.group(1))
+            and i + 1 < len(args)
+            and not args[i + 1].startswith("-")
+        ):
+            key = server.add_env(env_key(flag.group(1)), args[i + 1], f"args[{i + 1}]")
+            server.warnings.append(_arg_warning(f"args[{i}..{i + 1}]", f"{flag.group(1)} ...", key, env_file))
+            i += 2
+            continue
+        if kv and (secret_name(kv.group(1)) or looks_like_token(kv.group(2))):
+            key = server.add_env(env_key(kv.group(1)), kv.group(2), where)
+            server.warnings.append(_arg_warning(where, f"{kv.group(1)}=...", key, env_file))
+            i += 1
+            continue
+        if looks_like_token(arg) or any(len(v) >= 4 and v in arg for v in env_values):
+            key = server.add_env(f"ARG_{i}", arg, where)
+            server.warnings.append(_arg_warning(where, "a token-like value", key, env_file))
+            i += 1
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _arg_warning(where: str, what: str, key: str, env_file: str) -> str:
+    return (
+        f"{where} held a secret ({what}): NOT written into args (command lines are readable by every user); "
+        f"moved to {env_file} as {key} -- the server must read it from its environment, check its docs"
+    )
+
+
+def convert(name: str, original: str, raw: Any, paths: Paths, base_dir: str) -> ImportedServer:
+    """One client-config entry as a broker server table plus its env file entries."""
+    if not isinstance(raw, dict):
+        raise ImportProblem("expected an object")
+    env_file = f"{paths.secrets}/{name}.env"
+    short_env = f"secrets/{name}.env"
+    kind = str(raw.get("type") or raw.get("transport") or "").lower()
+    url = next((raw[k] for k in ("url", "baseUrl", "base_url", "serverUrl", "server_url") if k in raw), None)
+    has_cmd = "command" in raw or "executable" in raw
+    if url is not None and has_cmd:
+        raise ImportProblem("has both a URL and a command")
+    server = ImportedServer(name, original, "http" if url is not None else "stdio")
+    auth = raw.get("auth")
+    if isinstance(auth, str) and auth.lower() in ("oauth", "refreshable_bearer"):
+        raise ImportProblem(
+            f"uses auth '{auth}': the broker has no interactive OAuth; get a long-lived token and use a "
+            "bearer header, or leave this server out with --skip"
+        )
+    if raw.get("disabled") is True:
+        server.warnings.append(
+            "was disabled in the client config; imported anyway (allow none of its tools to keep it idle)"
+        )
+    for key in sorted(set(raw) - _KNOWN_KEYS):
+        server.moves.append(f"{key}: ignored (no broker equivalent)")
+    if url is not None:
+        if not isinstance(url, str):
+            raise ImportProblem("'url' must be a string")
+        if kind == "sse" or urlsplit(url).path.rstrip("/").endswith("/sse"):
+            server.warnings.append(
+                "looks like an SSE endpoint; the broker speaks streamable HTTP only (often the same server at /mcp)"
+            )
+        headers_raw = dict(raw.get("headers") or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers_raw.items()):
+            raise ImportProblem("'headers' must map strings to strings")
+        token = raw.get("bearerToken", raw.get("bearer_token"))
+        token_env = raw.get("bearerTokenEnv", raw.get("bearer_token_env"))
+        if isinstance(token, str) and token:
+            headers_raw["Authorization"] = f"Bearer {token}"
+        if isinstance(token_env, str) and token_env:
+            headers_raw["Authorization"] = f"Bearer ${{{token_env}}}"
+        server.table["url"] = _url(server, url, short_env)
+        headers = {k: _header(server, k, v, short_env) for k, v in headers_raw.items() if k.lower() != "accept"}
+        if headers:
+            server.table["headers"] = headers
+        if raw.get("env"):
+            server.moves.append("env: ignored for an HTTP server (it has no process of its own)")
+    else:
+        if not has_cmd:
+            raise ImportProblem("has neither a URL nor a command")
+        command, args = _command(raw, base_dir)
+        env = raw.get("env") or {}
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise ImportProblem("'env' must map strings to strings")
+        for k, v in env.items():
+            if not config.ENV_KEY_RE.fullmatch(k):
+                raise ImportProblem(f"env key {k!r} is not a valid variable name")
+            if _PLACEHOLDER_RE.search(v):
+                if _PLACEHOLDER_RE.fullmatch(v):
+                    m = _PLACEHOLDER_RE.fullmatch(v)
+                    assert m is not None
+                    var, fallback = m.group(1) or m.group(3), m.group(2)
+                    if fallback:
+                        server.env.append(EnvEntry(k, fallback, f"env {k} (default of ${{{var}}})"))
+                        server.moves.append(f"env {k}: default value -> {short_env}")
+                    else:
+                        server.env.append(EnvEntry(k, "", f"env {k}", todo=True))
+                        server.todos.append(
+                            f"env {k} was ${{{var}}} from the environment of whoever ran the client: "
+                            f"put its value in {short_env}"
+                        )
+                else:
+                    server.env.append(EnvEntry(k, "", f"env {k}", todo=True))
+                    server.todos.append(f"env {k} mixes text and placeholders ({v!r}): write its value in {short_env}")
+                continue
+            server.env.append(EnvEntry(k, v, f"env {k}"))
+            kind_text = "credential" if secret_name(k) or looks_like_token(v) else "value (env values always go there)"
+            server.moves.append(f"env {k}: {kind_text} -> {short_env}")
+        resolved = command
+        if not command.startswith("/"):
+            expanded = os.path.expanduser(command) if command.startswith("~") else command
+            if "/" in expanded and not expanded.startswith("/"):
+                expanded = os.path.normpath(os.path.join(base_dir, expanded))
+            found = expanded if expanded.startswith("/") else shutil.which(expanded, path=SAFE_PATH)
+            if found is None:
+                raise ImportProblem(
+                    f"command {command!r} is not in {SAFE_PATH}: install it there, or write an absolute path"
+                )
+            resolved = found
+            server.moves.append(f"command {command!r} -> {resolved} (the broker runs absolute paths only)")
+        if os.path.basename(resolved) in ("npx", "uvx", "bunx", "pnpx", "pipx"):
+            server.warnings.append(
+                f"{os.path.basename(resolved)} fetches code at every start, as mcp-broker: pin a version, "
+                "or better install the server and point 'command' at it"
+            )
+        server.table["command"] = resolved
+        server.table["args"] = _args(server, args, short_env, [e.value for e in server.env if e.value])
+        cwd = raw.get("cwd")
+        if isinstance(cwd, str) and cwd:
+            path = os.path.expanduser(cwd)
+            path = os.path.normpath(os.path.join(base_dir, path))
+            server.table["cwd"] = path
+            server.warnings.append(f"cwd {path}: mcp-broker must be able to enter it")
+    server.table["env_file"] = env_file
+    for key in ("allowedTools", "allowed_tools"):
+        tools = raw.get(key)
+        if isinstance(tools, list):
+            server.suggest_allow = [f"{name}.{t}" for t in tools if isinstance(t, str)]
+    if raw.get("blockedTools") or raw.get("blocked_tools"):
+        server.moves.append("blockedTools: nothing to do: every tool is denied until you allow it")
+    for e in server.env:
+        if "\n" in e.value or "\r" in e.value or "\0" in e.value:
+            raise ImportProblem(f"{e.origin}: a value with a line break cannot go into an env file")
+    return server
+
+
+def existing_servers(paths: Paths) -> dict[str, str]:
+    """Server names already defined, with their file (read leniently, TOML only)."""
+    files = [paths.broker_toml]
+    with contextlib.suppress(FileNotFoundError):
+        files += [
+            f"{paths.servers_d}/{n}"
+            for n in sorted(os.listdir(paths.servers_d))
+            if n.endswith(".toml") and not n.startswith(".")
+        ]
+    found: dict[str, str] = {}
+    for path in files:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except FileNotFoundError:
+            continue
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ImportProblem(f"{path}: cannot read it to check server names: {exc}", exit_code=78) from None
+        servers = doc.get("servers")
+        if isinstance(servers, dict):
+            for name in servers:
+                found.setdefault(name, path)
+    return found
+
+
+def plan(path: str, paths: Paths, name_prefix: str = "", skip: tuple[str, ...] = ()) -> ImportPlan:
+    """Read ``path`` and work out everything to write; raise with every problem found."""
+    doc, fmt = read_config(path)
+    base_dir = os.path.dirname(os.path.abspath(path))
+    result = ImportPlan(source=path, format=fmt, toml_path=f"{paths.servers_d}/{IMPORTED_NAME}")
+    result.notes.extend(doc["notes"])
+    existing = existing_servers(paths)
+    problems: list[str] = []
+    taken: dict[str, str] = {}
+    if not doc["servers"]:
+        raise ImportProblem(f"{path}: no servers in it")
+    unknown_skips = set(skip) - set(doc["servers"])
+    if unknown_skips:
+        problems.append(f"--skip {', '.join(sorted(unknown_skips))}: no such server in {path}")
+    for original, raw in doc["servers"].items():
+        if original in skip:
+            result.notes.append(f"{original}: skipped (--skip)")
+            continue
+        name = name_prefix + original
+        if not config.NAME_RE.fullmatch(name):
+            clean = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "server"
+            result.notes.append(f"{original}: renamed to {clean} (server names are [A-Za-z0-9_-]+)")
+            name = clean
+        if name in existing:
+            problems.append(
+                f"{original}: a server named {name} already exists in {existing[name]}; not overwriting it "
+                "(use --name-prefix, or --skip it)"
+            )
+            continue
+        if name in taken:
+            problems.append(f"{original}: becomes {name}, like {taken[name]}")
+            continue
+        taken[name] = original
+        env_path = f"{paths.secrets}/{name}.env"
+        if os.path.lexists(env_path):
+            problems.append(f"{original}: {env_path} already exists; not overwriting a secret file")
+            continue
+        try:
+            server = convert(name, original, raw, paths, base_dir)
+            config.ServerSpec.model_validate(server.table)
+        except ImportProblem as exc:
+            problems.append(f"{original}: {exc.message}")
+            continue
+        except ValidationError as exc:
+            problems.extend(f"{original}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            continue
+        result.servers.append(server)
+    if problems:
+        raise ImportProblem(f"{path}: {len(problems)} problem(s); nothing written", problems)
+    rendered = toml_text(result)
+    for server in result.servers:
+        for value in server.secret_values():
+            if len(value) >= 4 and value in rendered:
+                raise ImportProblem(
+                    f"{server.original}: a secret value would end up in the TOML; refusing", exit_code=70
+                )
+    return result
+
+
+def env_text(server: ImportedServer, source: str) -> str:
+    lines = [
+        f"# secrets of server {server.name}, imported by 'mcp-brokerctl import' from {source}",
+        "# KEY=VALUE lines; mcp-broker 0600. Every value here is redacted from what agents see.",
+    ]
+    for e in server.env:
+        lines.append(f"# from {e.origin}" + (": TODO fill in" if e.todo else ""))
+        lines.append(f"{e.key}={_env_value(e.value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _env_value(value: str) -> str:
+    if value == "" or (
+        value == value.strip() and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"")
+    ):
+        return value
+    return f'"{value}"'  # the reader strips exactly one pair of matching quotes, nothing else
+
+
+def toml_text(result: ImportPlan, existing: dict[str, Any] | None = None) -> str:
+    header = (
+        "# Servers imported by 'mcp-brokerctl import'; owner root:mcp-broker 0640.\n"
+        "# Secrets are not here: each server's env_file holds them, and ${VAR} refers to it.\n\n"
+    )
+    return header + tomli_w.dumps(result.document(existing))
+
+
+def write(result: ImportPlan, paths: Paths) -> list[str]:
+    """Write the env files (new only) and merge the servers into ``servers.d/imported.toml``."""
+    try:
+        broker = pwd.getpwnam(BROKER_USER)
+    except KeyError:
+        raise ImportProblem(
+            f"user {BROKER_USER} does not exist; run 'mcp-brokerctl install' first", exit_code=78
+        ) from None
+    for d in (paths.servers_d, paths.secrets):
+        if not os.path.isdir(d):
+            raise ImportProblem(f"{d}: missing; run 'mcp-brokerctl install' first", exit_code=78)
+    written: list[str] = []
+    created: list[str] = []
+    try:
+        with admin_edit.locked_dir(paths.servers_d):
+            existing: dict[str, Any] = {}
+            if os.path.exists(result.toml_path):
+                with open(result.toml_path, "rb") as fh:
+                    existing = tomllib.load(fh)
+                clash = set(existing.get("servers", {})) & {s.name for s in result.servers}
+                if clash:
+                    raise ImportProblem(f"{result.toml_path}: already defines {', '.join(sorted(clash))}")
+            for server in result.servers:
+                env_path = str(server.table["env_file"])
+                fd = os.open(env_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                created.append(env_path)
+                with os.fdopen(fd, "w", encoding="utf-8") as out:
+                    out.write(env_text(server, result.source))
+                    out.flush()
+                    os.fchown(out.fileno(), broker.pw_uid, broker.pw_gid)
+                    os.fchmod(out.fileno(), 0o600)
+                    os.fsync(out.fileno())
+                written.append(f"{env_path} ({BROKER_USER} 0600)")
+            text = toml_text(result, existing)
+
+            def validate(back: bytes) -> None:
+                config.FileModel.model_validate(tomllib.loads(back.decode()))
+
+            admin_edit.atomic_replace(result.toml_path, text.encode(), 0, broker.pw_gid, 0o640, validate)
+            written.append(f"{result.toml_path} (root:{BROKER_USER} 0640)")
+    except BaseException:
+        for p in created:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        raise
+    return written
+
+
+def report(result: ImportPlan) -> list[str]:
+    """What goes where, one line each; never a secret value."""
+    lines = [f"import: {result.source} ({result.format}), {len(result.servers)} server(s)"]
+    lines.extend(f"note: {n}" for n in result.notes)
+    for s in result.servers:
+        renamed = f" (was {s.original})" if s.original != s.name else ""
+        lines.append(f"server {s.name}{renamed} [{s.transport}] -> {IMPORTED_NAME}, secrets/{s.name}.env")
+        lines.extend(f"  {m}" for m in s.moves)
+        lines.extend(f"  WARNING: {w}" for w in s.warnings)
+        lines.extend(f"  TODO: {t}" for t in s.todos)
+        if s.suggest_allow:
+            lines.append(
+                "  the client allowed only some tools; to allow them here: mcp-brokerctl allow "
+                + " ".join(s.suggest_allow)
+            )
+    return lines

@@ -1,0 +1,1 @@
+"""The confined file share: a bundled MCP server over read-only and read-write roots."""

@@ -1,0 +1,224 @@
+"""The files server behind the real broker, attacked by the agent through sudo.
+
+A read-only root (owned by root) and a read-write root (owned by
+mcp-broker) are configured through ``servers.d/files.toml``. Next to them
+lies ``outside``: owned by mcp-broker and readable and writable by it, so any
+confinement bug would really leak or write there. As the agent: reading the
+read-only root and writing the read-write one work (the file on disk belongs
+to mcp-broker); every escape (``..``, an absolute path, a link planted by
+root, a write to the read-only root, a FIFO, a device) fails with one clear
+line, exit 1, no host path, and leaves an audit record naming the tool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import stat
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.harness import ALLOWLIST, PYTHON, Installation, write
+
+MARK = "FILES-E2E-OUTSIDE-SECRET"
+FILES_TOOLS = ["roots", "list", "stat", "read", "search", "write", "append", "mkdir", "move", "delete"]
+FILES_ALLOWLIST = ALLOWLIST + "".join(f"files.{t}\n" for t in FILES_TOOLS)
+
+
+class Share:
+    """Host paths of the three trees (the agent must never see any of them)."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.ro = f"{base}/ro"
+        self.rw = f"{base}/rw"
+        self.outside = f"{base}/outside"
+        self.device = False
+
+
+def _tree(top: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in [".", *dirnames, *filenames]:
+            path = os.path.normpath(os.path.join(dirpath, name))
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as fh:
+                    out[path] = ("file", fh.read(), st.st_mtime_ns)
+            elif stat.S_ISLNK(st.st_mode):
+                out[path] = ("link", os.readlink(path))
+            else:
+                out[path] = ("other", st.st_mode, st.st_mtime_ns)
+    return out
+
+
+def _wait_up(inst: Installation, name: str, up: bool = True) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        r = inst.ctl("status", "--json")
+        if r.code == 0:
+            states = {s["name"]: s["state"] for s in json.loads(r.out)["servers"]}
+            if (states.get(name) == "up") == up:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"files server not {'up' if up else 'gone'}: {inst.log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def share(inst: Installation) -> Iterator[Share]:
+    broker = pwd.getpwnam("mcp-broker")
+    s = Share(f"{inst.root}/files-share")
+    toml = f"{inst.paths.servers_d}/files.toml"
+    try:
+        os.makedirs(s.base, mode=0o755)
+        os.chmod(s.base, 0o755)
+        # the read-only root: root's files, readable by mcp-broker, with a FIFO, a device and links out
+        os.makedirs(f"{s.ro}/docs", mode=0o755)
+        write(f"{s.ro}/docs/hello.txt", "hello from the NAS\n")
+        os.mkfifo(f"{s.ro}/fifo", 0o644)
+        with contextlib.suppress(OSError):
+            os.mknod(f"{s.ro}/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+            s.device = True
+        os.symlink("/etc", f"{s.ro}/etc")
+        os.symlink("../outside", f"{s.ro}/up")
+        # outside: owned by mcp-broker, so an escape would really succeed
+        os.makedirs(s.outside, mode=0o755)
+        write(f"{s.outside}/secret.txt", f"{MARK}\n", broker.pw_uid, broker.pw_gid, 0o644)
+        os.chown(s.outside, broker.pw_uid, broker.pw_gid)
+        # the read-write root, owned by mcp-broker, with links planted by root pointing out
+        os.makedirs(s.rw, mode=0o755)
+        os.chown(s.rw, broker.pw_uid, broker.pw_gid)
+        os.symlink(s.outside, f"{s.rw}/escape")
+        os.symlink(f"{s.outside}/secret.txt", f"{s.rw}/secret-link")
+        for p in (s.ro, f"{s.ro}/docs"):
+            os.chmod(p, 0o755)
+        write(
+            toml,
+            f"""
+[servers.files]
+command = "{PYTHON}"
+args = ["-m", "mcp_servers.files", "--root", "nas={s.ro}:ro", "--root", "inbox={s.rw}:rw"]
+""",
+            0,
+            broker.pw_gid,
+            0o640,
+        )
+        inst.ctl("reload", check=True)
+        _wait_up(inst, "files")
+        yield s
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(toml)
+        with contextlib.suppress(Exception):
+            inst.ctl("reload", check=True)
+            _wait_up(inst, "files", up=False)
+        shutil.rmtree(s.base, ignore_errors=True)
+
+
+@pytest.fixture
+def files(live: Installation, share: Share) -> Iterator[Installation]:
+    live.set_allowlist(FILES_ALLOWLIST)
+    yield live
+
+
+def _audit(inst: Installation) -> list[dict[str, Any]]:
+    with open(inst.paths.audit_log, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _clean(inst: Installation, share: Share, text: str) -> None:
+    assert share.base not in text and inst.root not in text, text
+    assert MARK not in text, text
+
+
+def test_agent_reads_the_ro_root_and_writes_the_rw_root(files: Installation, share: Share) -> None:
+    roots = files.mcp("call", "files.roots", "--json")
+    assert roots.code == 0, roots
+    assert json.loads(roots.out)["structured_content"]["roots"] == [
+        {"name": "nas", "mode": "ro"},
+        {"name": "inbox", "mode": "rw"},
+    ]
+    r = files.mcp("call", "files.read", "root=nas", "path=docs/hello.txt", "--json")
+    assert r.code == 0, r
+    assert json.loads(r.out)["structured_content"]["content"] == "hello from the NAS\n"
+    assert files.mcp("call", "files.mkdir", "root=inbox", "path=notes").code == 0
+    r = files.mcp("call", "files.write", "root=inbox", "path=notes/todo.txt", "content=buy milk")
+    assert r.code == 0, r
+    r = files.mcp("call", "files.append", "root=inbox", "path=notes/todo.txt", "content=\nand bread")
+    assert r.code == 0, r
+    on_disk = f"{share.rw}/notes/todo.txt"
+    st = os.lstat(on_disk)
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == pwd.getpwnam("mcp-broker").pw_uid
+    with open(on_disk, encoding="utf-8") as fh:
+        assert fh.read() == "buy milk\nand bread"
+    listing = files.mcp("call", "files.list", "root=inbox", "--json")
+    names = {e["name"]: e["type"] for e in json.loads(listing.out)["structured_content"]["entries"]}
+    assert names == {"escape": "symlink", "secret-link": "symlink", "notes": "directory"}
+    found = files.mcp("call", "files.search", "root=inbox", "contains=bread", "--json")
+    assert json.loads(found.out)["structured_content"]["results"] == [
+        {"path": "notes/todo.txt", "line": 2, "text": "and bread"}
+    ]
+    for r in (roots, listing, found):
+        _clean(files, share, r.out + r.err)
+    # the read tools are marked read-only for 'allow --read-only' and policy (either spelling of the key)
+    for tool, key, want in (("read", "readOnlyHint", True), ("delete", "destructiveHint", True)):
+        ann = json.loads(files.mcp("describe", f"files.{tool}", "--json").out)["annotations"]
+        snake = "".join("_" + c.lower() if c.isupper() else c for c in key)
+        assert ann.get(key, ann.get(snake)) is want, ann
+
+
+def test_every_escape_fails_clearly_and_is_audited(files: Installation, share: Share) -> None:
+    attempts: list[tuple[str, list[str], str]] = [
+        ("read", ["root=nas", "path=../outside/secret.txt"], "'..' is refused"),
+        ("read", ["root=nas", "path=docs/../../outside/secret.txt"], "'..' is refused"),
+        ("read", ["root=nas", f"path={share.outside}/secret.txt"], "absolute paths are refused"),
+        ("read", ["root=nas", "path=etc/passwd"], "nas:etc: is a symbolic link"),
+        ("read", ["root=nas", "path=up/secret.txt"], "nas:up: is a symbolic link"),
+        ("list", ["root=nas", "path=up"], "nas:up: is a symbolic link"),
+        ("search", ["root=nas", "path=etc", "name=passwd"], "nas:etc: is a symbolic link"),
+        ("read", ["root=inbox", "path=escape/secret.txt"], "inbox:escape: is a symbolic link"),
+        ("read", ["root=inbox", "path=secret-link"], "inbox:secret-link: is a symbolic link"),
+        ("write", ["root=inbox", "path=escape/pwned.txt", "content=x"], "inbox:escape: is a symbolic link"),
+        ("write", ["root=inbox", "path=secret-link", "content=x", "overwrite=true"], "is a symbolic link"),
+        ("append", ["root=inbox", "path=secret-link", "content=x"], "inbox:secret-link: is a symbolic link"),
+        ("mkdir", ["root=inbox", "path=escape/newdir", "parents=true"], "inbox:escape: is a symbolic link"),
+        ("move", ["root=inbox", "src=escape/secret.txt", "dst=stolen.txt"], "inbox:escape: is a symbolic link"),
+        ("move", ["root=inbox", "src=secret-link", "dst=../stolen"], "'..' is refused"),
+        ("delete", ["root=inbox", "path=escape/secret.txt"], "inbox:escape: is a symbolic link"),
+        ("write", ["root=nas", "path=new.txt", "content=x"], "root 'nas' is read-only: write is refused"),
+        ("delete", ["root=nas", "path=docs/hello.txt"], "root 'nas' is read-only: delete is refused"),
+        ("mkdir", ["root=nas", "path=newdir"], "root 'nas' is read-only: mkdir is refused"),
+        ("read", ["root=nas", "path=fifo"], "nas:fifo: is a fifo; only regular files and directories are served"),
+        ("read", ["root=etc", "path=passwd"], "unknown root 'etc'"),
+    ]
+    if share.device:
+        attempts.append(("read", ["root=nas", "path=null"], "nas:null: is a character device; only regular"))
+    outside, ro = _tree(share.outside), _tree(share.ro)
+    before = len(_audit(files))
+    for tool, argv, message in attempts:
+        started = time.monotonic()
+        r = files.mcp("call", f"files.{tool}", *argv, timeout=30)
+        assert r.code == 1, (tool, argv, r)
+        said = r.out + r.err
+        assert message in said, (tool, argv, said)
+        assert said.strip().count("\n") == 0 and "Traceback" not in said, said
+        _clean(files, share, said)
+        assert time.monotonic() - started < 15  # a FIFO never blocks the server
+    assert _tree(share.outside) == outside
+    assert _tree(share.ro) == ro
+    assert os.path.islink(f"{share.rw}/secret-link") and not os.path.exists(f"{share.rw}/stolen.txt")
+    records = [rec for rec in _audit(files)[before:] if str(rec.get("tool", "")).startswith("files.")]
+    assert len(records) == len(attempts), records
+    for (tool, argv, _), rec in zip(attempts, records, strict=True):
+        assert rec["tool"] == f"files.{tool}" and rec["decision"] == "allow", rec
+        assert rec["outcome"] == "tool_error" and rec["exit"] == 1, rec
+        assert rec["arg_keys"] == sorted(a.split("=", 1)[0] for a in argv), rec
+        assert rec["caller"] == "mcpt-agent1"
+    # and the server is still healthy afterwards
+    assert files.mcp("call", "files.read", "root=nas", "path=docs/hello.txt").code == 0
