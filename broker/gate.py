@@ -20,6 +20,7 @@ import sys
 
 from broker import __version__, allowlist, protocol
 from broker.errors import (
+    CONTRACT_EXIT_CODES,
     EX_CONFIG,
     EX_NOPERM,
     EX_OK,
@@ -482,7 +483,7 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
     answer = exchange(paths.gate_sock, protocol.request(req.verb, **fields), wait, broker_uid, on_pending)
     if not answer.get("ok"):
         code = answer.get("exit")
-        if type(code) is not int or code in (EX_OK, EX_TOOL_ERROR):
+        if type(code) is not int or code not in CONTRACT_EXIT_CODES or code in (EX_OK, EX_TOOL_ERROR):
             code = EX_SOFTWARE
         return _fail(req, PrivsepError(str(answer.get("error", "the broker refused")), code), out, err)
     return _print_result(req, answer, out)
@@ -502,9 +503,12 @@ def run(root: str = "/", broker_uid: int | None = None) -> None:
     try:
         code = main(sys.argv[1:], root=root, broker_uid=broker_uid, environ=environ)
         sys.stdout.flush()
+        sys.stderr.flush()
     except BrokenPipeError:
         code = EX_SOFTWARE
-    raise SystemExit(code)
+    # everything is flushed and nothing needs finalising: skipping interpreter
+    # teardown saves about 2 ms on every agent call
+    os._exit(code)
 
 
 __all__ = ["EX_CONFIG", "EX_NOPERM", "main", "run"]

@@ -57,6 +57,7 @@ class ServerHandle:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.in_flight = 0
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -166,6 +167,7 @@ class ServerHandle:
         """Call a tool; the daemon's own timeout answers 75, a dead server 69."""
         deadline = time.monotonic() + timeout
         client = await self.ready(min(timeout, self.connect_timeout))
+        self.in_flight += 1
         remaining = max(0.01, deadline - time.monotonic())
         try:
             call = client.call_tool(tool, arguments, read_timeout_seconds=remaining + 1)
@@ -182,6 +184,8 @@ class ServerHandle:
         except (OSError, httpx2.HTTPError) as exc:
             self.mark_broken(_describe_failure(exc))
             raise Unavailable(f"server {self.name} failed during the call (it will be restarted)") from None
+        finally:
+            self.in_flight -= 1
 
     async def _check_alive(self, client: Client) -> None:
         """After a timeout: a server that no longer answers a ping is restarted."""
@@ -192,9 +196,14 @@ class ServerHandle:
                 self.mark_broken("stopped answering after a timeout")
 
     async def health(self) -> None:
-        """Ping an idle session so a dead stdio process is noticed."""
+        """Ping an idle session so a dead stdio process is noticed.
+
+        A busy session is left alone: a server that handles one request at a
+        time cannot answer a ping during a long call, and calls already notice
+        a dead process themselves.
+        """
         client = self.client
-        if client is None:
+        if client is None or self.in_flight:
             return
         try:
             await asyncio.wait_for(client.send_ping(), 5.0)

@@ -263,12 +263,6 @@ def test_hung_server_answers_75_then_is_restarted(live: Installation, with_stub:
     assert (r.code, r.out) == (0, "restarted\n"), r
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/servers.py ServerHandle.health pings every session every 10 s, busy or not, and marks it "
-    "broken when the ping is not answered within 5 s; a server that handles one request at a time cannot "
-    "answer while it works on a long call, so the session is restarted and the call fails with 69",
-)
 def test_long_call_on_a_one_at_a_time_server_is_not_killed_by_the_health_check(
     live: Installation, with_stub: str
 ) -> None:

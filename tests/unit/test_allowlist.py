@@ -285,7 +285,7 @@ BLANK = st.text(alphabet=" \t", max_size=3)
 COMMENT_TEXT = st.lists(
     st.one_of(
         NAMES,
-        st.text(alphabet=st.characters(blacklist_characters="\n"), max_size=6),
+        st.text(alphabet=st.characters(blacklist_characters="\n", blacklist_categories=("Cs",)), max_size=6),
         st.sampled_from([" ", "\t", "#", "\r", "é"]),
     ),
     max_size=4,

@@ -398,12 +398,6 @@ def test_any_daemon_answer_gives_a_contract_code_or_70(
 
 
 @needs_root
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/gate.py _run passes the daemon's 'exit' through when it is any int other than 0 and 1: "
-    "{'ok': false, 'exit': 256} makes the gate exit 256, which the agent sees as status 0 (success); "
-    "exit 2, 3 or -1 leave the contract too. Expected: anything outside CONTRACT_EXIT_CODES becomes 70",
-)
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(exit_code=st.integers(min_value=-(2**31), max_value=2**40))
 @example(exit_code=256)
