@@ -43,6 +43,16 @@ def _broker_uid() -> int | None:
         return None
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs; an exited process its parent has not reaped (a zombie) does not."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def check_all(paths: Paths) -> list[str]:
     """Every problem in the allowlists and the daemon config (offline)."""
     problems = allowlist.check_all(paths.allowlist, paths.allowlist_d)
@@ -158,9 +168,7 @@ def stop(ctx: click.Context, timeout: float) -> None:
         raise PrivsepError(f"stop: mcp-brokerd is not running (stale pid file {paths.pidfile})", 1) from None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             click.echo(f"stop: mcp-brokerd (pid {pid}) stopped")
             return
         time.sleep(0.05)
