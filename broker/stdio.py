@@ -18,6 +18,7 @@ import os
 import select
 import sys
 import threading
+import time
 
 from broker import __version__, allowlist, protocol
 from broker.errors import PrivsepError
@@ -227,13 +228,17 @@ def _refusal(message: str, exit_code: int) -> dict[str, Any]:
 def serve(session: Session, fd: int = 0) -> int:
     """Read JSON-RPC lines from ``fd`` until EOF; return the exit code."""
     buf = b""
+    last_poll = time.monotonic()
     while True:
         try:
             ready, _, _ = select.select([fd], [], [], POLL_SECONDS)
         except InterruptedError:
             continue
-        if not ready:
+        # at most once a second, busy or idle: edits are noticed without re-reading per message
+        if time.monotonic() - last_poll >= POLL_SECONDS:
             session.poll_allowlist()
+            last_poll = time.monotonic()
+        if not ready:
             continue
         chunk = os.read(fd, 1 << 16)
         if not chunk:
@@ -249,7 +254,6 @@ def serve(session: Session, fd: int = 0) -> int:
         if len(buf) > MAX_LINE:
             session.error(None, INVALID_REQUEST, f"message longer than {MAX_LINE} bytes")
             return 64
-        session.poll_allowlist()
     if buf.strip():
         session.handle_line(buf)
     for worker in session.workers:
