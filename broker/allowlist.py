@@ -201,6 +201,31 @@ def locate(allowlist: str, allowlist_d: str, user: str) -> tuple[bytes, str, os.
     return found[0], allowlist, found[1]
 
 
+def _stat_part(path: str) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        return None
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def stat_key(allowlist: str, allowlist_d: str, user: str) -> tuple[object, ...]:
+    """What :func:`locate` would read, as (l)stat identities, without opening anything.
+
+    Equal keys mean the same files with the same owner, mode and content
+    (any write or chmod moves ctime), so a caller that ran the full
+    :func:`locate` checks for a key may reuse that verdict while the key
+    holds. A change anywhere (or a missing part) means: run :func:`locate`.
+    """
+    parent = allowlist.rpartition("/")[0] or "/"
+    return (
+        _stat_part(allowlist_d),
+        _stat_part(f"{allowlist_d}/{user}.txt"),
+        _stat_part(parent),
+        _stat_part(allowlist),
+    )
+
+
 def decode(data: bytes, path: str) -> str:
     """Decode as strict UTF-8, reporting the line and column of a bad byte."""
     try:

@@ -33,7 +33,6 @@ import socket
 import stat
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,7 +87,8 @@ def chain_hash(prev: str, record: dict[str, Any]) -> str:
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
+    """64 random bits as 16 hex digits (what uuid4().hex[:16] gave, at a tenth of the cost)."""
+    return os.urandom(8).hex()
 
 
 def args_digest(args: Any) -> str:
@@ -340,7 +340,8 @@ class AuditLog:
         self.path = path
         self.head = head_path(path)
         self._lock = threading.Lock()
-        self._alock = asyncio.Lock()
+        self._queue: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._fd = -1
         self._head_fd = -1
         self._ino: tuple[int, int] | None = None
@@ -486,18 +487,25 @@ class AuditLog:
 
     # --- writing ---------------------------------------------------------------
 
-    def _seal(self, record: dict[str, Any]) -> bytes:
-        record["ts"] = timestamp()
-        record["seq"] = self._seq + 1
-        record["prev"] = self._prev
-        record["hash"] = chain_hash(self._prev, record)
-        return (canonical(record) + "\n").encode("utf-8", "surrogateescape")
-
     def _write_record(self, record: dict[str, Any]) -> None:
-        line = self._seal(record)
+        self._write_records([record])
+
+    def _write_records(self, records: list[dict[str, Any]]) -> None:
+        """Seal ``records`` in order, append them with one write and one fsync; all or none."""
+        seq, prev = self._seq, self._prev
+        ts = timestamp()
+        lines = []
+        for record in records:
+            record["ts"] = ts
+            record["seq"] = seq + 1
+            record["prev"] = prev
+            record["hash"] = chain_hash(prev, record)
+            seq, prev = record["seq"], record["hash"]
+            lines.append((canonical(record) + "\n").encode("utf-8", "surrogateescape"))
+        data = b"".join(lines)
         start = self._size
         try:
-            view = memoryview(line)
+            view = memoryview(data)
             while view:
                 written = os.write(self._fd, view)
                 if written <= 0:
@@ -508,14 +516,15 @@ class AuditLog:
             with contextlib.suppress(OSError):  # leave no partial or unsynced line behind
                 os.ftruncate(self._fd, start)
             raise
-        self._size = start + len(line)
-        self._seq, self._prev = record["seq"], record["hash"]
+        self._size = start + len(data)
+        self._seq, self._prev = seq, prev
         try:
             os.pwrite(self._head_fd, _HEAD_FORMAT.format(seq=self._seq, hash=self._prev).encode(), 0)
         except OSError as exc:
             log.warning("audit anchor not updated: %s", exc)
         if self.syslog is not None:
-            self.syslog.send(record)
+            for record in records:
+                self.syslog.send(record)
 
     def _rotate(self) -> None:
         """audit.jsonl -> .1 -> .2 ...; the new file starts with a record chaining from the old one."""
@@ -553,27 +562,68 @@ class AuditLog:
 
     def write(self, record: dict[str, Any]) -> dict[str, Any]:
         """Seal and append one record durably (any thread); return it with ts, seq, prev and hash."""
+        self.write_many([record])
+        return record
+
+    def write_many(self, records: list[dict[str, Any]]) -> None:
+        """Seal and append records durably, in order, with one fsync (rotating between them if due)."""
         with self._lock:
             if self._fd < 0:
                 raise OSError(0, self.error or "audit log not open")
-            line_len = len(canonical(record)) + 200
-            if self.max_bytes and self._size > 0 and self._size + line_len > self.max_bytes:
-                self._rotate()
-            self._write_record(record)
-        return record
+            batch: list[dict[str, Any]] = []
+            size = self._size
+            for record in records:
+                line_len = len(canonical(record)) + 200
+                if self.max_bytes and size > 0 and size + line_len > self.max_bytes:
+                    if batch:
+                        self._write_records(batch)
+                        batch = []
+                    self._rotate()
+                    size = self._size
+                batch.append(record)
+                size += line_len
+            if batch:
+                self._write_records(batch)
 
     async def record(self, **fields: Any) -> None:
-        """Write one record durably; raise Unavailable when that fails."""
+        """Write one record durably; raise Unavailable when that fails.
+
+        Group commit: records that arrive while a write is in progress go out
+        together in the next write, with one fsync, so concurrent calls share
+        the cost of durability instead of queueing for it one by one.
+        """
         record = {(f"field_{k}" if k in RESERVED else k): v for k, v in fields.items()}
-        async with self._alock:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queue.append((record, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
             try:
-                await asyncio.to_thread(self.write, record)
-            except OSError as exc:
+                await asyncio.to_thread(self.write_many, [r for r, _ in batch])
+            except BaseException as exc:  # every waiter gets an answer, whatever went wrong
                 self.healthy = False
-                self.error = f"{self.path}: {exc.strerror or exc}"
+                if isinstance(exc, OSError):
+                    self.error = f"{self.path}: {exc.strerror or exc}"
+                else:
+                    self.error = f"{self.path}: {type(exc).__name__}"
                 log.error("audit write failed: %s", self.error)
-                raise Unavailable("broker unavailable: the audit log cannot be written, so no call is served") from None
-        self.healthy = True
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(
+                            Unavailable("broker unavailable: the audit log cannot be written, so no call is served")
+                        )
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            self.healthy = True
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
 
     def _needs_reopen(self) -> bool:
         """The open file was deleted, or its path now names another file (moved away)."""

@@ -65,14 +65,54 @@ class AllowlistCache:
         self._cache: dict[str, tuple[tuple[Any, ...], allowlist.Allowlist]] = {}
 
     def get(self, user: str) -> allowlist.Allowlist:
-        data, path, st = allowlist.locate(self.paths.allowlist, self.paths.allowlist_d, user)
-        key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        # the stat identities are taken before the full read: a change racing the read moves them again
+        key = allowlist.stat_key(self.paths.allowlist, self.paths.allowlist_d, user)
         hit = self._cache.get(user)
         if hit is not None and hit[0] == key:
             return hit[1]
+        data, path, _st = allowlist.locate(self.paths.allowlist, self.paths.allowlist_d, user)
         parsed = allowlist.from_bytes(data, path)
+        if len(self._cache) > 4096:
+            self._cache.clear()
         self._cache[user] = (key, parsed)
         return parsed
+
+
+class UserCache:
+    """Name -> uid from the passwd database, remembered while ``/etc/passwd`` is unchanged.
+
+    Entries also expire after ``TTL`` seconds, for name services that are
+    not the file (NSS); the lookup otherwise parses the file on every call.
+    """
+
+    TTL = 2.0
+
+    def __init__(self, passwd: str = "/etc/passwd") -> None:  # noqa: S107 - the passwd database's path
+        self.passwd = passwd
+        self._key: tuple[int, ...] | None = None
+        self._uids: dict[str, tuple[float, int | None]] = {}
+
+    def uid(self, name: str) -> int | None:
+        try:
+            st = os.stat(self.passwd)
+            key: tuple[int, ...] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            key = ()
+        now = time.monotonic()
+        if key != self._key:
+            self._key = key
+            self._uids.clear()
+        hit = self._uids.get(name)
+        if hit is not None and now - hit[0] < self.TTL:
+            return hit[1]
+        try:
+            uid: int | None = pwd.getpwnam(name).pw_uid
+        except (KeyError, ValueError):  # ValueError: a NUL in the name, which no user has
+            uid = None
+        if len(self._uids) > 4096:
+            self._uids.clear()
+        self._uids[name] = (now, uid)
+        return uid
 
 
 class Conn:
@@ -100,6 +140,8 @@ class Broker:
         self.cfg = cfg
         self.gate_uid = gate_uid
         self.allowlists = AllowlistCache(paths)
+        self._users = UserCache()
+        self._digests: dict[int, tuple[mcp.types.Tool, str, str]] = {}
         self.audit = audit.AuditLog(paths.audit_log, **audit.options(cfg.settings))
         self.state = State(f"{paths.state}/state.db")
         self.redactor = Redactor(cfg.secrets())
@@ -239,12 +281,11 @@ class Broker:
     def _caller(self, req: dict[str, Any], peer_uid: int) -> str:
         """The calling user named by the gate, checked against the passwd database."""
         user, uid = req["caller"], req["uid"]
-        try:
-            entry = pwd.getpwnam(user)
-        except KeyError:
-            raise protocol.ProtocolError(f"unknown caller {user!r}") from None
-        if entry.pw_uid != uid:
-            raise protocol.ProtocolError(f"caller {user!r} does not have uid {uid}")
+        known = self._users.uid(user)
+        if known is None:
+            raise protocol.ProtocolError(f"unknown caller {user[:64]!r}")
+        if known != uid:
+            raise protocol.ProtocolError(f"caller {user[:64]!r} does not have uid {uid}")
         if peer_uid != 0 and uid == self.gate_uid:
             raise protocol.ProtocolError("the gate user cannot be a caller")
         return str(user)
@@ -371,7 +412,15 @@ class Broker:
 
     def pin_state(self, action: str, spec: mcp.types.Tool) -> str:
         """'pinned' (first sight records the pin), or 'changed'."""
-        digest, definition = tool_digest(spec)
+        # a listed definition never changes in place (a re-list brings new objects): hash it once
+        hit = self._digests.get(id(spec))
+        if hit is not None and hit[0] is spec:
+            digest, definition = hit[1], hit[2]
+        else:
+            digest, definition = tool_digest(spec)
+            if len(self._digests) > 10000:
+                self._digests.clear()
+            self._digests[id(spec)] = (spec, digest, definition)
         pinned = self.state.pin(action)
         if pinned is None:
             self.state.set_pin(action, digest, definition)

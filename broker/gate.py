@@ -265,22 +265,12 @@ def _validate_cached(cache_dir: str, data: bytes, path: str) -> None:
 # --- talking to the daemon --------------------------------------------------
 
 
-def exchange(
-    sock_path: str,
-    message: dict[str, Any],
-    wait: float,
-    broker_uid: int | None,
-    on_pending: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Send one request to the daemon (gate.sock, or admin.sock for root) and return its answer.
+def connect(sock_path: str, broker_uid: int | None) -> Any:
+    """A connected socket to the daemon whose server uid is checked (SO_PEERCRED).
 
-    ``broker_uid``, when known, is the only non-root uid the socket's server may
-    have (SO_PEERCRED); interim ``pending`` frames go to ``on_pending``.
+    ``broker_uid``, when known, is the only non-root uid the socket's server
+    may have; anyone else listening there is refused before a byte is sent.
     """
-    try:
-        frame = protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES)
-    except protocol.ProtocolError as exc:
-        raise UsageError(f"request too large or malformed: {exc}") from None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(CONNECT_TIMEOUT)
@@ -293,6 +283,29 @@ def exchange(
             peer_uid = int.from_bytes(cred[4:8], sys.byteorder)
             if peer_uid not in (0, broker_uid):
                 raise Unavailable(f"broker unavailable: {sock_path} is served by uid {peer_uid}, not the broker")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def exchange(
+    sock_path: str,
+    message: dict[str, Any],
+    wait: float,
+    broker_uid: int | None,
+    on_pending: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Send one request to the daemon (gate.sock, or admin.sock for root) and return its answer.
+
+    Interim ``pending`` frames (a call held for approval) go to ``on_pending``.
+    """
+    try:
+        frame = protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES)
+    except protocol.ProtocolError as exc:
+        raise UsageError(f"request too large or malformed: {exc}") from None
+    sock = connect(sock_path, broker_uid)
+    try:
         sock.settimeout(wait)
         try:
             sock.sendall(frame)
@@ -458,19 +471,14 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
             check_allowlist(paths, user, tool)
         except (Denied, ConfigError) as exc:
             args = (paths, user, uid, req.verb, tool or "", exc.exit_code, str(exc), broker_uid)
-            if req.verb == "stdio":
-                _report(*args)
-            else:  # audited by the daemon, but only after the caller has its answer (main() sends it)
-                exc.report = lambda: _report(*args)  # type: ignore[union-attr]
+            # audited by the daemon, but only after the caller has its answer (main() sends it)
+            exc.report = lambda: _report(*args)  # type: ignore[union-attr]
             raise
 
     if req.verb == "stdio":
         from broker import stdio
 
-        def forward(message: dict[str, Any], wait: float) -> dict[str, Any]:
-            return exchange(paths.gate_sock, message, wait, broker_uid, on_pending)
-
-        return stdio.run(paths, user, uid, forward, checked)
+        return stdio.run(paths, user, uid, lambda: connect(paths.gate_sock, broker_uid), err)
     if req.verb in ("list", "describe", "call"):
         checked(req.tool or None)
     fields: dict[str, Any] = {"caller": user, "uid": uid}

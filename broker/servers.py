@@ -4,8 +4,11 @@ Each :class:`ServerHandle` owns a supervisor task that connects (spawning a
 stdio server with a minimal environment plus its env file, or opening a
 streamable-HTTP session with its secret headers), lists the tools, serves
 calls until the session breaks, and reconnects with exponential backoff.
-Server-to-client requests (sampling, elicitation, roots) are refused: the
-client advertises no such capability and registers no callback.
+Stdio servers are spoken to with :class:`broker.stdio_client.StdioClient`
+(lean, and it notices an exited server at once); streamable-HTTP servers
+with the SDK's client. Server-to-client requests (sampling, elicitation,
+roots) are refused by both: neither advertises such a capability, the stdio
+client answers them "method not found", the SDK client has no callback.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from typing import IO, Any
 
 import httpx2
 import mcp
-from mcp import Client, StdioServerParameters
+from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from broker import __version__
 from broker.config import Server
 from broker.errors import TempFail, Unavailable
+from broker.stdio_client import StdioClient
 
 log = logging.getLogger("mcp-brokerd")
 
@@ -47,7 +52,7 @@ class ServerHandle:
         self.backoff_max = backoff_max
         self.base_env = base_env
         self.errlog = errlog
-        self.client: Client | None = None
+        self.client: Client | StdioClient | None = None
         self.tools: dict[str, mcp.types.Tool] = {}
         self.state = "starting"
         self.reason = ""
@@ -75,15 +80,20 @@ class ServerHandle:
                 with contextlib.suppress(BaseException):
                     await self._task
 
-    def _client(self) -> Client:
+    def _client(self) -> Client | StdioClient:
         srv = self.server
         if srv.spec.command is not None:
             env = dict(self.base_env)
             env.update(srv.env)
-            params = StdioServerParameters(
-                command=srv.spec.command, args=list(srv.spec.args), env=env, cwd=srv.spec.cwd or env.get("HOME")
+            return StdioClient(
+                srv.spec.command,
+                list(srv.spec.args),
+                env=env,
+                cwd=srv.spec.cwd or env.get("HOME"),
+                errlog=self.errlog,
+                on_close=self._on_close,
+                client_version=__version__,
             )
-            return Client(params, mode="legacy")
         assert srv.url is not None
         http = httpx2.AsyncClient(
             headers=srv.headers, timeout=httpx2.Timeout(30.0, read=3600.0), follow_redirects=False
@@ -143,6 +153,10 @@ class ServerHandle:
         if not self._stopping:
             log.warning("server %s down: %s", self.name, reason)
 
+    def _on_close(self, why: str) -> None:
+        """The stdio server's output ended (it exited or broke): restart it now, not at the next ping."""
+        self.mark_broken(why)
+
     def mark_broken(self, reason: str) -> None:
         if self.state == "up":
             self.reason = reason
@@ -150,7 +164,7 @@ class ServerHandle:
 
     # --- use ----------------------------------------------------------------
 
-    async def ready(self, wait: float) -> Client:
+    async def ready(self, wait: float) -> Client | StdioClient:
         """The live client, waiting up to ``wait`` seconds for a (re)connect."""
         if self.client is not None and self.state == "up":
             return self.client
@@ -187,7 +201,7 @@ class ServerHandle:
         finally:
             self.in_flight -= 1
 
-    async def _check_alive(self, client: Client) -> None:
+    async def _check_alive(self, client: Client | StdioClient) -> None:
         """After a timeout: a server that no longer answers a ping is restarted."""
         try:
             await asyncio.wait_for(client.send_ping(), 5.0)

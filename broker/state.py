@@ -67,6 +67,9 @@ class State:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        # read on every call; only this connection writes these tables, so memory can answer
+        self._pins: dict[str, tuple[str, str] | None] = {}
+        self._frozen: dict[str, float | None] = {}
 
     def close(self) -> None:
         self.db.close()
@@ -94,17 +97,24 @@ class State:
 
     def frozen_until(self, caller: str, now: float | None = None) -> float | None:
         now = time.time() if now is None else now
-        row = self.db.execute("SELECT until FROM freezes WHERE caller = ?", (caller,)).fetchone()
-        if row is None:
+        if caller in self._frozen:
+            until = self._frozen[caller]
+        else:
+            row = self.db.execute("SELECT until FROM freezes WHERE caller = ?", (caller,)).fetchone()
+            until = None if row is None else float(row[0])
+            self._frozen[caller] = until
+        if until is None:
             return None
-        if row[0] <= now:
+        if until <= now:
             self.db.execute("DELETE FROM freezes WHERE caller = ?", (caller,))
+            self._frozen[caller] = None
             return None
-        return float(row[0])
+        return until
 
     def record_denial(self, caller: str, budget: int, window: float, freeze: float, now: float | None = None) -> bool:
         """Count a denial; return True when this one froze the caller."""
         now = time.time() if now is None else now
+        self._frozen.pop(caller, None)
         with self.db:
             self.db.execute("INSERT INTO denials (caller, ts) VALUES (?, ?)", (caller, now))
             self.db.execute("DELETE FROM denials WHERE caller = ? AND ts <= ?", (caller, now - window))
@@ -119,6 +129,7 @@ class State:
         return False
 
     def unfreeze(self, caller: str) -> bool:
+        self._frozen.pop(caller, None)
         with self.db:
             cur = self.db.execute("DELETE FROM freezes WHERE caller = ?", (caller,))
             self.db.execute("DELETE FROM denials WHERE caller = ?", (caller,))
@@ -220,10 +231,15 @@ class State:
     # --- pins -----------------------------------------------------------------
 
     def pin(self, action: str) -> tuple[str, str] | None:
+        if action in self._pins:
+            return self._pins[action]
         row = self.db.execute("SELECT hash, definition FROM pins WHERE action = ?", (action,)).fetchone()
-        return None if row is None else (row[0], row[1])
+        found = None if row is None else (str(row[0]), str(row[1]))
+        self._pins[action] = found
+        return found
 
     def set_pin(self, action: str, digest: str, definition: str) -> None:
+        self._pins.pop(action, None)
         with self.db:
             self.db.execute(
                 "INSERT OR REPLACE INTO pins (action, hash, definition, pinned) VALUES (?, ?, ?, ?)",

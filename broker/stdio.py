@@ -9,24 +9,33 @@ rule of ``mcp call``). Everything else is refused with "method not found".
 While the session is open the gate watches the allowlist and sends
 ``notifications/tools/list_changed`` when it changes.
 
+One thread, one ``select`` loop: requests are forwarded over up to
+``MAX_IN_FLIGHT`` persistent ``gate.sock`` connections, each carrying one
+request at a time, so a client that pipelines calls gets them served side by
+side without a connection, a thread or a peer-credential check per call.
+While every connection is busy the gate stops reading stdin (back-pressure,
+no unbounded queue). A connection that breaks fails only the request it was
+carrying; a request is re-sent on a fresh connection only when the daemon
+provably never read it (the send itself failed), so no call runs twice.
+
 Standard library only; imported by the gate for this verb alone.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import select
-import sys
-import threading
 import time
+from collections import deque
 
 from broker import __version__, allowlist, protocol
-from broker.errors import PrivsepError
+from broker.errors import EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, Denied, PrivsepError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any, BinaryIO
+    from typing import Any, BinaryIO, TextIO
 
     from broker.paths import Paths
 
@@ -34,12 +43,50 @@ HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 MAX_LINE = 4 * 1024 * 1024
 MAX_IN_FLIGHT = 16
 POLL_SECONDS = 1.0
+#: how long the gate waits for the daemon's answer; the daemon's own call timeout answers first
+CALL_WAIT = 900.0
+LIST_WAIT = 60.0
+REPORT_WAIT = 5.0
+SEND_TIMEOUT = 30.0
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
+
+_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED)
+
+
+class _Job:
+    """One request for the daemon: a call, the catalog for tools/list, or a refusal report."""
+
+    __slots__ = ("frame", "kind", "msg_id", "wait")
+
+    def __init__(self, kind: str, msg_id: Any, frame: bytes, wait: float) -> None:
+        self.kind = kind
+        self.msg_id = msg_id
+        self.frame = frame
+        self.wait = wait
+
+
+class _Link:
+    """One persistent gate.sock connection; it carries one job at a time."""
+
+    __slots__ = ("buf", "deadline", "fd", "job", "sock")
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.fd: int = sock.fileno()
+        self.buf = b""
+        self.job: _Job | None = None
+        self.deadline = 0.0
+
+    def close(self) -> None:
+        try:  # noqa: SIM105 - contextlib is one more import on the gate's path
+            self.sock.close()
+        except OSError:
+            pass
 
 
 class Session:
@@ -50,29 +97,34 @@ class Session:
         paths: Paths,
         user: str,
         uid: int,
-        exchange: Callable[..., dict[str, Any]],
-        check: Callable[[str | None], None],
+        connect: Callable[[], Any],
         out: BinaryIO,
-        err: Any,
+        err: TextIO,
     ) -> None:
         self.paths = paths
         self.user = user
         self.uid = uid
-        self.exchange = exchange
-        self.check = check
+        self.connect = connect
         self.out = out
         self.err = err
-        self.lock = threading.Lock()
-        self.slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
-        self.workers: list[threading.Thread] = []
         self.initialized = False
+        self.idle: list[_Link] = []
+        self.busy: dict[int, _Link] = {}
+        self.backlog: deque[_Job] = deque()
+        self._out: list[bytes] = []
+        self._parsed: tuple[tuple[object, ...], allowlist.Allowlist] | None = None
         self.allowlist_key = self._allowlist_key()
 
     # --- output ---------------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> None:
-        data = (protocol.dumps(message) + "\n").encode("utf-8", "replace")
-        with self.lock:
+        """Queue one message; :meth:`flush` writes everything queued at once."""
+        self._out.append((protocol.dumps(message) + "\n").encode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
             self.out.write(data)
             self.out.flush()
 
@@ -82,7 +134,7 @@ class Session:
     def error(self, msg_id: Any, code: int, message: str) -> None:
         self.send({"jsonrpc": "2.0", "id": msg_id, "error": {"code": code, "message": message}})
 
-    # --- the allowlist watch ----------------------------------------------------
+    # --- the allowlist ----------------------------------------------------------
 
     def _allowlist_key(self) -> bytes | None:
         try:
@@ -97,6 +149,17 @@ class Session:
             self.allowlist_key = key
             if self.initialized:
                 self.send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+
+    def check(self, tool: str | None) -> None:
+        """The gate's own check on each request: a stat-keyed cache of the full, fail-closed read."""
+        key = allowlist.stat_key(self.paths.allowlist, self.paths.allowlist_d, self.user)
+        parsed = self._parsed
+        if parsed is None or parsed[0] != key:
+            data, path, _st = allowlist.locate(self.paths.allowlist, self.paths.allowlist_d, self.user)
+            parsed = (key, allowlist.from_bytes(data, path))
+            self._parsed = parsed
+        if tool is not None and not parsed[1].allows(tool):
+            raise Denied(f"denied: {tool} is not in the allowlist for {self.user}")
 
     # --- requests -------------------------------------------------------------
 
@@ -128,11 +191,7 @@ class Session:
         elif method == "tools/list":
             self.tools_list(msg_id)
         elif method == "tools/call":
-            self.slots.acquire()
-            worker = threading.Thread(target=self._call_worker, args=(msg_id, params), daemon=True)
-            self.workers = [w for w in self.workers if w.is_alive()]
-            self.workers.append(worker)
-            worker.start()
+            self.call(msg_id, params)
         else:
             self.error(msg_id, METHOD_NOT_FOUND, f"method not found: {method[:100]}")
 
@@ -156,64 +215,196 @@ class Session:
     def tools_list(self, msg_id: Any) -> None:
         try:
             self.check(None)
-            answer = self.exchange(protocol.request("catalog", caller=self.user, uid=self.uid), 60.0)
         except PrivsepError as exc:
             self.error(msg_id, INTERNAL_ERROR, str(exc))
             return
-        if not answer.get("ok"):
-            self.error(msg_id, INTERNAL_ERROR, str(answer.get("error", "the broker refused")))
-            return
-        result = answer.get("result")
-        tools = result.get("tools", []) if isinstance(result, dict) else []
-        self.reply(msg_id, {"tools": tools})
+        message = protocol.request("catalog", caller=self.user, uid=self.uid)
+        self.submit(_Job("list", msg_id, protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES), LIST_WAIT))
 
-    def _call_worker(self, msg_id: Any, params: dict[str, Any]) -> None:
-        try:
-            self.reply(msg_id, self.call(params))
-        except _RpcError as exc:
-            self.error(msg_id, exc.code, exc.message)
-        except Exception as exc:  # noqa: BLE001 - one failed call must not end the session
-            self.error(msg_id, INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
-        finally:
-            self.slots.release()
-
-    def call(self, params: dict[str, Any]) -> dict[str, Any]:
+    def call(self, msg_id: Any, params: dict[str, Any]) -> None:
         name = params.get("name")
         args = params.get("arguments")
         if args is None:
             args = {}
         if not isinstance(name, str) or allowlist.action_error(name) is not None:
-            raise _RpcError(INVALID_PARAMS, "tools/call needs a tool name of the form server.tool")
+            self.error(msg_id, INVALID_PARAMS, "tools/call needs a tool name of the form server.tool")
+            return
         if not isinstance(args, dict):
-            raise _RpcError(INVALID_PARAMS, "tools/call arguments must be an object")
+            self.error(msg_id, INVALID_PARAMS, "tools/call arguments must be an object")
+            return
         try:
             self.check(name)
-            answer = self.exchange(
-                protocol.request("call", caller=self.user, uid=self.uid, tool=name, kv=[], args=args, timeout=None),
-                900.0,
-            )
-        except PrivsepError as exc:
-            return _refusal(str(exc), exc.exit_code)
+        except (Denied, ConfigError) as exc:
+            self.reply(msg_id, _refusal(str(exc), exc.exit_code))
+            self.report(name, exc)
+            return
+        message = protocol.request("call", caller=self.user, uid=self.uid, tool=name, kv=[], args=args, timeout=None)
+        try:
+            frame = protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES)
+        except protocol.ProtocolError as exc:
+            self.reply(msg_id, _refusal(f"request too large or malformed: {exc}", 64))
+            return
+        self.submit(_Job("call", msg_id, frame, CALL_WAIT))
+
+    def report(self, tool: str, exc: PrivsepError) -> None:
+        """Let the daemon audit a refusal the gate made itself (its answer is not awaited)."""
+        message = protocol.request(
+            "report",
+            caller=self.user,
+            uid=self.uid,
+            verb="stdio",
+            tool=tool,
+            exit=exc.exit_code,
+            reason=str(exc)[:1000],
+        )
+        self.submit(_Job("report", None, protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES), REPORT_WAIT))
+
+    # --- the links to the daemon ----------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        return len(self.busy) >= MAX_IN_FLIGHT
+
+    def submit(self, job: _Job) -> None:
+        if self.full or self.backlog:
+            self.backlog.append(job)
+            return
+        self._start(job)
+
+    def drain_backlog(self) -> None:
+        while self.backlog and not self.full:
+            self._start(self.backlog.popleft())
+
+    def _start(self, job: _Job) -> None:
+        """Send ``job`` on an idle link (or a new one); a send refused by a stale link is retried once."""
+        for _attempt in range(2):
+            try:
+                link = self._link()
+            except PrivsepError as exc:
+                self.finish_failed(job, exc.message, exc.exit_code)
+                return
+            try:
+                link.sock.settimeout(SEND_TIMEOUT)
+                link.sock.sendall(job.frame)
+            except OSError as exc:
+                link.close()
+                # EPIPE/ECONNRESET on a reused link: the daemon closed it before reading; safe to resend
+                if exc.errno in _GONE:
+                    continue
+                self.finish_failed(job, f"broker unavailable: connection failed ({exc.strerror or exc})")
+                return
+            link.job = job
+            link.deadline = time.monotonic() + job.wait
+            self.busy[link.fd] = link
+            return
+        self.finish_failed(job, "broker unavailable: the broker keeps closing the connection")
+
+    def _link(self) -> _Link:
+        while self.idle:
+            link = self.idle.pop()
+            # an idle link that is readable was closed by the daemon (a restart): never reuse it
+            ready, _, _ = select.select([link.fd], [], [], 0)
+            if not ready:
+                return link
+            link.close()
+        return _Link(self.connect())
+
+    def on_readable(self, link: _Link) -> None:
+        try:
+            chunk = link.sock.recv(1 << 20)
+        except OSError as exc:
+            self._drop(link, f"broker unavailable: connection failed ({exc.strerror or exc})")
+            return
+        if not chunk:
+            self._drop(link, "broker unavailable: the broker closed the connection")
+            return
+        link.buf += chunk
+        while len(link.buf) >= 4 and link.job is not None:
+            try:
+                n = protocol.frame_length(link.buf[:4], protocol.MAX_RESPONSE_BYTES)
+            except protocol.ProtocolError as exc:
+                self._drop(link, f"broker unavailable: {exc}")
+                return
+            if len(link.buf) < 4 + n:
+                return
+            payload, link.buf = link.buf[4 : 4 + n], link.buf[4 + n :]
+            try:
+                answer = protocol.decode_payload(payload)
+            except protocol.ProtocolError as exc:
+                self._drop(link, f"broker unavailable: {exc}")
+                return
+            pending = answer.get("pending")
+            if pending is not None:
+                # held for an operator's approval: say so on stderr, then wait as long as it may take
+                self.err.write(f"mcp: pending approval {pending}, waiting\n")
+                self.err.flush()
+                extra = answer.get("wait")
+                if isinstance(extra, (int, float)) and 0 <= extra <= 7 * 86400:
+                    link.deadline = time.monotonic() + link.job.wait + float(extra)
+                continue
+            job, link.job = link.job, None
+            del self.busy[link.fd]
+            if link.buf:  # more than one answer to one request: the link is not trusted again
+                link.close()
+            else:
+                self.idle.append(link)
+            self.finish(job, answer)
+
+    def _drop(self, link: _Link, message: str) -> None:
+        self.busy.pop(link.fd, None)
+        link.close()
+        if link.job is not None:
+            job, link.job = link.job, None
+            self.finish_failed(job, message)
+
+    def expire(self, now: float) -> None:
+        for link in [lk for lk in self.busy.values() if lk.deadline <= now]:
+            wait = link.job.wait if link.job is not None else 0.0
+            self._drop(link, f"broker unavailable: no answer within {wait:g} s")
+
+    def next_deadline(self) -> float | None:
+        return min((lk.deadline for lk in self.busy.values()), default=None)
+
+    # --- answers ----------------------------------------------------------------------
+
+    def finish_failed(self, job: _Job, message: str, exit_code: int = EX_UNAVAILABLE) -> None:
+        self.finish(job, {"ok": False, "exit": exit_code, "error": message})
+
+    def finish(self, job: _Job, answer: dict[str, Any]) -> None:
+        if job.kind == "report":
+            return
+        if job.kind == "list":
+            if not answer.get("ok"):
+                self.error(job.msg_id, INTERNAL_ERROR, str(answer.get("error", "the broker refused")))
+                return
+            result = answer.get("result")
+            tools = result.get("tools", []) if isinstance(result, dict) else []
+            self.reply(job.msg_id, {"tools": tools})
+            return
         if not answer.get("ok"):
             code = answer.get("exit")
-            return _refusal(str(answer.get("error", "the broker refused")), code if type(code) is int else 70)
+            self.reply(
+                job.msg_id,
+                _refusal(str(answer.get("error", "the broker refused")), code if type(code) is int else EX_SOFTWARE),
+            )
+            return
         result = answer.get("result")
         if not isinstance(result, dict):
-            raise _RpcError(INTERNAL_ERROR, "malformed answer from the broker")
+            self.error(job.msg_id, INTERNAL_ERROR, "malformed answer from the broker")
+            return
         content = result.get("content") if not result.get("truncated") else None
         if not content:
             content = [{"type": "text", "text": str(result.get("text", ""))}]
         out: dict[str, Any] = {"content": content, "isError": bool(result.get("is_error"))}
-        if "structured_content" in result and result["structured_content"] is not None:
+        if result.get("structured_content") is not None:
             out["structuredContent"] = result["structured_content"]
-        return out
+        self.reply(job.msg_id, out)
 
-
-class _RpcError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    def close(self) -> None:
+        for link in [*self.idle, *self.busy.values()]:
+            link.close()
+        self.idle.clear()
+        self.busy.clear()
 
 
 def _refusal(message: str, exit_code: int) -> dict[str, Any]:
@@ -226,50 +417,71 @@ def _refusal(message: str, exit_code: int) -> dict[str, Any]:
 
 
 def serve(session: Session, fd: int = 0) -> int:
-    """Read JSON-RPC lines from ``fd`` until EOF; return the exit code."""
+    """Read JSON-RPC lines from ``fd`` until EOF and every answer is out; return the exit code."""
     buf = b""
+    eof = False
     last_poll = time.monotonic()
-    while True:
-        try:
-            ready, _, _ = select.select([fd], [], [], POLL_SECONDS)
-        except InterruptedError:
-            continue
-        # at most once a second, busy or idle: edits are noticed without re-reading per message
-        if time.monotonic() - last_poll >= POLL_SECONDS:
-            session.poll_allowlist()
-            last_poll = time.monotonic()
-        if not ready:
-            continue
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            break
-        buf += chunk
-        while True:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                break
-            line, buf = buf[:nl], buf[nl + 1 :]
-            if line.strip():
-                session.handle_line(line)
-        if len(buf) > MAX_LINE:
-            session.error(None, INVALID_REQUEST, f"message longer than {MAX_LINE} bytes")
-            return 64
-    if buf.strip():
-        session.handle_line(buf)
-    for worker in session.workers:
-        worker.join(timeout=930)
+    try:
+        while not (eof and not session.busy and not session.backlog):
+            watch = list(session.busy)
+            reading = not eof and not session.full and not session.backlog
+            if reading:
+                watch.append(fd)
+            now = time.monotonic()
+            timeout = POLL_SECONDS
+            deadline = session.next_deadline()
+            if deadline is not None:
+                timeout = max(0.0, min(timeout, deadline - now))
+            try:
+                ready, _, _ = select.select(watch, [], [], timeout)
+            except InterruptedError:
+                continue
+            now = time.monotonic()
+            # at most once a second, busy or idle: edits are noticed without re-reading per message
+            if now - last_poll >= POLL_SECONDS:
+                session.poll_allowlist()
+                last_poll = now
+            for ready_fd in ready:
+                if ready_fd == fd:
+                    continue
+                link = session.busy.get(ready_fd)
+                if link is not None:
+                    session.on_readable(link)
+            session.expire(now)
+            session.drain_backlog()
+            if reading and fd in ready:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    eof = True
+                    if buf.strip():
+                        session.handle_line(buf)
+                    buf = b""
+                else:
+                    buf += chunk
+                    start = 0
+                    while True:
+                        nl = buf.find(b"\n", start)
+                        if nl < 0:
+                            break
+                        line = buf[start:nl]
+                        start = nl + 1
+                        if line.strip():
+                            session.handle_line(line)
+                    buf = buf[start:]
+                    if len(buf) > MAX_LINE:
+                        session.error(None, INVALID_REQUEST, f"message longer than {MAX_LINE} bytes")
+                        session.flush()
+                        return 64
+            session.flush()
+    finally:
+        session.close()
     return 0
 
 
-def run(
-    paths: Paths,
-    user: str,
-    uid: int,
-    exchange: Callable[..., dict[str, Any]],
-    check: Callable[[str | None], None],
-) -> int:
-    out = sys.stdout.buffer
-    session = Session(paths, user, uid, exchange, check, out, sys.stderr)
+def run(paths: Paths, user: str, uid: int, connect: Callable[[], Any], err: TextIO) -> int:
+    import sys
+
+    session = Session(paths, user, uid, connect, sys.stdout.buffer, err)
     try:
         return serve(session)
     except BrokenPipeError:

@@ -233,6 +233,8 @@ def test_random_frames_never_kill_the_daemon(live: Installation, checker: Checke
     @example(data=frame(b'{"v":1,"op":"list","caller":"' + AGENT1.encode() + b'","uid":' + b"9" * 5000 + b"}"))
     @example(data=frame(json.dumps({"v": 1, "op": "status", "caller": AGENT1, "uid": 0}).encode()))
     @example(data=frame(b"\xff\xfe\x00"))
+    # a NUL in the caller name once reached the daemon's catch-all (pwd raises ValueError, not KeyError)
+    @example(data=frame(json.dumps({"v": 1, "op": "list", "caller": "a\x00b", "uid": 1000}).encode()))
     @example(data=(MAX + 1).to_bytes(4, "big"))
     def run(data: bytes) -> None:
         answer = exchange(path, data)

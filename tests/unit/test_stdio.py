@@ -1,0 +1,326 @@
+"""Unit tests for ``broker.stdio`` (the ``mcp stdio`` session), against a fake daemon on a real socket.
+
+The fake daemon speaks the real frame protocol on a Unix socket, one thread
+per connection, and can delay answers, send an approval's interim frame,
+drop a connection mid-request, answer garbage or close idle connections (a
+restart). The session reads JSON-RPC lines from a pipe and writes to a
+buffer. The tests pin what the single-threaded multiplexer promises:
+pipelined calls answered with their own ids over a bounded set of reused
+connections, back-pressure at ``MAX_IN_FLIGHT``, a broken connection failing
+only its own request (69) and never re-sending one the daemon read, a
+denied tool never forwarded, and every answer out before the session ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from broker import protocol, stdio
+from broker.paths import Paths
+from tests.unit.conftest import needs_root, write
+
+pytestmark = needs_root
+
+USER, UID = "alice", 1000
+
+
+class FakeDaemon:
+    """gate.sock with persistent connections; ``behave(req, n)`` decides each answer."""
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(64)
+        self.sock.settimeout(0.1)
+        self.lock = threading.Lock()
+        self.requests: list[dict[str, Any]] = []
+        self.connections = 0
+        self.active = 0
+        self.max_active = 0
+        self.conns: list[socket.socket] = []
+        self.delay = 0.0
+        self.drop_once: set[str] = set()  # texts whose call is read, then the connection closed unanswered
+        self.garbage_once: set[str] = set()
+        self.pending_once: set[str] = set()
+        self.stop = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stop:
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            with self.lock:
+                self.connections += 1
+                self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while True:
+                header = _exact(conn, 4)
+                if header is None:
+                    return
+                payload = _exact(conn, protocol.frame_length(header, protocol.MAX_REQUEST_BYTES))
+                if payload is None:
+                    return
+                req = protocol.decode_payload(payload)
+                protocol.validate_request(req, protocol.OPS)
+                with self.lock:
+                    self.requests.append(req)
+                    self.active += 1
+                    self.max_active = max(self.max_active, self.active)
+                try:
+                    if not self._answer(conn, req):
+                        return
+                finally:
+                    with self.lock:
+                        self.active -= 1
+        except (OSError, protocol.ProtocolError):
+            return
+        finally:
+            conn.close()
+
+    def _answer(self, conn: socket.socket, req: dict[str, Any]) -> bool:
+        if self.delay:
+            time.sleep(self.delay)
+        op = req["op"]
+        if op == "catalog":
+            conn.sendall(protocol.encode_frame({"ok": True, "result": {"tools": [{"name": "demo.echo"}]}}))
+            return True
+        if op == "report":
+            conn.sendall(protocol.encode_frame({"ok": True, "result": None}))
+            return True
+        text = str((req.get("args") or {}).get("text", ""))
+        with self.lock:
+            drop = text in self.drop_once
+            self.drop_once.discard(text)
+            garbage = text in self.garbage_once
+            self.garbage_once.discard(text)
+            pending = text in self.pending_once
+            self.pending_once.discard(text)
+        if drop:
+            return False
+        if garbage:
+            conn.sendall(b"\x00\x00\x00\x05nope!")
+            return False
+        if pending:
+            conn.sendall(protocol.encode_frame({"pending": "ab12", "wait": 5}))
+        conn.sendall(protocol.encode_frame({"ok": True, "result": {"text": text, "is_error": False, "content": []}}))
+        return True
+
+    def calls(self) -> list[str]:
+        with self.lock:
+            return [str((r.get("args") or {}).get("text")) for r in self.requests if r["op"] == "call"]
+
+    def close_all(self) -> None:
+        """What a daemon restart does to the session's idle connections."""
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.stop = True
+        self.close_all()
+        self.thread.join(2)
+        self.sock.close()
+
+
+def _exact(conn: socket.socket, n: int) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+@pytest.fixture
+def root(tmp_root: str) -> str:
+    paths = Paths(tmp_root)
+    write(paths.allowlist, "demo.echo\n")
+    os.chmod(paths.etc, 0o755)
+    return tmp_root
+
+
+@pytest.fixture
+def daemon(root: str) -> Iterator[FakeDaemon]:
+    d = FakeDaemon(Paths(root).gate_sock)
+    yield d
+    d.close()
+
+
+class Run:
+    """A session fed from a pipe on a thread; ``answers()`` parses what it wrote."""
+
+    def __init__(self, root: str) -> None:
+        self.paths = Paths(root)
+        self.out = io.BytesIO()
+        self.err = io.StringIO()
+        self.session = stdio.Session(self.paths, USER, UID, self._connect, self.out, self.err)
+        self.r, self.w = os.pipe()
+        self.code: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _connect(self) -> socket.socket:
+        from broker import gate
+
+        return gate.connect(self.paths.gate_sock, None)
+
+    def _run(self) -> None:
+        self.code = stdio.serve(self.session, self.r)
+
+    def send(self, *messages: dict[str, Any]) -> None:
+        os.write(self.w, b"".join(json.dumps(m).encode() + b"\n" for m in messages))
+
+    def finish(self, timeout: float = 20) -> int:
+        os.close(self.w)
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the session did not end after EOF"
+        os.close(self.r)
+        assert self.code is not None
+        return self.code
+
+    def answers(self) -> dict[Any, dict[str, Any]]:
+        lines = self.out.getvalue().decode().splitlines()
+        return {m.get("id"): m for m in map(json.loads, lines)}
+
+
+def call(i: int, text: str, tool: str = "demo.echo") -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {"name": tool, "arguments": {"text": text}}}
+
+
+def text_of(answer: dict[str, Any]) -> str:
+    return str(answer["result"]["content"][0]["text"])
+
+
+def test_pipelined_calls_share_a_bounded_set_of_reused_connections(root: str, daemon: FakeDaemon) -> None:
+    daemon.delay = 0.01
+    run = Run(root)
+    n = 5 * stdio.MAX_IN_FLIGHT
+    run.send(*(call(i, f"t{i}") for i in range(n)))
+    assert run.finish() == 0
+    answers = run.answers()
+    assert sorted(answers) == list(range(n))
+    for i in range(n):
+        assert answers[i]["result"]["isError"] is False and text_of(answers[i]) == f"t{i}"
+    assert sorted(daemon.calls()) == sorted(f"t{i}" for i in range(n))  # each call forwarded exactly once
+    assert daemon.max_active > 1, "pipelined calls were served one at a time"
+    assert daemon.max_active <= stdio.MAX_IN_FLIGHT
+    assert daemon.connections <= stdio.MAX_IN_FLIGHT, "connections were not reused"
+
+
+def test_denied_tool_is_refused_by_the_gate_and_never_forwarded(root: str, daemon: FakeDaemon) -> None:
+    run = Run(root)
+    run.send(call(1, "x", tool="demo.secret"), call(2, "ok"))
+    assert run.finish() == 0
+    answers = run.answers()
+    assert answers[1]["result"]["isError"] is True
+    assert "exit 77" in text_of(answers[1]) and "not in the allowlist" in text_of(answers[1])
+    assert text_of(answers[2]) == "ok"
+    assert daemon.calls() == ["ok"]
+    reports = [r for r in daemon.requests if r["op"] == "report"]
+    assert [(r["tool"], r["exit"], r["verb"]) for r in reports] == [("demo.secret", 77, "stdio")]
+
+
+def test_idle_connections_closed_by_a_restart_are_replaced_not_failed(root: str, daemon: FakeDaemon) -> None:
+    run = Run(root)
+    run.send(call(1, "before"))
+    _wait(lambda: 1 in run.answers())
+    daemon.close_all()
+    time.sleep(0.1)
+    run.send(call(2, "after"))
+    assert run.finish() == 0
+    assert text_of(run.answers()[2]) == "after"
+    assert daemon.calls() == ["before", "after"]
+
+
+def test_connection_lost_mid_call_fails_that_call_only_and_never_resends_it(root: str, daemon: FakeDaemon) -> None:
+    daemon.drop_once.add("lost")
+    daemon.garbage_once.add("garbled")
+    run = Run(root)
+    run.send(call(1, "lost"), call(2, "garbled"), call(3, "fine"))
+    assert run.finish() == 0
+    answers = run.answers()
+    for i in (1, 2):
+        assert answers[i]["result"]["isError"] is True
+        assert "exit 69" in text_of(answers[i]) and "broker unavailable" in text_of(answers[i])
+    assert text_of(answers[3]) == "fine"
+    assert sorted(daemon.calls()) == ["fine", "garbled", "lost"]  # the lost call was read once, not retried
+
+
+def test_pending_approval_is_said_on_stderr_then_answered(root: str, daemon: FakeDaemon) -> None:
+    daemon.pending_once.add("held")
+    run = Run(root)
+    run.send(call(1, "held"))
+    assert run.finish() == 0
+    assert text_of(run.answers()[1]) == "held"
+    assert run.err.getvalue() == "mcp: pending approval ab12, waiting\n"
+
+
+def test_tools_list_goes_to_the_daemon_catalog(root: str, daemon: FakeDaemon) -> None:
+    run = Run(root)
+    run.send({"jsonrpc": "2.0", "id": "l", "method": "tools/list"})
+    assert run.finish() == 0
+    assert run.answers()["l"]["result"] == {"tools": [{"name": "demo.echo"}]}
+    assert [r["op"] for r in daemon.requests] == ["catalog"]
+
+
+def test_no_daemon_answers_69_for_each_call(root: str) -> None:
+    run = Run(root)
+    run.send(call(1, "a"), call(2, "b"), {"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
+    assert run.finish() == 0
+    answers = run.answers()
+    for i in (1, 2):
+        assert answers[i]["result"]["isError"] is True and "exit 69" in text_of(answers[i])
+    assert (
+        answers[3]["error"]["code"] == stdio.INTERNAL_ERROR and "broker unavailable" in answers[3]["error"]["message"]
+    )
+
+
+def test_a_full_session_stops_reading_stdin_until_a_slot_frees(root: str, daemon: FakeDaemon) -> None:
+    daemon.delay = 0.3
+    run = Run(root)
+    n = stdio.MAX_IN_FLIGHT * 2
+    run.send(*(call(i, f"s{i}") for i in range(n)))
+    time.sleep(0.15)
+    # all slots busy: the rest waits in the session (read in one chunk), not in extra connections
+    assert daemon.connections <= stdio.MAX_IN_FLIGHT
+    assert run.finish() == 0
+    assert sorted(run.answers()) == list(range(n))
+
+
+def test_allowlist_edit_is_seen_by_the_next_call(root: str, daemon: FakeDaemon) -> None:
+    run = Run(root)
+    run.send(call(1, "one"))
+    _wait(lambda: 1 in run.answers())
+    write(Paths(root).allowlist, "demo.other\n")
+    run.send(call(2, "two"))
+    assert run.finish() == 0
+    assert text_of(run.answers()[1]) == "one"
+    assert "exit 77" in text_of(run.answers()[2])
+    assert daemon.calls() == ["one"]
+
+
+def _wait(cond: Any, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
