@@ -15,6 +15,11 @@ at a line boundary is detected too. Rotation by size renames the file to
 starts with a ``rotate`` record that chains from the old file's last hash,
 so the chain runs across the rotated set.
 
+A full disk never lets a call run unrecorded: a call is admitted only while
+the log's filesystem has room, and the log keeps ``RESERVE_BYTES`` allocated
+past its end (``fallocate`` with ``FALLOC_FL_KEEP_SIZE``), so the records of
+calls already running still fit when the disk fills during them.
+
 The chain has no key: it proves that nothing was changed *by someone who did
 not recompute it*. Root or mcp-broker can rewrite the whole trail; the
 syslog mirror (:class:`SyslogMirror`) is the copy that leaves the box.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -74,6 +80,13 @@ _SEVERITY = {
 }
 SYSLOG_MAX_BYTES = 8192
 _HEAD_FORMAT = "{seq:020d} {hash}\n"
+#: space kept allocated past the end of the log (fallocate, keep size) so that
+#: the records of calls already admitted fit even if the disk fills meanwhile
+RESERVE_BYTES = 256 * 1024
+#: a call is admitted only while this much is reserved and this much is free besides
+RESERVE_LOW = 64 * 1024
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 def canonical(record: dict[str, Any]) -> str:
@@ -322,6 +335,26 @@ class SyslogMirror:
             self._sock = None
 
 
+_libc_fallocate: Any = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2), which the os module offers only without its mode (posix_fallocate)."""
+    global _libc_fallocate  # looked up once, on first use
+    if _libc_fallocate is None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.fallocate
+        func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        func.restype = ctypes.c_int
+        _libc_fallocate = (func, ctypes)
+    func, ctypes = _libc_fallocate
+    if func(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 # --- the writer --------------------------------------------------------------------
 
 
@@ -348,6 +381,9 @@ class AuditLog:
         self._prev = GENESIS
         self._seq = 0
         self._size = 0
+        #: end of the space known to be allocated for this file (0: nothing reserved)
+        self._reserved_to = 0
+        self._can_reserve = True
         self.max_bytes = max_bytes
         self.keep = keep
         self.syslog: SyslogMirror | None = None
@@ -447,6 +483,7 @@ class AuditLog:
             notes["missing"] = [seq + 1, anchor[0]]
             seq, prev = anchor
         self._seq, self._prev, self._size = seq, prev, size
+        self._reserved_to = 0
         self._head_fd = os.open(self.head, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         if os.fstat(self._head_fd).st_mode & 0o077:
             os.fchmod(self._head_fd, 0o600)
@@ -529,6 +566,7 @@ class AuditLog:
     def _rotate(self) -> None:
         """audit.jsonl -> .1 -> .2 ...; the new file starts with a record chaining from the old one."""
         old_size = self._size
+        self._release()
         os.close(self._fd)
         self._fd = -1
         directory = os.path.dirname(self.path) or "."
@@ -545,6 +583,7 @@ class AuditLog:
         self._fd = fd
         st = os.fstat(fd)
         self._ino, self._size = (st.st_dev, st.st_ino), st.st_size
+        self._reserved_to = 0
         dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(dfd)
@@ -643,6 +682,60 @@ class AuditLog:
                     self._open_locked()
         if not self.healthy:
             raise Unavailable("broker unavailable: the audit log cannot be written, so no call is served")
+        self.ensure_room(RESERVE_LOW)
+
+    def ensure_room(self, need: int) -> None:
+        """Admit a call only if its records will fit: ``need`` bytes reserved, and room on the disk besides.
+
+        Raises Unavailable (69) otherwise. The reservation is topped up with
+        ``fallocate`` when it runs low; where the filesystem cannot do that,
+        free space alone is checked.
+        """
+        fd = self._fd
+        if fd < 0:
+            raise Unavailable("broker unavailable: the audit log cannot be written, so no call is served")
+        try:
+            st = os.fstatvfs(fd)
+        except OSError as exc:
+            raise Unavailable(
+                f"broker unavailable: the audit log's filesystem cannot be checked ({exc.strerror})"
+            ) from None
+        if st.f_bavail * st.f_frsize < need:
+            raise Unavailable("broker unavailable: the audit log's filesystem is full, so no call is served")
+        if not self._can_reserve or self._reserved_to - self._size >= need:
+            return
+        with self._lock:
+            if self._fd < 0 or self._reserved_to - self._size >= need:
+                return
+            try:
+                _fallocate(self._fd, _FALLOC_FL_KEEP_SIZE, self._size, max(RESERVE_BYTES, 2 * need))
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    self._can_reserve = False
+                    log.warning("the audit log's filesystem cannot reserve space; only free space is checked")
+                    return
+                raise Unavailable(
+                    f"broker unavailable: no room can be reserved for the audit log ({exc.strerror}), "
+                    "so no call is served"
+                ) from None
+            self._reserved_to = self._size + max(RESERVE_BYTES, 2 * need)
+
+    def _release(self) -> None:
+        """Give back the space reserved past the end (lock held)."""
+        if self._fd >= 0 and self._reserved_to > self._size:
+            # ext4 frees blocks past the end on a same-size truncate and ignores a hole punched there;
+            # tmpfs and xfs take the hole
+            with contextlib.suppress(OSError):
+                _fallocate(
+                    self._fd,
+                    _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                    self._size,
+                    self._reserved_to - self._size,
+                )
+            with contextlib.suppress(OSError):
+                if os.fstat(self._fd).st_size == self._size:  # never cut what another writer may have added
+                    os.ftruncate(self._fd, self._size)
+        self._reserved_to = 0
 
     def _close_locked(self) -> None:
         for name in ("_fd", "_head_fd"):
@@ -654,6 +747,7 @@ class AuditLog:
 
     def close(self) -> None:
         with self._lock:
+            self._release()
             self._close_locked()
             if self.syslog is not None:
                 self.syslog.close()

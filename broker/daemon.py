@@ -449,6 +449,7 @@ class Broker:
         entry.update(arg_keys=sorted(args), args_size=len(protocol.dumps(args)), args_digest=digest)
         if settings.log_argument_values:
             entry["args"] = self.redactor.deep(args)
+            self.audit.ensure_room(audit.RESERVE_LOW + entry["args_size"])  # this record is larger than most
         rules.check_args(args)
         if rules.rate is not None:
             retry = self.state.rate_check(rules.rate_key(), *rules.rate)

@@ -136,6 +136,11 @@ class StdioClient:
             self._reader.cancel()
             with contextlib.suppress(BaseException):
                 await self._reader
+        # release the pipes now, not at garbage collection (when the loop may be gone); not public API
+        transport = getattr(proc, "_transport", None)
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                transport.close()
         self._fail_all()
 
     # --- the wire -------------------------------------------------------------------------

@@ -4,7 +4,7 @@ A stdio server that crashes mid-call, one that sleeps past the timeout, one
 that hangs for good (answers nothing, not even a ping), one that floods its
 output, one that exits at start; the daemon killed with SIGKILL; the audit
 log replaced by a directory, and on a full filesystem (a tiny tmpfs mounted
-over the log directory). Each test also checks that the other servers keep
+over the log directory, filled while a call runs). Each test also checks that the other servers keep
 answering and that the next call works once the fault is gone.
 
 The ``stub`` server used here is a few lines of raw JSON-RPC over stdio,
@@ -13,8 +13,9 @@ written into the staging root by a module fixture: unlike the demo server
 one request at a time, so ``hang`` really blocks it, and its ``mark`` tool
 leaves a file behind, so a test can tell whether a call reached the server.
 
-Tests marked ``xfail(strict=True)`` assert the contract and document a bug
-that is known and not yet fixed; the reason names it.
+On the full filesystem, a call already running when the disk fills is
+answered and recorded (the log keeps space reserved past its end), and a
+call arriving after is refused with 69 before its tool runs.
 """
 
 from __future__ import annotations
@@ -436,12 +437,25 @@ def test_audit_log_replaced_by_a_directory_refuses_every_call(live: Installation
 
 @dataclass
 class DiskFull:
+    during: Result
+    during_recorded: bool
     first: Result
     first_seconds: float
     marked: bool
+    marked_recorded: bool
     second: Result
     recovered_after: int | None
     chain_problems: list[str]
+
+
+def _recorded(audit_log: str, tool: str, outcome: str) -> bool:
+    """Whether the audit log holds a record of a call of ``tool`` that ended with ``outcome``."""
+    with open(audit_log, "rb") as fh:
+        for raw in fh:
+            rec = json.loads(raw)
+            if rec.get("op") == "call" and rec.get("tool") == tool and rec.get("outcome") == outcome:
+                return True
+    return False
 
 
 def _fill(directory: str) -> str:
@@ -486,12 +500,19 @@ def disk_full(inst: Installation, stub: str) -> Iterator[DiskFull]:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         inst.start_daemon(wait_servers=("demo", "web", "stub"))
+        # a call already running when the disk fills: admitted with room, so its record must still land
+        running = inst.spawn_mcp("call", "demo.slow", "seconds=2", "--json")
+        time.sleep(1.0)
         filler = _fill(log_dir)
+        out, err = running.communicate(timeout=60)
+        during = Result(running.returncode, out, err)
+        during_recorded = _recorded(inst.paths.audit_log, "demo.slow", "ok")
         mark = f"{stub}/disk-full"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(mark)
         first, took = timed(lambda: inst.mcp("call", "stub.mark", "name=disk-full"))
         marked = os.path.exists(mark)
+        marked_recorded = _recorded(inst.paths.audit_log, "stub.mark", "ok")
         second = inst.mcp("call", "demo.echo", "text=still-full")
         os.unlink(filler)
         recovered = None
@@ -500,7 +521,7 @@ def disk_full(inst: Installation, stub: str) -> Iterator[DiskFull]:
                 recovered = attempt
                 break
         problems = _verify_chain(inst.paths.audit_log)
-        yield DiskFull(first, took, marked, second, recovered, problems)
+        yield DiskFull(during, during_recorded, first, took, marked, marked_recorded, second, recovered, problems)
     finally:
         if inst.daemon is not None:  # its log on the tmpfs is thrown away: no need to wait for a clean stop
             inst.daemon.kill()
@@ -522,12 +543,15 @@ def test_full_disk_refuses_calls_then_recovers_with_an_intact_chain(disk_full: D
     assert disk_full.chain_problems == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/daemon.py Broker._dispatch_gate writes the audit record only after the tool returned: with "
-    "the disk full, audit.check() passes (the file is open and was healthy), the tool runs (its side effect "
-    "happens), then the record fails and the caller gets 69: a call executed with no record of it",
-)
 def test_full_disk_never_runs_a_tool_it_cannot_record(disk_full: DiskFull) -> None:
     assert disk_full.first.code == 69
+    assert disk_full.first_seconds < 5, disk_full.first_seconds  # refused up front, not after a wait
     assert not disk_full.marked, "the tool ran although its call could not be recorded"
+    assert not disk_full.marked_recorded
+
+
+def test_call_running_when_the_disk_fills_is_answered_and_recorded(disk_full: DiskFull) -> None:
+    # the log's reservation (fallocate past its end) holds the record of a call admitted before the disk filled
+    assert disk_full.during.code == 0, disk_full.during
+    assert json.loads(disk_full.during.out)["text"] == "slept 2.0", disk_full.during
+    assert disk_full.during_recorded, "a call was answered but its record is not in the audit log"

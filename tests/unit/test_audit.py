@@ -442,6 +442,83 @@ def test_concurrent_async_records_are_all_written(logdir: str) -> None:
     assert audit.verify(log.path) == []
 
 
+def test_concurrent_records_share_fsyncs_in_order(logdir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = audit.AuditLog(f"{logdir}/audit.jsonl")
+    syncs = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        syncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(audit.os, "fsync", counting_fsync)
+
+    async def many() -> None:
+        await asyncio.gather(*(log.record(id=str(i), op="call") for i in range(200)))
+
+    asyncio.run(many())
+    # group commit: the records that queue behind a write go out together, one fsync a batch
+    assert 1 <= len(syncs) < 50, len(syncs)
+    recs = [json.loads(raw) for raw in lines_of(log.path)]
+    assert [r["id"] for r in recs] == [str(i) for i in range(200)]  # in the order they were recorded
+    assert [r["seq"] for r in recs] == list(range(1, 201))
+    assert audit.verify(log.path) == []
+
+
+def test_a_failed_batch_fails_every_waiter_and_leaves_no_partial_line(
+    logdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = audit.AuditLog(f"{logdir}/audit.jsonl")
+    asyncio.run(log.record(id="before", op="call"))
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audit.os, "fsync", broken_fsync)
+
+    async def many() -> list[BaseException | None]:
+        return await asyncio.gather(*(log.record(id=str(i), op="call") for i in range(20)), return_exceptions=True)
+
+    results = asyncio.run(many())
+    assert all(isinstance(r, Unavailable) for r in results), results
+    monkeypatch.undo()
+    assert [json.loads(raw)["id"] for raw in lines_of(log.path)] == ["before"]
+    asyncio.run(log.record(id="after", op="call"))
+    assert [json.loads(raw)["id"] for raw in lines_of(log.path)] == ["before", "after"]
+    assert audit.verify(log.path) == []
+
+
+def test_check_reserves_room_past_the_end_without_changing_the_size(logdir: str) -> None:
+    log = audit.AuditLog(f"{logdir}/audit.jsonl")
+    asyncio.run(log.record(id="one", op="call"))
+    size = os.stat(log.path).st_size
+    log.check()
+    st = os.stat(log.path)
+    if not log._can_reserve:
+        pytest.skip("this filesystem cannot fallocate with FALLOC_FL_KEEP_SIZE")
+    assert st.st_size == size  # readers never see the reservation
+    assert st.st_blocks * 512 >= size + audit.RESERVE_LOW
+    asyncio.run(log.record(id="two", op="call"))
+    assert [json.loads(raw)["id"] for raw in lines_of(log.path)] == ["one", "two"]
+    log.close()  # gives the reservation back
+    assert os.stat(log.path).st_blocks * 512 < size + audit.RESERVE_LOW
+
+
+def test_check_refuses_when_the_filesystem_is_full(logdir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = audit.AuditLog(f"{logdir}/audit.jsonl")
+    log.check()
+    real = os.fstatvfs
+
+    class Full:
+        def __init__(self, st: os.statvfs_result) -> None:
+            self.f_frsize = st.f_frsize
+            self.f_bavail = 0
+
+    monkeypatch.setattr(audit.os, "fstatvfs", lambda fd: Full(real(fd)))
+    with pytest.raises(Unavailable, match="filesystem is full"):
+        log.check()
+
+
 # --- syslog ------------------------------------------------------------------------------------------
 
 SYSLOG_RE = re.compile(

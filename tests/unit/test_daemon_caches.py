@@ -1,0 +1,120 @@
+"""Unit tests for the daemon's per-call caches: they may only skip work, never a decision.
+
+The allowlist cache is keyed by the (l)stat identities of every file and
+directory the full read would touch, so an edit, a chmod, a replacement by
+a symlink or a new per-user file takes effect on the very next call, and a
+broken file is never served from memory. The passwd cache answers what
+``pwd`` answers. The state caches (pins, freezes) follow every write.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from broker import allowlist
+from broker.daemon import AllowlistCache, UserCache
+from broker.errors import ConfigError
+from broker.paths import Paths
+from broker.state import State
+from tests.unit.conftest import needs_root, write
+
+
+@pytest.fixture
+def paths(tmp_root: str) -> Paths:
+    p = Paths(tmp_root)
+    write(p.allowlist, "demo.echo\n")
+    os.makedirs(p.allowlist_d, 0o755, exist_ok=True)
+    os.chmod(p.etc, 0o755)
+    return p
+
+
+@needs_root
+def test_allowlist_cache_sees_every_change_on_the_next_call(paths: Paths) -> None:
+    cache = AllowlistCache(paths)
+    assert cache.get("alice").allows("demo.echo")
+    write(paths.allowlist, "demo.add\n")  # same size, new content
+    assert not cache.get("alice").allows("demo.echo") and cache.get("alice").allows("demo.add")
+    write(paths.user_allowlist("alice"), "demo.whoami\n")  # a per-user file replaces the global one
+    assert cache.get("alice").allows("demo.whoami") and not cache.get("alice").allows("demo.add")
+    assert cache.get("bob").allows("demo.add")
+    os.unlink(paths.user_allowlist("alice"))
+    assert cache.get("alice").allows("demo.add")
+
+
+@needs_root
+def test_allowlist_cache_fails_closed_at_once_and_never_serves_a_broken_file(paths: Paths) -> None:
+    cache = AllowlistCache(paths)
+    assert cache.get("alice").allows("demo.echo")
+    os.chmod(paths.allowlist, 0o666)
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="writable by group or other"):
+            cache.get("alice")
+    os.chmod(paths.allowlist, 0o644)
+    assert cache.get("alice").allows("demo.echo")
+    os.chmod(paths.etc, 0o777)  # the directory, not the file
+    with pytest.raises(ConfigError, match="directory is writable"):
+        cache.get("alice")
+    os.chmod(paths.etc, 0o755)
+    target = write(f"{paths.root}/elsewhere.txt", "demo.secret\n")
+    os.unlink(paths.allowlist)
+    os.symlink(target, paths.allowlist)
+    with pytest.raises(ConfigError):
+        cache.get("alice")
+    os.unlink(paths.allowlist)
+    write(paths.allowlist, "demo.echo\nnot a tool\n")
+    with pytest.raises(ConfigError, match=":2:"):
+        cache.get("alice")
+
+
+@needs_root
+def test_stat_key_moves_with_content_owner_and_mode(paths: Paths) -> None:
+    key = allowlist.stat_key(paths.allowlist, paths.allowlist_d, "alice")
+    assert allowlist.stat_key(paths.allowlist, paths.allowlist_d, "alice") == key
+    time.sleep(0.01)
+    os.chmod(paths.allowlist, 0o600)
+    assert allowlist.stat_key(paths.allowlist, paths.allowlist_d, "alice") != key
+    assert allowlist.stat_key(paths.allowlist, paths.allowlist_d, "a\0b")[1] is None  # no crash on a NUL
+
+
+def test_user_cache_answers_what_pwd_answers() -> None:
+    users = UserCache()
+    assert users.uid("root") == 0
+    assert users.uid("root") == 0
+    assert users.uid("no-such-user-here") is None
+    assert users.uid("a\0b") is None
+
+
+def test_user_cache_forgets_when_passwd_changes(tmp_path: os.PathLike[str]) -> None:
+    fake = os.path.join(str(tmp_path), "passwd")
+    with open(fake, "w") as fh:
+        fh.write("x\n")
+    users = UserCache(fake)
+    assert users.uid("root") == 0
+    users._uids["root"] = (time.monotonic(), 4242)  # what a stale entry would say
+    assert users.uid("root") == 4242
+    with open(fake, "a") as fh:
+        fh.write("y\n")  # the file changed: nothing remembered survives
+    assert users.uid("root") == 0
+
+
+def test_state_caches_follow_every_write(tmp_path: os.PathLike[str]) -> None:
+    state = State(os.path.join(str(tmp_path), "state.db"))
+    assert state.pin("demo.echo") is None
+    state.set_pin("demo.echo", "h1", "{}")
+    assert state.pin("demo.echo") == ("h1", "{}")
+    state.set_pin("demo.echo", "h2", "{}")
+    assert state.pin("demo.echo") == ("h2", "{}")
+    assert state.frozen_until("alice") is None
+    froze = [state.record_denial("alice", budget=1, window=60, freeze=30) for _ in range(2)]
+    assert froze == [False, True]
+    until = state.frozen_until("alice")
+    assert until is not None and until > time.time()
+    assert state.unfreeze("alice")
+    assert state.frozen_until("alice") is None
+    state.close()
+    again = State(os.path.join(str(tmp_path), "state.db"))  # and what memory said is what the file says
+    assert again.pin("demo.echo") == ("h2", "{}")
+    assert again.frozen_until("alice") is None
