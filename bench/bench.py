@@ -410,20 +410,29 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         lambda v: v >= 15,
         "" if warm else str(pre.get("reason", "not run")),
     )
-    broker = res.get("stdio", {}).get("broker", {})
+    stdio_res = res.get("stdio", {})
+    broker = stdio_res.get("broker", {})
+    direct = stdio_res.get("demo_direct", {})
     if broker.get("available"):
         seq = broker["sequential"]["calls_per_s"]
         pipe = broker["pipelined"]["calls_per_s"]
+        ref = ""
+        if direct.get("available"):
+            ref = (
+                f"; the demo server spoken to directly: {direct['sequential']['calls_per_s']}/s sequential, "
+                f"{direct['pipelined']['calls_per_s']}/s pipelined"
+            )
+        # throughput over one session: the client keeps requests in flight, as MCP clients may
         add(
-            "stdio calls/s (one session, sequential)",
-            seq,
+            f"stdio calls/s (one session, {broker['pipelined']['window']} in flight)",
+            pipe,
             ">= 1500",
             lambda v: v >= 1500,
-            f"pipelined with {broker['pipelined']['window']} in flight: {pipe}/s",
+            f"one at a time (latency-bound): {seq}/s{ref}",
         )
     else:
         add(
-            "stdio calls/s (one session, sequential)",
+            "stdio calls/s (one session)",
             None,
             ">= 1500",
             lambda v: v >= 1500,

@@ -57,10 +57,15 @@ class ServerHandle:
         self.state = "starting"
         self.reason = ""
         self.restarts = 0
-        self._ready = asyncio.Event()
         self._broken = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        #: a connect is in progress (as opposed to waiting out the back-off after a failure)
+        self._attempting = False
+        #: the last attempt never came up (a server failing at start, not one that crashed while serving)
+        self._start_failed = False
+        self._came_up = False
+        self._changed = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.in_flight = 0
 
@@ -104,12 +109,18 @@ class ServerHandle:
         backoff = 0.25
         while not self._stopping:
             started = time.monotonic()
+            self._attempting = True
+            self._came_up = False
             try:
                 await self._session_once()
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - any failure means: reconnect later
                 self._mark_down(_describe_failure(exc))
+            finally:
+                self._attempting = False
+                self._start_failed = not self._came_up
+                self._signal()
             if self._stopping:
                 break
             if time.monotonic() - started > 30:
@@ -135,19 +146,18 @@ class ServerHandle:
             self.tools = tools
             self.client = client
             self.state = "up"
+            self._came_up = True
             self.reason = ""
             self._broken.clear()
-            self._ready.set()
+            self._signal()
             log.info("server %s up with %d tools", self.name, len(tools))
             await self._broken.wait()
             self.client = None
-            self._ready.clear()
             if not self._stopping:
                 raise _Broken(self.reason or "session broke")
 
     def _mark_down(self, reason: str) -> None:
         self.client = None
-        self._ready.clear()
         self.state = "down"
         self.reason = reason
         if not self._stopping:
@@ -165,17 +175,31 @@ class ServerHandle:
     # --- use ----------------------------------------------------------------
 
     async def ready(self, wait: float) -> Client | StdioClient:
-        """The live client, waiting up to ``wait`` seconds for a (re)connect."""
-        if self.client is not None and self.state == "up":
-            return self.client
-        try:
-            await asyncio.wait_for(self._ready.wait(), wait)
-        except TimeoutError:
+        """The live client, waiting up to ``wait`` seconds while a (re)connect is under way.
+
+        A server that crashed while serving is waited for (it restarts within
+        a second or so); one whose last start failed, and that is waiting out
+        its back-off, is refused at once with its reason rather than holding
+        the caller until a retry that would most likely fail again.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            if self.client is not None and self.state == "up":
+                return self.client
             why = f": {self.reason}" if self.reason else ""
-            raise Unavailable(f"server {self.name} is unavailable{why}") from None
-        if self.client is None:
-            raise Unavailable(f"server {self.name} is unavailable")
-        return self.client
+            if self.state == "down" and not self._attempting and self._start_failed:
+                raise Unavailable(f"server {self.name} is unavailable{why} (it is retried in the background)")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise Unavailable(f"server {self.name} is unavailable{why}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def _signal(self) -> None:
+        """Wake everyone waiting in :meth:`ready`: the state changed."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def call(self, tool: str, arguments: dict[str, Any], timeout: float) -> mcp.types.CallToolResult:
         """Call a tool; the daemon's own timeout answers 75, a dead server 69."""

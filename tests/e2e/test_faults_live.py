@@ -362,6 +362,10 @@ def test_server_exiting_at_start_is_named_down_while_the_others_serve(live: Inst
         r, took = timed(lambda: live.mcp("call", "broken.tool", "--timeout", "2"))
         assert r.code == 69 and took < 8, (r, took)
         assert "broken" in one_line(r)
+        # without --timeout too: a server waiting out its back-off is refused at once, with why
+        r, took = timed(lambda: live.mcp("call", "broken.tool"))
+        assert r.code == 69 and took < 3, (r, took)
+        assert "server broken is unavailable" in one_line(r)
     finally:
         os.unlink(conf)
         reload(live)
