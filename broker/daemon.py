@@ -260,7 +260,8 @@ class Broker:
                 except asyncio.IncompleteReadError:
                     return
                 n = protocol.frame_length(header, protocol.MAX_REQUEST_BYTES)
-                payload = await asyncio.wait_for(reader.readexactly(n), 30)
+                async with asyncio.timeout(30):  # not wait_for: that costs a task per request
+                    payload = await reader.readexactly(n)
                 req = protocol.decode_payload(payload)
                 op = protocol.validate_request(req, ops)
                 answer = await dispatch(op, req, peer_uid, conn)

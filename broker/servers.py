@@ -208,8 +208,11 @@ class ServerHandle:
         self.in_flight += 1
         remaining = max(0.01, deadline - time.monotonic())
         try:
-            call = client.call_tool(tool, arguments, read_timeout_seconds=remaining + 1)
-            return await asyncio.wait_for(call, remaining)
+            # asyncio.timeout, not wait_for: wait_for wraps the call in one more task on every call
+            async with asyncio.timeout(remaining):
+                if isinstance(client, StdioClient):
+                    return await client.call_tool(tool, arguments)
+                return await client.call_tool(tool, arguments, read_timeout_seconds=remaining + 1)
         except TimeoutError:
             self._background.add(task := asyncio.create_task(self._check_alive(client)))
             task.add_done_callback(self._background.discard)
@@ -222,6 +225,8 @@ class ServerHandle:
         except (OSError, httpx2.HTTPError) as exc:
             self.mark_broken(_describe_failure(exc))
             raise Unavailable(f"server {self.name} failed during the call (it will be restarted)") from None
+        except RuntimeError as exc:  # the SDK client's verdict on structured content that breaks its schema
+            raise mcp.MCPError(-32603, str(exc)[:500]) from None
         finally:
             self.in_flight -= 1
 

@@ -272,12 +272,11 @@ class StdioClient:
     async def call_tool(
         self, name: str, arguments: dict[str, Any], read_timeout_seconds: float | None = None
     ) -> mcp.types.CallToolResult:
-        if read_timeout_seconds is None:
+        if read_timeout_seconds is None:  # the caller bounds the wait (the daemon does, with its call timeout)
             raw = await self._request("tools/call", {"name": name, "arguments": arguments})
         else:
-            raw = await asyncio.wait_for(
-                self._request("tools/call", {"name": name, "arguments": arguments}), read_timeout_seconds
-            )
+            async with asyncio.timeout(read_timeout_seconds):
+                raw = await self._request("tools/call", {"name": name, "arguments": arguments})
         try:
             result = mcp.types.CallToolResult.model_validate(raw)
         except ValueError as exc:

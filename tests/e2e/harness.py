@@ -266,9 +266,10 @@ env_file = "{p.secrets}/demo.env"
         """The agent's own command: ``mcp ARGS`` through the installed shim and sudo."""
         return self.as_user(user, self.paths.mcp, *argv, stdin=stdin, timeout=timeout)
 
-    def spawn_mcp(self, *argv: str, user: str = AGENT1) -> subprocess.Popen[str]:
+    def spawn_mcp(self, *argv: str, user: str = AGENT1, stdin: bool = False) -> subprocess.Popen[str]:
         return subprocess.Popen(
             [RUNUSER, "-u", user, "--", self.paths.mcp, *argv],
+            stdin=subprocess.PIPE if stdin else None,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -405,6 +405,72 @@ def test_daemon_killed_gate_answers_69_at_once_and_recovers_after_restart(live: 
     assert (r.code, r.out) == (0, "back\n"), r
 
 
+class _Stdio:
+    """``mcp stdio`` as the agent, driven with raw JSON-RPC lines."""
+
+    def __init__(self, live: Installation) -> None:
+        self.proc = live.spawn_mcp("stdio", stdin=True)
+        self.buf = ""
+        self.next_id = 0
+        self.request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}})
+
+    def request(self, method: str, params: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+        import select
+
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.next_id += 1
+        self.proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params}))
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while True:
+            while "\n" in self.buf:
+                line, self.buf = self.buf.split("\n", 1)
+                msg = json.loads(line)
+                if msg.get("id") == self.next_id:
+                    return dict(msg)
+            left = deadline - time.monotonic()
+            assert left > 0, f"no answer to {method} within {timeout} s"
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            if ready:
+                chunk = os.read(self.proc.stdout.fileno(), 65536).decode()
+                assert chunk, "the stdio session ended"
+                self.buf += chunk
+
+    def call(self, text: str) -> tuple[bool, str]:
+        result = self.request("tools/call", {"name": "demo.echo", "arguments": {"text": text}})["result"]
+        return bool(result["isError"]), str(result["content"][0]["text"])
+
+
+def test_stdio_session_outlives_a_daemon_restart(live: Installation) -> None:
+    session = _Stdio(live)
+    try:
+        assert session.call("before") == (False, "before")
+        assert live.daemon is not None
+        live.daemon.kill()
+        live.daemon.wait()
+        live.daemon = None
+        started = time.monotonic()
+        is_error, text = session.call("while-down")
+        assert is_error and "exit 69" in text and "broker unavailable" in text, text
+        assert time.monotonic() - started < 3
+        live.start_daemon()
+        # the session's idle connections died with the old daemon: it reconnects, and nothing runs twice
+        assert session.call("after") == (False, "after")
+        # restarted between two calls: the stale idle connection is replaced, the call is not failed
+        live.stop_daemon()
+        live.start_daemon()
+        assert session.call("again") == (False, "again")
+        assert session.proc.poll() is None
+    finally:
+        live.kill_tree(session.proc)
+    with open(live.paths.audit_log, encoding="utf-8") as fh:
+        texts = [
+            r.get("arg_keys") for r in map(json.loads, fh) if r.get("op") == "call" and r.get("tool") == "demo.echo"
+        ]
+    assert texts  # calls were audited by both daemons
+
+
 # --- the audit log unwritable ----------------------------------------------------------------------
 
 

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from broker import protocol, stdio
 from broker.paths import Paths
@@ -324,3 +326,73 @@ def _wait(cond: Any, timeout: float = 5) -> None:
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+# --- fuzzing: whatever the client sends, the session answers sanely and ends cleanly -----------------
+
+_ids = st.one_of(
+    st.integers(-(2**40), 2**40), st.text(max_size=8), st.none(), st.floats(allow_nan=False), st.booleans()
+)
+_params = st.one_of(
+    st.none(),
+    st.just({}),
+    st.fixed_dictionaries({"name": st.sampled_from(["demo.echo", "demo.secret", "x", "", "../etc"])}),
+    st.fixed_dictionaries(
+        {
+            "name": st.sampled_from(["demo.echo", "demo.echo.x"]),
+            "arguments": st.one_of(st.none(), st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3)),
+        }
+    ),
+    st.lists(st.integers(), max_size=2),
+)
+_methods = st.sampled_from(["initialize", "ping", "tools/list", "tools/call", "resources/list", "", "x" * 300])
+_message = st.fixed_dictionaries(
+    {"jsonrpc": st.sampled_from(["2.0", "1.0"]), "method": _methods},
+    optional={"id": _ids, "params": _params},
+)
+_line = st.one_of(
+    _message.map(lambda m: json.dumps(m).encode()),
+    st.binary(max_size=40).filter(lambda b: b"\n" not in b),
+    st.just(b"[1, 2]"),
+    st.just(b'{"jsonrpc": "2.0", "id": 1, "result": {}}'),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(_line, max_size=25))
+def test_random_input_gets_well_formed_answers_and_a_clean_end(
+    root: str, daemon: FakeDaemon, lines: list[bytes]
+) -> None:
+    before = len(daemon.calls())
+    run = Run(root)
+    os.write(run.w, b"".join(line + b"\n" for line in lines))
+    assert run.finish() == 0
+    out = [json.loads(raw) for raw in run.out.getvalue().decode().splitlines()]
+    for message in out:
+        assert message["jsonrpc"] == "2.0"
+        assert ("result" in message) != ("error" in message) or message.get("method")
+    requests = []
+    for raw in lines:
+        try:
+            m = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(m, dict) and "id" in m:
+            requests.append(m)
+    # never more than one answer per message that carried an id, and only with ids that were sent
+    answered = [m["id"] for m in out if m.get("id") is not None]
+    sent_ids = [m["id"] for m in requests]
+    for answer_id in set(map(json.dumps, answered)):
+        assert [json.dumps(i) for i in answered].count(answer_id) <= [json.dumps(i) for i in sent_ids].count(answer_id)
+    # a call reaches the daemon only for an allowed tool, sent as a well-formed request
+    forwarded = daemon.calls()[before:]
+    allowed_calls = [
+        m
+        for m in requests
+        if m.get("method") == "tools/call"
+        and isinstance(m.get("params"), dict)
+        and m["params"].get("name") == "demo.echo"
+        and type(m.get("id")) in (int, str)
+        and m.get("jsonrpc") == "2.0"
+    ]
+    assert len(forwarded) <= len(allowed_calls)
