@@ -141,7 +141,7 @@ class Broker:
         self.gate_uid = gate_uid
         self.allowlists = AllowlistCache(paths)
         self._users = UserCache()
-        self._digests: dict[int, tuple[mcp.types.Tool, str, str]] = {}
+        self._digests: dict[str, tuple[mcp.types.Tool, str, str]] = {}
         self.audit = audit.AuditLog(paths.audit_log, **audit.options(cfg.settings))
         self.state = State(f"{paths.state}/state.db")
         self.redactor = Redactor(cfg.secrets())
@@ -414,14 +414,12 @@ class Broker:
     def pin_state(self, action: str, spec: mcp.types.Tool) -> str:
         """'pinned' (first sight records the pin), or 'changed'."""
         # a listed definition never changes in place (a re-list brings new objects): hash it once
-        hit = self._digests.get(id(spec))
+        hit = self._digests.get(action)
         if hit is not None and hit[0] is spec:
             digest, definition = hit[1], hit[2]
         else:
             digest, definition = tool_digest(spec)
-            if len(self._digests) > 10000:
-                self._digests.clear()
-            self._digests[id(spec)] = (spec, digest, definition)
+            self._digests[action] = (spec, digest, definition)  # one entry per action: bounded
         pinned = self.state.pin(action)
         if pinned is None:
             self.state.set_pin(action, digest, definition)
