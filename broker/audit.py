@@ -384,6 +384,8 @@ class AuditLog:
         #: end of the space known to be allocated for this file (0: nothing reserved)
         self._reserved_to = 0
         self._can_reserve = True
+        #: why the last call was refused for want of room ("" while there is room), for status
+        self.room_problem = ""
         self.max_bytes = max_bytes
         self.keep = keep
         self.syslog: SyslogMirror | None = None
@@ -699,6 +701,14 @@ class AuditLog:
         ``fallocate`` when it runs low; where the filesystem cannot do that,
         free space alone is checked.
         """
+        try:
+            self._ensure_room(need)
+        except Unavailable as exc:
+            self.room_problem = exc.message
+            raise
+        self.room_problem = ""
+
+    def _ensure_room(self, need: int) -> None:
         fd = self._fd
         if fd < 0:
             raise Unavailable("broker unavailable: the audit log cannot be written, so no call is served")

@@ -731,7 +731,7 @@ class Broker:
             "version": __version__,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
-            "audit": "ok" if self.audit.healthy else self.audit.error,
+            "audit": self.audit.error if not self.audit.healthy else (self.audit.room_problem or "ok"),
             "servers": [
                 {
                     "name": h.name,

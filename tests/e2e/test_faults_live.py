@@ -516,6 +516,8 @@ class DiskFull:
     second: Result
     recovered_after: int | None
     chain_problems: list[str]
+    status_full: str
+    status_after: str
 
 
 def _recorded(audit_log: str, tool: str, outcome: str) -> bool:
@@ -584,6 +586,7 @@ def disk_full(inst: Installation, stub: str) -> Iterator[DiskFull]:
         marked = os.path.exists(mark)
         marked_recorded = _recorded(inst.paths.audit_log, "stub.mark", "ok")
         second = inst.mcp("call", "demo.echo", "text=still-full")
+        status_full = json.loads(inst.ctl("status", "--json").out)["audit"]
         os.unlink(filler)
         recovered = None
         for attempt in range(1, 4):
@@ -591,7 +594,20 @@ def disk_full(inst: Installation, stub: str) -> Iterator[DiskFull]:
                 recovered = attempt
                 break
         problems = _verify_chain(inst.paths.audit_log)
-        yield DiskFull(during, during_recorded, first, took, marked, marked_recorded, second, recovered, problems)
+        status_after = json.loads(inst.ctl("status", "--json").out)["audit"]
+        yield DiskFull(
+            during,
+            during_recorded,
+            first,
+            took,
+            marked,
+            marked_recorded,
+            second,
+            recovered,
+            problems,
+            status_full,
+            status_after,
+        )
     finally:
         if inst.daemon is not None:  # its log on the tmpfs is thrown away: no need to wait for a clean stop
             inst.daemon.kill()
@@ -611,6 +627,9 @@ def test_full_disk_refuses_calls_then_recovers_with_an_intact_chain(disk_full: D
     assert disk_full.second.out == ""  # nothing served while the log cannot be written
     assert disk_full.recovered_after is not None and disk_full.recovered_after <= 2, disk_full
     assert disk_full.chain_problems == []
+    # the operator's status says why calls are refused, and clears once there is room
+    assert "filesystem is full" in disk_full.status_full, disk_full.status_full
+    assert disk_full.status_after == "ok"
 
 
 def test_full_disk_never_runs_a_tool_it_cannot_record(disk_full: DiskFull) -> None:

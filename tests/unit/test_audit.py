@@ -517,6 +517,10 @@ def test_check_refuses_when_the_filesystem_is_full(logdir: str, monkeypatch: pyt
     monkeypatch.setattr(audit.os, "fstatvfs", lambda fd: Full(real(fd)))
     with pytest.raises(Unavailable, match="filesystem is full"):
         log.check()
+    assert "filesystem is full" in log.room_problem  # what status shows
+    monkeypatch.undo()
+    log.check()
+    assert log.room_problem == ""
 
 
 # --- syslog ------------------------------------------------------------------------------------------
