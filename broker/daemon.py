@@ -328,7 +328,7 @@ class Broker:
                 decision=entry.get("decision") or _decision(exc),
                 outcome=entry.get("outcome") or _decision(exc),
                 exit=exc.exit_code,
-                reason=message,
+                reason=_bounded(message),
                 duration_ms=round((time.monotonic() - started) * 1000, 3),
             )
             froze = await self._count_denial(caller, exc)
@@ -445,7 +445,7 @@ class Broker:
         spec = await self._tool(handle, tool, min(timeout, READY_WAIT))
         args = build_arguments(req["kv"], req["args"], spec.input_schema or {})
         digest = audit.args_digest(args)
-        entry.update(arg_keys=sorted(args), args_size=len(protocol.dumps(args)), args_digest=digest)
+        entry.update(_arg_keys(args), args_size=len(protocol.dumps(args)), args_digest=digest)
         if settings.log_argument_values:
             entry["args"] = self.redactor.deep(args)
             self.audit.ensure_room(audit.RESERVE_LOW + entry["args_size"])  # this record is larger than most
@@ -766,6 +766,27 @@ class Broker:
 
 
 _DECISIONS = {77: "deny", 78: "config_error", 65: "rejected", 69: "unavailable", 75: "tempfail", 64: "usage"}
+
+
+#: the audit log's reservation covers records this size (audit.RESERVE_LOW is several of them)
+MAX_AUDIT_TEXT = 4096
+MAX_AUDIT_KEYS = 64
+
+
+def _bounded(text: str) -> str:
+    """A reason for the audit record: a server's error text can be any size, a record may not."""
+    if len(text) <= MAX_AUDIT_TEXT:
+        return text
+    return text[:MAX_AUDIT_TEXT] + f" [... {len(text) - MAX_AUDIT_TEXT} more characters]"
+
+
+def _arg_keys(args: dict[str, Any]) -> dict[str, Any]:
+    """``arg_keys`` for the audit record, bounded like every field (the count says what was cut)."""
+    keys = sorted(args)
+    if len(keys) <= MAX_AUDIT_KEYS and sum(len(k) for k in keys) <= MAX_AUDIT_TEXT:
+        return {"arg_keys": keys}
+    kept = [k[:64] for k in keys[:MAX_AUDIT_KEYS]]
+    return {"arg_keys": kept, "arg_keys_total": len(keys)}
 
 
 def _decision(exc: PrivsepError) -> str:

@@ -450,3 +450,18 @@ def test_follow_shows_a_call_as_it_happens(live: Installation) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_an_agent_cannot_bloat_a_record_with_thousands_of_argument_keys(live: Installation) -> None:
+    # a record's size must stay within what the log keeps reserved, whatever the agent sends
+    seq = last_seq(live.paths)
+    many: dict[str, Any] = {f"key_{i:05d}_{'x' * 40}": i for i in range(5000)}
+    many["text"] = "hi"
+    r = live.mcp("call", "demo.echo", "--args", "-", stdin=json.dumps(many))
+    assert (r.code, r.out) == (0, "hi\n"), r  # the server ignores what it does not know
+    recs = [x for x in since(live.paths, seq) if x.get("op") == "call" and x.get("tool") == "demo.echo"]
+    assert len(recs) == 1, recs
+    rec = recs[0]
+    assert rec["arg_keys_total"] == 5001 and len(rec["arg_keys"]) <= 64, rec["arg_keys_total"]
+    assert rec["args_digest"] == audit.args_digest(many)
+    assert len(audit.canonical(rec)) < 16 * 1024
