@@ -226,6 +226,32 @@ def stat_key(allowlist: str, allowlist_d: str, user: str) -> tuple[object, ...]:
     )
 
 
+class Cache:
+    """Parsed allowlists per caller, reused while :func:`stat_key` holds, otherwise read in full.
+
+    A read that fails (any :func:`locate` or parse error) is never cached, so
+    a broken file denies every call until it is fixed.
+    """
+
+    def __init__(self, allowlist: str, allowlist_d: str) -> None:
+        self.allowlist = allowlist
+        self.allowlist_d = allowlist_d
+        self._entries: dict[str, tuple[tuple[object, ...], Allowlist]] = {}
+
+    def get(self, user: str) -> Allowlist:
+        # the identities are taken before the full read: a change racing the read moves them again
+        key = stat_key(self.allowlist, self.allowlist_d, user)
+        hit = self._entries.get(user)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        data, path, _st = locate(self.allowlist, self.allowlist_d, user)
+        parsed = from_bytes(data, path)
+        if len(self._entries) > 4096:
+            self._entries.clear()
+        self._entries[user] = (key, parsed)
+        return parsed
+
+
 def decode(data: bytes, path: str) -> str:
     """Decode as strict UTF-8, reporting the line and column of a bad byte."""
     try:

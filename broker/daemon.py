@@ -57,27 +57,6 @@ HEALTH_INTERVAL = 10.0
 READY_WAIT = 10.0
 
 
-class AllowlistCache:
-    """Per-user parsed allowlists, re-validated when the file's stat changes."""
-
-    def __init__(self, paths: Paths) -> None:
-        self.paths = paths
-        self._cache: dict[str, tuple[tuple[Any, ...], allowlist.Allowlist]] = {}
-
-    def get(self, user: str) -> allowlist.Allowlist:
-        # the stat identities are taken before the full read: a change racing the read moves them again
-        key = allowlist.stat_key(self.paths.allowlist, self.paths.allowlist_d, user)
-        hit = self._cache.get(user)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        data, path, _st = allowlist.locate(self.paths.allowlist, self.paths.allowlist_d, user)
-        parsed = allowlist.from_bytes(data, path)
-        if len(self._cache) > 4096:
-            self._cache.clear()
-        self._cache[user] = (key, parsed)
-        return parsed
-
-
 class UserCache:
     """Name -> uid from the passwd database, remembered while ``/etc/passwd`` is unchanged.
 
@@ -139,7 +118,7 @@ class Broker:
         self.paths = paths
         self.cfg = cfg
         self.gate_uid = gate_uid
-        self.allowlists = AllowlistCache(paths)
+        self.allowlists = allowlist.Cache(paths.allowlist, paths.allowlist_d)
         self._users = UserCache()
         self._digests: dict[str, tuple[mcp.types.Tool, str, str]] = {}
         self.audit = audit.AuditLog(paths.audit_log, **audit.options(cfg.settings))

@@ -64,7 +64,6 @@ class ServerHandle:
         self._attempting = False
         #: the last attempt never came up (a server failing at start, not one that crashed while serving)
         self._start_failed = False
-        self._came_up = False
         self._changed = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.in_flight = 0
@@ -96,7 +95,7 @@ class ServerHandle:
                 env=env,
                 cwd=srv.spec.cwd or env.get("HOME"),
                 errlog=self.errlog,
-                on_close=self._on_close,
+                on_close=self.mark_broken,  # an exited server is restarted now, not at the next ping
                 client_version=__version__,
             )
         assert srv.url is not None
@@ -110,7 +109,7 @@ class ServerHandle:
         while not self._stopping:
             started = time.monotonic()
             self._attempting = True
-            self._came_up = False
+            self._start_failed = True  # until this attempt comes up
             try:
                 await self._session_once()
             except asyncio.CancelledError:
@@ -119,7 +118,6 @@ class ServerHandle:
                 self._mark_down(_describe_failure(exc))
             finally:
                 self._attempting = False
-                self._start_failed = not self._came_up
                 self._signal()
             if self._stopping:
                 break
@@ -146,7 +144,7 @@ class ServerHandle:
             self.tools = tools
             self.client = client
             self.state = "up"
-            self._came_up = True
+            self._start_failed = False
             self.reason = ""
             self._broken.clear()
             self._signal()
@@ -162,10 +160,6 @@ class ServerHandle:
         self.reason = reason
         if not self._stopping:
             log.warning("server %s down: %s", self.name, reason)
-
-    def _on_close(self, why: str) -> None:
-        """The stdio server's output ended (it exited or broke): restart it now, not at the next ping."""
-        self.mark_broken(why)
 
     def mark_broken(self, reason: str) -> None:
         if self.state == "up":

@@ -112,7 +112,7 @@ class Session:
         self.busy: dict[int, _Link] = {}
         self.backlog: deque[_Job] = deque()
         self._out: list[bytes] = []
-        self._parsed: tuple[tuple[object, ...], allowlist.Allowlist] | None = None
+        self.allowlists = allowlist.Cache(paths.allowlist, paths.allowlist_d)
         self.allowlist_key = self._allowlist_key()
 
     # --- output ---------------------------------------------------------------
@@ -152,13 +152,8 @@ class Session:
 
     def check(self, tool: str | None) -> None:
         """The gate's own check on each request: a stat-keyed cache of the full, fail-closed read."""
-        key = allowlist.stat_key(self.paths.allowlist, self.paths.allowlist_d, self.user)
-        parsed = self._parsed
-        if parsed is None or parsed[0] != key:
-            data, path, _st = allowlist.locate(self.paths.allowlist, self.paths.allowlist_d, self.user)
-            parsed = (key, allowlist.from_bytes(data, path))
-            self._parsed = parsed
-        if tool is not None and not parsed[1].allows(tool):
+        allowed = self.allowlists.get(self.user)  # raises ConfigError on a broken file
+        if tool is not None and not allowed.allows(tool):
             raise Denied(f"denied: {tool} is not in the allowlist for {self.user}")
 
     # --- requests -------------------------------------------------------------

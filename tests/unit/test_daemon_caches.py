@@ -1,6 +1,7 @@
 """Unit tests for the daemon's per-call caches: they may only skip work, never a decision.
 
-The allowlist cache is keyed by the (l)stat identities of every file and
+The allowlist cache (``allowlist.Cache``, used by the daemon and by the
+``mcp stdio`` session) is keyed by the (l)stat identities of every file and
 directory the full read would touch, so an edit, a chmod, a replacement by
 a symlink or a new per-user file takes effect on the very next call, and a
 broken file is never served from memory. The passwd cache answers what
@@ -15,7 +16,7 @@ import time
 import pytest
 
 from broker import allowlist
-from broker.daemon import AllowlistCache, UserCache
+from broker.daemon import UserCache
 from broker.errors import ConfigError
 from broker.paths import Paths
 from broker.state import State
@@ -33,7 +34,7 @@ def paths(tmp_root: str) -> Paths:
 
 @needs_root
 def test_allowlist_cache_sees_every_change_on_the_next_call(paths: Paths) -> None:
-    cache = AllowlistCache(paths)
+    cache = allowlist.Cache(paths.allowlist, paths.allowlist_d)
     assert cache.get("alice").allows("demo.echo")
     write(paths.allowlist, "demo.add\n")  # same size, new content
     assert not cache.get("alice").allows("demo.echo") and cache.get("alice").allows("demo.add")
@@ -46,7 +47,7 @@ def test_allowlist_cache_sees_every_change_on_the_next_call(paths: Paths) -> Non
 
 @needs_root
 def test_allowlist_cache_fails_closed_at_once_and_never_serves_a_broken_file(paths: Paths) -> None:
-    cache = AllowlistCache(paths)
+    cache = allowlist.Cache(paths.allowlist, paths.allowlist_d)
     assert cache.get("alice").allows("demo.echo")
     os.chmod(paths.allowlist, 0o666)
     for _ in range(2):
