@@ -2,7 +2,7 @@
 
 ``mcp`` is a small shell script: it hands its arguments, untouched, to
 ``sudo -n -u mcp-gate /usr/local/sbin/mcp-gate``. Only ``mcp skill`` and
-calls with a ``key=@path`` argument go through ``agent/cli.py`` first, which
+calls with a ``key=@path`` argument go through ``agent/helper.py`` first, which
 runs as the agent (so it reads only what the agent may read) and then calls
 the same gate. Nothing here is trusted: the gate checks everything again.
 """

@@ -137,8 +137,8 @@ def allowlist_cost(t: Target, rounds: int, per_round: int) -> dict[str, Any]:
     """
     from profile_gate import cold_timeline
 
-    from broker import gate
-    from broker.daemon import AllowlistCache
+    from broker.core.allowlist import Cache
+    from broker.gate import verbs as gate
 
     path = t.effective_allowlist()
     texts = {10: allowlist_text(10), 10_000: allowlist_text(10_000)}
@@ -153,7 +153,7 @@ def allowlist_cost(t: Target, rounds: int, per_round: int) -> dict[str, Any]:
         for lines in (10, 10_000):
             put(texts[lines])
             gate_ms[lines] = _time_in_process(lambda: gate.check_allowlist(t.paths, t.agent, "demo.echo"))
-            cache = AllowlistCache(t.paths)
+            cache = Cache(t.paths.allowlist, t.paths.allowlist_d)
             daemon_ms[lines] = _time_in_process(lambda c=cache: c.get(t.agent).allows("demo.echo"))  # type: ignore[misc]
             cold[lines] = cold_timeline(t, max(10, rounds * 2))
         for _ in range(rounds):
@@ -415,7 +415,7 @@ def demo_server_command(t: Target) -> list[str]:
     """How the installation runs its demo server (so extra servers and the precedent run the same)."""
     fallback = [sys.executable, "-m", "mcp_servers.demo"]
     try:
-        from broker import config
+        from broker.daemon import config
 
         server = config.load(t.paths).servers["demo"]
     except Exception as exc:  # noqa: BLE001 - any config trouble: fall back to this interpreter

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker import protocol
-from broker.paths import BROKER_USER, GATE_USER, Paths
+from broker.core import protocol
+from broker.core.paths import BROKER_USER, GATE_USER, Paths
 
 #: the environment every agent process gets: nothing of ours leaks into it
 AGENT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}

@@ -73,17 +73,18 @@ _m = time.monotonic
 T = {"start": _m()}
 import sys
 sys.path.append(SITE)
-from broker import gate
+from broker.gate import verbs as gate
+from broker.core import wire
 import posix
 T["imported"] = _m()
-_check, _exchange, _parse = gate.check_allowlist, gate.exchange, gate.parse_argv
+_check, _exchange, _parse = gate.check_allowlist, wire.exchange, gate.parse_argv
 def parse(*a, **k):
     T["parse0"] = _m(); r = _parse(*a, **k); T["parse1"] = _m(); return r
 def check(*a, **k):
     T["allow0"] = _m(); r = _check(*a, **k); T["allow1"] = _m(); return r
 def exchange(*a, **k):
     T["sock0"] = _m(); r = _exchange(*a, **k); T["sock1"] = _m(); return r
-gate.parse_argv, gate.check_allowlist, gate.exchange = parse, check, exchange
+gate.parse_argv, gate.check_allowlist, wire.exchange = parse, check, exchange
 T["harden0"] = _m()
 posix.chdir("/"); posix.umask(0o077); posix.closerange(3, 1 << 20)
 sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")
@@ -170,8 +171,8 @@ def importtime(target: Target, runs: int = 15) -> dict[str, Any]:
                 name = m.group(4)
                 per.setdefault(name, []).append(int(m.group(2)))
                 self_us.setdefault(name, []).append(int(m.group(1)))
-    if "broker.gate" not in per:
-        raise BenchError("importtime: broker.gate was not imported by the gate script")
+    if "broker.gate.verbs" not in per:
+        raise BenchError("importtime: broker.gate.verbs was not imported by the gate script")
     # (module, median self µs, median cumulative µs), by self time
     rows = sorted(
         (
@@ -183,7 +184,7 @@ def importtime(target: Target, runs: int = 15) -> dict[str, Any]:
     ours = ("_socket", "_json", "__future__")  # what the gate imports besides broker.*
     startup = [row for row in rows if not row[0].startswith("broker") and row[0] not in ours]
     return {
-        "broker_gate_cumulative_us": int(percentile([float(x) for x in per["broker.gate"]], 50)),
+        "broker_gate_cumulative_us": int(percentile([float(x) for x in per["broker.gate.verbs"]], 50)),
         "interpreter_startup_imports_us": sum(row[1] for row in startup),
         "top_self_us": [{"module": m, "self_us": s, "cumulative_us": c} for m, s, c in rows[:12]],
     }
@@ -191,7 +192,7 @@ def importtime(target: Target, runs: int = 15) -> dict[str, Any]:
 
 def in_process(target: Target, n: int) -> dict[str, Any]:
     """The gate's steps timed in this (warm) process: argv parse, allowlist, round trip."""
-    from broker import gate  # the bench runs with the installation's virtualenv: the same code
+    from broker.gate import verbs as gate  # the bench runs with the installation's virtualenv: the same code
 
     argv = ["call", "demo.echo", "text=hi"]
     t: dict[str, list[float]] = {"parse_argv": [], "allowlist": [], "roundtrip": []}
@@ -276,7 +277,7 @@ def profile(target: Target, rounds: int = 40) -> dict[str, Any]:
         "sudo_true": (["sudo", "-n", "-u", "mcp-gate", "/bin/true"], None, None),
         "python_pass": ([py, "-IS", "-c", "pass"], None, None),
         "python_import_gate": (
-            [py, "-IS", "-c", f"import sys; sys.path.append({site!r}); import broker.gate"],
+            [py, "-IS", "-c", f"import sys; sys.path.append({site!r}); import broker.gate.verbs"],
             None,
             None,
         ),

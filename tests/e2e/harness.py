@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.paths import Paths
+from broker.core.paths import Paths
 
 AGENT1 = "mcpt-agent1"
 AGENT2 = "mcpt-agent2"

@@ -69,7 +69,7 @@ server.run()
 
 
 def _entries(path: str) -> list[str]:
-    from broker import allowlist
+    from broker.core import allowlist
 
     return list(allowlist.from_bytes(Path(path).read_bytes(), path).actions)
 

@@ -70,7 +70,7 @@ def test_daemon_rechecks_even_if_the_gate_were_bypassed(live: Installation) -> N
     # speak the protocol directly (as root, which gate.sock admits) for a tool the caller may not use
     import socket
 
-    from broker import protocol
+    from broker.core import protocol
 
     live.set_allowlist("demo.whoami\n")
     s = socket.socket(socket.AF_UNIX)

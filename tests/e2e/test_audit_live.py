@@ -29,8 +29,9 @@ from typing import Any
 
 import pytest
 
-from broker import audit, protocol
-from broker.paths import Paths
+from broker.core import protocol
+from broker.core.paths import Paths
+from broker.daemon import audit
 from tests.e2e.harness import AGENT1, AGENT2, CTL, Installation, Result
 
 CALL_OPS = ("call", "report", "list", "describe", "status")

@@ -475,7 +475,7 @@ def test_stdio_session_outlives_a_daemon_restart(live: Installation) -> None:
 
 
 def _verify_chain(path: str) -> list[str]:
-    from broker import audit
+    from broker.daemon import audit
 
     verify_set = getattr(audit, "verify_set", None)  # the whole trail and its anchor, where supported
     if verify_set is not None:

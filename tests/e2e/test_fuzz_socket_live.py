@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from broker import protocol
+from broker.core import protocol
 from tests.e2e.harness import AGENT1, ALLOWLIST, Installation
 
 MAX = protocol.MAX_REQUEST_BYTES

@@ -21,8 +21,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import admin_edit, allowlist
-from broker.errors import ConfigError, PrivsepError, UsageError
+from broker.admin import allowlist_edit as admin_edit
+from broker.core import allowlist
+from broker.core.errors import ConfigError, PrivsepError, UsageError
 from tests.unit.conftest import write
 
 SAMPLE = """\

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import allowlist
-from broker.allowlist import Allowlist, contains_line, from_bytes, parse
-from broker.errors import EX_CONFIG, ConfigError
+from broker.core import allowlist, names
+from broker.core.allowlist import Allowlist, contains_line, from_bytes, parse
+from broker.core.errors import EX_CONFIG, ConfigError
 from tests.unit.conftest import NOBODY_UID, needs_root, write
 
 P = "/etc/mcp-privsep/allowed-actions.txt"
@@ -59,7 +59,7 @@ def test_empty_and_comment_only_files_have_no_entries() -> None:
 
 
 def test_dots_dashes_underscores_and_max_length_tool() -> None:
-    tool = "t" * allowlist.MAX_TOOL_NAME
+    tool = "t" * names.MAX_TOOL_NAME
     text = f"srv-1_X.a.b-c_d\nsrv.{tool}\nA-_9.0\n"
     assert parse(text, P) == (["srv-1_X.a.b-c_d", f"srv.{tool}", "A-_9.0"], [])
 
@@ -98,7 +98,7 @@ BAD_LINES = [
     (".tool", 1, "empty server name"),
     ("srv.", 5, "empty tool name"),
     ("  srv.", 7, "empty tool name"),
-    ("s." + "t" * (allowlist.MAX_TOOL_NAME + 1), 3, "longer than 128"),
+    ("s." + "t" * (names.MAX_TOOL_NAME + 1), 3, "longer than 128"),
     ("a.b c", 5, "unexpected text after the entry"),
     ("a.b\tc.d", 5, "unexpected text after the entry"),
     ("a.b   x # comment", 7, "unexpected text after the entry"),
@@ -247,35 +247,35 @@ def test_allows_equals_set_membership(query: str) -> None:
 
 
 def test_action_error_matches_parser_rules() -> None:
-    assert allowlist.action_error("demo.echo") is None
-    assert allowlist.action_error("a.b.c") is None
-    assert "wildcard" in (allowlist.action_error("files.*") or "")
-    assert allowlist.action_error("demo") == "expected server.tool"
-    assert allowlist.action_error(".echo") == "empty server name"
-    assert allowlist.action_error("demo.") == "empty tool name"
-    assert allowlist.action_error("demo.echo ") is not None
-    assert allowlist.action_error("demo." + "e" * 129) is not None
-    assert allowlist.action_error("demo." + "e" * 128) is None
+    assert names.action_error("demo.echo") is None
+    assert names.action_error("a.b.c") is None
+    assert "wildcard" in (names.action_error("files.*") or "")
+    assert names.action_error("demo") == "expected server.tool"
+    assert names.action_error(".echo") == "empty server name"
+    assert names.action_error("demo.") == "empty tool name"
+    assert names.action_error("demo.echo ") is not None
+    assert names.action_error("demo." + "e" * 129) is not None
+    assert names.action_error("demo." + "e" * 128) is None
 
 
 @pytest.mark.parametrize("user", ["alice", "moltbot", "a.b", "svc$", "A_1-x", "u" * 64])
 def test_valid_user_names(user: str) -> None:
-    assert allowlist.valid_user_name(user)
+    assert names.valid_user_name(user)
 
 
 @pytest.mark.parametrize(
     "user", ["", ".", "..", ".hidden", "-x", "a/b", "../etc/passwd", "a b", "u" * 65, "é", "a\x00"]
 )
 def test_invalid_user_names(user: str) -> None:
-    assert not allowlist.valid_user_name(user)
+    assert not names.valid_user_name(user)
 
 
 # --- contains_line agrees with parse (property) --------------------------------
 
 _SMALL_SERVER = st.text(alphabet="ab_-", min_size=1, max_size=4)
 _SMALL_TOOL = st.text(alphabet="ab.-", min_size=1, max_size=5)
-_FULL_SERVER = st.text(alphabet=sorted(allowlist._SERVER_CHARS), min_size=1, max_size=10)
-_FULL_TOOL = st.text(alphabet=sorted(allowlist._TOOL_CHARS), min_size=1, max_size=12)
+_FULL_SERVER = st.text(alphabet=sorted(names.SERVER_CHARS), min_size=1, max_size=10)
+_FULL_TOOL = st.text(alphabet=sorted(names.TOOL_CHARS), min_size=1, max_size=12)
 NAMES = st.one_of(
     st.builds(lambda s, t: f"{s}.{t}", _SMALL_SERVER, _SMALL_TOOL),
     st.builds(lambda s, t: f"{s}.{t}", _FULL_SERVER, _FULL_TOOL),
@@ -340,7 +340,7 @@ def test_contains_line_agrees_with_parse(file: tuple[bytes, list[str], list[str]
     for name in list(queries):
         queries.update(_near(name))
     for query in queries:
-        if allowlist.action_error(query) is not None:
+        if names.action_error(query) is not None:
             continue  # contains_line is only defined for valid names
         assert contains_line(data, query) == (query in allowed), (query, data)
         assert from_bytes(data, P).allows(query) == (query in allowed)
@@ -630,7 +630,7 @@ def test_check_all_missing_global_and_bad_directory(tree: Tree) -> None:
 
 
 def test_allowlist_path_constants_match_design() -> None:
-    from broker.paths import Paths
+    from broker.core.paths import Paths
 
     p = Paths("/srv/x")
     assert p.allowlist == "/srv/x/etc/mcp-privsep/allowed-actions.txt"

@@ -27,12 +27,13 @@ from typing import Any
 
 import pytest
 
-from broker import audit
-from broker.admin_audit import Filter, parse_time, table_row
-from broker.config import BrokerSettings
-from broker.ctl import main as ctl_main
-from broker.errors import Unavailable
-from broker.paths import Paths
+from broker.admin.audit_reader import Filter, parse_time, table_row
+from broker.admin.cli import main as ctl_main
+from broker.core.errors import Unavailable
+from broker.core.paths import Paths
+from broker.daemon import audit
+from broker.daemon.audit import log as audit_log
+from broker.daemon.config import BrokerSettings
 from tests.unit.conftest import NOBODY_UID, needs_root
 
 
@@ -451,7 +452,7 @@ def test_concurrent_records_share_fsyncs_in_order(logdir: str, monkeypatch: pyte
         syncs.append(fd)
         real_fsync(fd)
 
-    monkeypatch.setattr(audit.os, "fsync", counting_fsync)
+    monkeypatch.setattr(os, "fsync", counting_fsync)
 
     async def many() -> None:
         await asyncio.gather(*(log.record(id=str(i), op="call") for i in range(200)))
@@ -474,7 +475,7 @@ def test_a_failed_batch_fails_every_waiter_and_leaves_no_partial_line(
     def broken_fsync(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(audit.os, "fsync", broken_fsync)
+    monkeypatch.setattr(os, "fsync", broken_fsync)
 
     async def many() -> list[BaseException | None]:
         return await asyncio.gather(*(log.record(id=str(i), op="call") for i in range(20)), return_exceptions=True)
@@ -514,7 +515,7 @@ def test_check_refuses_when_the_filesystem_is_full(logdir: str, monkeypatch: pyt
             self.f_frsize = st.f_frsize
             self.f_bavail = 0
 
-    monkeypatch.setattr(audit.os, "fstatvfs", lambda fd: Full(real(fd)))
+    monkeypatch.setattr(os, "fstatvfs", lambda fd: Full(real(fd)))
     with pytest.raises(Unavailable, match="filesystem is full"):
         log.check()
     assert "filesystem is full" in log.room_problem  # what status shows
@@ -648,7 +649,7 @@ def staged(tmp_root: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Paths]:
     paths = Paths(tmp_root)
     os.makedirs(paths.log, 0o700)
     times = iter(f"2024-05-01T12:0{i}:00.000Z" for i in range(6))
-    monkeypatch.setattr(audit, "timestamp", lambda t=None: next(times))
+    monkeypatch.setattr(audit_log, "timestamp", lambda t=None: next(times))
     log = audit.AuditLog(paths.audit_log)
     rows = [
         ("alice", "call", "demo.echo", "allow", 0, "ok"),
@@ -757,7 +758,7 @@ def test_follow_prints_new_records_across_a_rotation(tmp_root: str) -> None:
     log = audit.AuditLog(paths.audit_log, max_bytes=700, keep=200)
     fill(log, 3)
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from broker.ctl import entry; entry()", "--root", tmp_root, *FOLLOW],
+        [sys.executable, "-c", "from broker.admin.cli import entry; entry()", "--root", tmp_root, *FOLLOW],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),

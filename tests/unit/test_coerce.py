@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.coerce import build_arguments, coerce_value
-from broker.errors import EX_DATAERR, ArgumentsRejected
+from broker.core.errors import EX_DATAERR, ArgumentsRejected
+from broker.daemon.coerce import build_arguments, coerce_value
 
 INT = {"type": "integer"}
 NUM = {"type": "number"}

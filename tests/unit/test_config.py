@@ -14,9 +14,9 @@ import os
 
 import pytest
 
-from broker import config
-from broker.config import ConfigError, Server, load, read_env_file
-from broker.paths import Paths
+from broker.core.paths import Paths
+from broker.daemon import config
+from broker.daemon.config import ConfigError, Server, load, read_env_file
 from tests.unit.conftest import write
 
 STDIO = """

@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from broker import allowlist
-from broker.daemon import UserCache
-from broker.errors import ConfigError
-from broker.paths import Paths
-from broker.state import State
+from broker.core import allowlist
+from broker.core.errors import ConfigError
+from broker.core.paths import Paths
+from broker.daemon.service import UserCache
+from broker.daemon.state import State
 from tests.unit.conftest import needs_root, write
 
 

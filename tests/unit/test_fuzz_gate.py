@@ -30,9 +30,10 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from broker import gate, protocol
-from broker.errors import CONTRACT_EXIT_CODES, EX_SOFTWARE
-from broker.paths import Paths
+from broker.core import protocol
+from broker.core.errors import CONTRACT_EXIT_CODES, EX_SOFTWARE
+from broker.core.paths import Paths
+from broker.gate import verbs as gate
 from tests.unit.conftest import needs_root
 
 GLOBAL_ALLOWLIST = "# fuzz allowlist\ndemo.echo\ndemo.add   # trailing comment\n#demo.secret\n  web.echo\n"

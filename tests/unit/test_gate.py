@@ -26,9 +26,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import __version__, gate, protocol
-from broker.errors import CONTRACT_EXIT_CODES, UsageError
-from broker.paths import Paths
+from broker import __version__
+from broker.core import codec, protocol
+from broker.core.errors import CONTRACT_EXIT_CODES, UsageError
+from broker.core.paths import Paths
+from broker.gate import verbs as gate
 from tests.unit.conftest import needs_root, write
 
 ENV = {"SUDO_USER": "alice", "SUDO_UID": "1000"}
@@ -370,7 +372,7 @@ def test_missing_allowlist_with_json(argv: list[str]) -> None:
     r = run(argv)
     assert r.code == 78
     line = r.one_error_line()
-    obj = protocol.loads(r.out)
+    obj = codec.loads(r.out)
     assert obj["exit"] == 78
     assert obj["error"] == line[len("mcp: ") :]
     assert r.out.count("\n") == 1
@@ -382,7 +384,7 @@ def test_status_without_daemon_is_unavailable() -> None:
     assert "broker unavailable" in r.one_error_line()
     r = run(["status", "--json"])
     assert r.code == 69
-    assert protocol.loads(r.out)["exit"] == 69
+    assert codec.loads(r.out)["exit"] == 69
 
 
 def test_invalid_caller_name_is_a_config_error() -> None:
@@ -503,7 +505,7 @@ def test_unlisted_tool_is_denied_before_the_daemon(root: str, tool: str) -> None
     assert r.one_error_line() == f"mcp: denied: {tool} is not in the allowlist for alice"
     r = run(["describe", tool, "--json"], root=root)
     assert r.code == 77
-    assert protocol.loads(r.out) == {"error": f"denied: {tool} is not in the allowlist for alice", "exit": 77}
+    assert codec.loads(r.out) == {"error": f"denied: {tool} is not in the allowlist for alice", "exit": 77}
 
 
 @needs_root
@@ -671,7 +673,7 @@ def test_daemon_refusal_is_one_line_and_json(root: str, daemon: StartDaemon) -> 
     r = run(["call", "demo.echo", "--json"], root=root)
     assert r.code == 75
     assert r.one_error_line() == "mcp: rate limited: wait a bit"
-    assert protocol.loads(r.out) == {"error": "rate limited: wait a bit", "exit": 75}
+    assert codec.loads(r.out) == {"error": "rate limited: wait a bit", "exit": 75}
 
 
 @needs_root
@@ -729,4 +731,4 @@ def test_usage_error_with_json_is_also_json_on_stdout(argv: list[str]) -> None:
     r = run(argv)
     assert r.code == 64
     r.one_error_line()
-    assert protocol.loads(r.out)["exit"] == 64
+    assert codec.loads(r.out)["exit"] == 64

@@ -20,9 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import config, importer
-from broker.importer import ImportProblem
-from broker.paths import Paths
+from broker.admin import importer
+from broker.admin.importer import ImportProblem
+from broker.core.paths import Paths
+from broker.daemon import config
 from tests.unit.conftest import write
 
 PY = "/usr/bin/python3"

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import pytest
 
-from broker import allowlist, install
-from broker.config import BrokerSettings, FileModel
-from broker.paths import GATE_USER, Paths
+from broker.admin import install
+from broker.core import allowlist
+from broker.core.paths import GATE_USER, Paths
+from broker.daemon.config import BrokerSettings, FileModel
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGING = ROOT / "packaging"

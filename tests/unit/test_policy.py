@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from broker.errors import ArgumentsRejected
-from broker.policy import ActionPolicy, ArgRule, effective, glob_regex, parse_rate, path_allowed
+from broker.core.errors import ArgumentsRejected
+from broker.daemon.policy import ActionPolicy, ArgRule, effective, glob_regex, parse_rate, path_allowed
 
 # --- argument rules ---------------------------------------------------------------
 

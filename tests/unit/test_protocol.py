@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import protocol
-from broker.protocol import (
+from broker.core import protocol
+from broker.core.protocol import (
     ADMIN_OPS,
     MAX_KV,
     MAX_STRING,

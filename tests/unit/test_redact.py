@@ -8,7 +8,7 @@ from urllib.parse import quote, quote_plus
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.redact import MIN_SECRET_LENGTH, Redactor
+from broker.daemon.redact import MIN_SECRET_LENGTH, Redactor
 
 SECRET = "s3cr3t-T0ken/with+chars=="
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.state import State
+from broker.daemon.state import State
 
 
 @pytest.fixture

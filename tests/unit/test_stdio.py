@@ -27,8 +27,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import protocol, stdio
-from broker.paths import Paths
+from broker.core import protocol, wire
+from broker.core.paths import Paths
+from broker.gate import endpoint as stdio
 from tests.unit.conftest import needs_root, write
 
 pytestmark = needs_root
@@ -182,9 +183,7 @@ class Run:
         self.thread.start()
 
     def _connect(self) -> socket.socket:
-        from broker import gate
-
-        return gate.connect(self.paths.gate_sock, None)
+        return wire.connect(self.paths.gate_sock, None)
 
     def _run(self) -> None:
         self.code = stdio.serve(self.session, self.r)

@@ -21,8 +21,8 @@ from typing import Any
 import mcp
 import pytest
 
-from broker import stdio_client
-from broker.stdio_client import StdioClient
+from broker.daemon.upstream import stdio as stdio_client
+from broker.daemon.upstream.stdio import StdioClient
 
 REPO = str(Path(__file__).resolve().parents[2])
 

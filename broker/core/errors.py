@@ -1,10 +1,17 @@
-"""The one exception root and the sysexits exit codes of the contract.
+"""The one exception root, its subclasses, and the sysexits exit codes of the contract.
 
 Library code raises :class:`PrivsepError` subclasses; only the command-line
 edges (gate, daemon, admin CLI) turn them into a message and an exit code.
+Each class says what it is: its exit code and the audit ``decision`` word a
+refusal of its kind is recorded under. Nothing else in the code base maps
+exit codes to words.
 """
 
 from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs milliseconds to import; the gate imports this module
+    from typing import ClassVar
 
 EX_OK = 0
 EX_TOOL_ERROR = 1
@@ -15,17 +22,33 @@ EX_SOFTWARE = 70  # a bug in mcp-privsep itself
 EX_TEMPFAIL = 75  # timeout, rate limit, approval pending or expired
 EX_NOPERM = 77  # denied
 EX_CONFIG = 78  # configuration error
+EX_INTERRUPTED = 130  # the caller pressed Ctrl-C (128 + SIGINT)
 
 #: Every exit code an agent can see; anything else is a bug.
 CONTRACT_EXIT_CODES = frozenset(
-    {EX_OK, EX_TOOL_ERROR, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG}
+    {
+        EX_OK,
+        EX_TOOL_ERROR,
+        EX_USAGE,
+        EX_DATAERR,
+        EX_UNAVAILABLE,
+        EX_SOFTWARE,
+        EX_TEMPFAIL,
+        EX_NOPERM,
+        EX_CONFIG,
+        EX_INTERRUPTED,
+    }
 )
+#: What a refusal answered by the daemon may carry (a success is never a refusal; Ctrl-C is the caller's).
+REFUSAL_EXIT_CODES = frozenset({EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG})
 
 
 class PrivsepError(Exception):
     """Root of every error mcp-privsep reports; carries its exit code."""
 
-    exit_code = EX_SOFTWARE
+    exit_code: int = EX_SOFTWARE
+    #: the audit record's ``decision`` for a refusal of this kind (see :func:`decision_for`)
+    decision: ClassVar[str] = "error"
 
     def __init__(self, message: str, exit_code: int | None = None) -> None:
         super().__init__(message)
@@ -41,38 +64,56 @@ class UsageError(PrivsepError):
     """Bad command line or request shape."""
 
     exit_code = EX_USAGE
+    decision = "usage"
 
 
 class ArgumentsRejected(PrivsepError):
     """Arguments that do not fit the tool's schema or a policy constraint."""
 
     exit_code = EX_DATAERR
+    decision = "rejected"
 
 
 class Unavailable(PrivsepError):
     """The broker, or the server behind a tool, cannot be reached."""
 
     exit_code = EX_UNAVAILABLE
+    decision = "unavailable"
 
 
 class TempFail(PrivsepError):
     """Try again later: timeout, rate limit, pending approval."""
 
     exit_code = EX_TEMPFAIL
+    decision = "tempfail"
 
 
 class Denied(PrivsepError):
     """The policy says no."""
 
     exit_code = EX_NOPERM
+    decision = "deny"
 
 
 class ConfigError(PrivsepError):
     """Configuration (allowlist, broker.toml, file modes) is invalid: fail closed."""
 
     exit_code = EX_CONFIG
+    decision = "config_error"
 
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         super().__init__(message)
         #: every individual problem, ``file:line:col: message`` where known
         self.problems = problems if problems is not None else [message]
+
+
+#: the error class of each refusal exit code, for answers that arrive as a code
+_BY_CODE: dict[int, type[PrivsepError]] = {
+    cls.exit_code: cls for cls in (UsageError, ArgumentsRejected, Unavailable, TempFail, Denied, ConfigError)
+}
+
+
+def decision_for(exit_code: int) -> str:
+    """The audit ``decision`` word of a refusal with this exit code ("error" for any other code)."""
+    cls = _BY_CODE.get(exit_code)
+    return cls.decision if cls is not None else PrivsepError.decision

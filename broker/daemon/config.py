@@ -19,10 +19,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from broker.allowlist import action_error
-from broker.errors import ConfigError
-from broker.paths import BROKER_USER, Paths
-from broker.policy import ActionPolicy
+from broker.core.errors import ConfigError
+from broker.core.names import action_error
+from broker.core.paths import BROKER_USER, Paths
+from broker.daemon.policy import ActionPolicy
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

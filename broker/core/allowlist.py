@@ -17,54 +17,13 @@ from __future__ import annotations
 # posix, not os: os costs about a millisecond to import, and this runs per call
 import posix as os
 
-from broker.errors import ConfigError
+from broker.core.errors import ConfigError
+from broker.core.names import action_problem, valid_user_name
 
 #: An allowlist larger than this is refused rather than parsed.
 MAX_ALLOWLIST_BYTES = 16 * 1024 * 1024
-MAX_TOOL_NAME = 128
 
-_SERVER_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
-_TOOL_CHARS = _SERVER_CHARS | {"."}
 _WS = " \t"
-_USER_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.$")
-
-
-def action_error(action: str) -> str | None:
-    """Why ``action`` is not a well-formed ``server.tool`` name, or None."""
-    problem = _entry_problem(action)
-    return None if problem is None else problem[1]
-
-
-def _entry_problem(entry: str) -> tuple[int, str] | None:
-    """(0-based column, message) of the first problem in an entry, or None."""
-    server, dot, tool = entry.partition(".")
-    for i, ch in enumerate(server):
-        if ch not in _SERVER_CHARS:
-            return i, _bad_char(ch)
-    if not dot:
-        return 0, "expected server.tool"
-    if not server:
-        return 0, "empty server name"
-    first = len(server) + 1
-    if not tool:
-        return first, "empty tool name"
-    for i, ch in enumerate(tool, first):
-        if ch not in _TOOL_CHARS:
-            return i, _bad_char(ch)
-    if len(tool) > MAX_TOOL_NAME:
-        return first, f"tool name longer than {MAX_TOOL_NAME} characters"
-    return None
-
-
-def _bad_char(ch: str) -> str:
-    if ch in "*?[]{}":
-        return f"wildcard {ch!r} not allowed (entries are exact names; 'mcp-brokerctl allow' expands patterns)"
-    return f"character {ch!r} not allowed in a server.tool name"
-
-
-def valid_user_name(user: str) -> bool:
-    """Whether ``user`` is safe to use as ``allowed-actions.d/USER.txt``."""
-    return 0 < len(user) <= 64 and user[0] not in ".-" and all(ch in _USER_CHARS for ch in user)
 
 
 class Allowlist:
@@ -109,7 +68,7 @@ def parse(text: str, path: str) -> tuple[list[str], list[str]]:
             col = indent + len(stripped) - len(rest) + 1
             errors.append(f"{path}:{lineno}:{col}: unexpected text after the entry (one server.tool per line)")
             continue
-        problem = _entry_problem(entry)
+        problem = action_problem(entry)
         if problem is not None:
             errors.append(f"{path}:{lineno}:{indent + problem[0] + 1}: {problem[1]}")
             continue

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from broker.errors import ArgumentsRejected
+from broker.core.errors import ArgumentsRejected
 
 RATE_UNITS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 RATE_RE = re.compile(r"\s*(\d+)\s*/\s*(second|minute|hour|day)s?\s*")

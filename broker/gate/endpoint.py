@@ -29,15 +29,16 @@ import select
 import time
 from collections import deque
 
-from broker import __version__, allowlist, protocol
-from broker.errors import EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, Denied, PrivsepError
+from broker import __version__
+from broker.core import allowlist, codec, names, protocol
+from broker.core.errors import EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, Denied, PrivsepError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, BinaryIO, TextIO
 
-    from broker.paths import Paths
+    from broker.core.paths import Paths
 
 HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 MAX_LINE = 4 * 1024 * 1024
@@ -83,7 +84,7 @@ class _Link:
         self.deadline = 0.0
 
     def close(self) -> None:
-        try:  # noqa: SIM105 - contextlib is one more import on the gate's path
+        try:
             self.sock.close()
         except OSError:
             pass
@@ -119,7 +120,7 @@ class Session:
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue one message; :meth:`flush` writes everything queued at once."""
-        self._out.append((protocol.dumps(message) + "\n").encode("utf-8", "replace"))
+        self._out.append((codec.dumps(message) + "\n").encode("utf-8", "replace"))
 
     def flush(self) -> None:
         if self._out:
@@ -160,7 +161,7 @@ class Session:
 
     def handle_line(self, line: bytes) -> None:
         try:
-            msg = protocol.loads(line.decode("utf-8"))
+            msg = codec.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             self.error(None, PARSE_ERROR, "parse error")
             return
@@ -221,7 +222,7 @@ class Session:
         args = params.get("arguments")
         if args is None:
             args = {}
-        if not isinstance(name, str) or allowlist.action_error(name) is not None:
+        if not isinstance(name, str) or names.action_error(name) is not None:
             self.error(msg_id, INVALID_PARAMS, "tools/call needs a tool name of the form server.tool")
             return
         if not isinstance(args, dict):

@@ -1,14 +1,13 @@
-"""Warm MCP client sessions, one per configured server, with restart.
+"""A warm MCP session per configured server, with restart: :class:`ServerHandle`.
 
-Each :class:`ServerHandle` owns a supervisor task that connects (spawning a
-stdio server with a minimal environment plus its env file, or opening a
-streamable-HTTP session with its secret headers), lists the tools, serves
-calls until the session breaks, and reconnects with exponential backoff.
-Stdio servers are spoken to with :class:`broker.stdio_client.StdioClient`
-(lean, and it notices an exited server at once); streamable-HTTP servers
-with the SDK's client. Server-to-client requests (sampling, elicitation,
-roots) are refused by both: neither advertises such a capability, the stdio
-client answers them "method not found", the SDK client has no callback.
+Each handle owns a supervisor task that connects (spawning a stdio server
+with a minimal environment plus its env file, or opening a streamable-HTTP
+session with its secret headers), lists the tools, serves calls until the
+session breaks, and reconnects with exponential backoff. It reaches its
+server through the :class:`broker.daemon.upstream.client.Upstream` seam.
+Server-to-client requests (sampling, elicitation, roots) are refused by
+both transports: neither advertises such a capability, the stdio client
+answers them "method not found", the SDK client has no callback.
 """
 
 from __future__ import annotations
@@ -18,22 +17,25 @@ import contextlib
 import logging
 import os
 import time
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import httpx2
 import mcp
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 
 from broker import __version__
-from broker.config import Server
-from broker.errors import TempFail, Unavailable
-from broker.stdio_client import StdioClient
+from broker.core.errors import TempFail, Unavailable
+from broker.daemon.config import Server
+from broker.daemon.upstream.client import Upstream
+from broker.daemon.upstream.http import HttpClient
+from broker.daemon.upstream.stdio import StdioClient
 
 log = logging.getLogger("mcp-brokerd")
 
 #: the only variables a stdio server inherits, besides its own env file
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG")
+
+#: "starting": a (re)connect is under way; "up": serving; "down": failed or stopped (``reason`` says why)
+ServerState = Literal["starting", "up", "down"]
 
 
 class _Broken(Exception):
@@ -52,9 +54,9 @@ class ServerHandle:
         self.backoff_max = backoff_max
         self.base_env = base_env
         self.errlog = errlog
-        self.client: Client | StdioClient | None = None
+        self.client: Upstream | None = None
         self.tools: dict[str, mcp.types.Tool] = {}
-        self.state = "starting"
+        self.state: ServerState = "starting"
         self.reason = ""
         self.restarts = 0
         self._broken = asyncio.Event()
@@ -84,7 +86,7 @@ class ServerHandle:
                 with contextlib.suppress(BaseException):
                     await self._task
 
-    def _client(self) -> Client | StdioClient:
+    def _client(self) -> Upstream:
         srv = self.server
         if srv.spec.command is not None:
             env = dict(self.base_env)
@@ -99,10 +101,7 @@ class ServerHandle:
                 client_version=__version__,
             )
         assert srv.url is not None
-        http = httpx2.AsyncClient(
-            headers=srv.headers, timeout=httpx2.Timeout(30.0, read=3600.0), follow_redirects=False
-        )
-        return Client(streamable_http_client(srv.url, http_client=http), mode="legacy")
+        return HttpClient(srv.url, srv.headers)
 
     async def _supervise(self) -> None:
         backoff = 0.25
@@ -168,7 +167,7 @@ class ServerHandle:
 
     # --- use ----------------------------------------------------------------
 
-    async def ready(self, wait: float) -> Client | StdioClient:
+    async def ready(self, wait: float) -> Upstream:
         """The live client, waiting up to ``wait`` seconds while a (re)connect is under way.
 
         A server that crashed while serving is waited for (it restarts within
@@ -190,6 +189,13 @@ class ServerHandle:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
+    @property
+    def waitable(self) -> bool:
+        """A (re)connect is under way or due soon: a caller may wait in :meth:`ready`."""
+        if self.state == "up":
+            return False
+        return not (self.state == "down" and not self._attempting and self._start_failed)
+
     def _signal(self) -> None:
         """Wake everyone waiting in :meth:`ready`: the state changed."""
         self._changed.set()
@@ -204,9 +210,7 @@ class ServerHandle:
         try:
             # asyncio.timeout, not wait_for: wait_for wraps the call in one more task on every call
             async with asyncio.timeout(remaining):
-                if isinstance(client, StdioClient):
-                    return await client.call_tool(tool, arguments)
-                return await client.call_tool(tool, arguments, read_timeout_seconds=remaining + 1)
+                return await client.call_tool(tool, arguments, remaining)
         except TimeoutError:
             self._background.add(task := asyncio.create_task(self._check_alive(client)))
             task.add_done_callback(self._background.discard)
@@ -219,12 +223,10 @@ class ServerHandle:
         except (OSError, httpx2.HTTPError) as exc:
             self.mark_broken(_describe_failure(exc))
             raise Unavailable(f"server {self.name} failed during the call (it will be restarted)") from None
-        except RuntimeError as exc:  # the SDK client's verdict on structured content that breaks its schema
-            raise mcp.MCPError(-32603, str(exc)[:500]) from None
         finally:
             self.in_flight -= 1
 
-    async def _check_alive(self, client: Client | StdioClient) -> None:
+    async def _check_alive(self, client: Upstream) -> None:
         """After a timeout: a server that no longer answers a ping is restarted."""
         try:
             await asyncio.wait_for(client.send_ping(), 5.0)

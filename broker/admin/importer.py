@@ -57,9 +57,10 @@ from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 import tomli_w
 from pydantic import ValidationError
 
-from broker import admin_edit, config
-from broker.errors import PrivsepError
-from broker.paths import BROKER_USER, Paths
+from broker.admin import allowlist_edit as admin_edit
+from broker.core.errors import PrivsepError
+from broker.core.paths import BROKER_USER, Paths
+from broker.daemon import config
 
 EX_DATAERR = 65
 EX_NOINPUT = 66

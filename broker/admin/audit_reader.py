@@ -28,9 +28,9 @@ from typing import Any
 
 import click
 
-from broker import audit as auditlog
-from broker.errors import EX_NOPERM, EX_USAGE, PrivsepError
-from broker.paths import BROKER_USER, Paths
+from broker.core.errors import EX_NOPERM, EX_USAGE, PrivsepError
+from broker.core.paths import BROKER_USER, Paths
+from broker.daemon.audit import chain as auditlog
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)")
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

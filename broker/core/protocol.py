@@ -1,25 +1,38 @@
 """The gate <-> daemon protocol: size-capped, length-prefixed JSON frames.
 
 A frame is a 4-byte big-endian length followed by that many bytes of UTF-8
-JSON holding one object. Requests come from a closed set (``OPS``); each op
-has a closed set of keys with fixed types. Anything else, an oversized
-frame, or malformed JSON is a protocol violation: the daemon closes the
-connection (OpenSSH's monitor rule).
-
-JSON goes through the C accelerator ``_json`` directly: ``import json``
-compiles regular expressions at import time, which the gate cannot afford
-on every agent call.
+JSON holding one object. Requests come from a closed set (``OPS`` on
+``gate.sock``, ``ADMIN_OPS`` on ``admin.sock``); each op has a closed set of
+keys with fixed types. Anything else, an oversized frame, or malformed JSON
+is a protocol violation: the daemon closes the connection (OpenSSH's
+monitor rule). JSON goes through :mod:`broker.core.codec`.
 """
 
 from __future__ import annotations
 
-import _json
-
-from broker.errors import PrivsepError
+from broker.core.codec import dumps, loads
+from broker.core.errors import PrivsepError
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing costs milliseconds to import; the gate never needs it
-    from typing import Any, ClassVar
+if TYPE_CHECKING:  # typing costs milliseconds to import; the gate never needs it: names for the type checker only
+    from typing import Any, TypedDict
+
+    #: key -> (allowed types, required)
+    Schema = dict[str, tuple[tuple[type, ...], bool]]
+
+    class Answer(TypedDict, total=False):
+        """The daemon's answer to one request: ``ok`` with ``result``, or ``exit`` and ``error``.
+
+        An interim frame of a call held for approval carries ``pending`` (the
+        approval id) and ``wait`` (seconds it may stay pending) instead.
+        """
+
+        ok: bool
+        result: Any
+        exit: int
+        error: str
+        pending: str
+        wait: float
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
@@ -28,59 +41,6 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 class ProtocolError(PrivsepError):
     """A frame that breaks the protocol; the connection must be closed."""
-
-
-# --- JSON through the C accelerator -----------------------------------------
-
-
-def _no_default(obj: object) -> object:
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-# non-ASCII stays as UTF-8 (at most 4 bytes a character, not 12 as \ud83d\ude00 escapes)
-_encode = _json.make_encoder(None, _no_default, _json.encode_basestring, None, ":", ",", False, False, False)
-
-
-class _ScanContext:
-    strict = True
-    object_hook = None
-    object_pairs_hook = None
-    parse_float = float
-    parse_int = int
-    memo: ClassVar[dict[str, Any]] = {}
-
-    @staticmethod
-    def parse_constant(name: str) -> object:
-        raise ValueError(f"{name} is not valid JSON")
-
-
-# typeshed wants a JSONDecoder; any object with these attributes is what the C scanner reads
-_scan = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]
-_WS = " \t\n\r"
-
-
-def dumps(obj: object) -> str:
-    """Compact JSON; NaN and infinities are refused."""
-    return "".join(_encode(obj, 0))
-
-
-def loads(text: str) -> Any:
-    """Parse exactly one JSON value; raise ValueError otherwise."""
-    n = len(text)
-    i = 0
-    while i < n and text[i] in _WS:
-        i += 1
-    try:
-        value, end = _scan(text, i)
-    except StopIteration as exc:
-        raise ValueError(f"invalid JSON at character {exc.value}") from None
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-    while end < n and text[end] in _WS:
-        end += 1
-    if end != n:
-        raise ValueError(f"extra data after JSON value at character {end}")
-    return value
 
 
 # --- frames -----------------------------------------------------------------
@@ -128,7 +88,7 @@ _OBJ_OR_NONE = (dict, type(None))
 _LIST = (list,)
 
 #: op -> {key: (allowed types, required)}; "v", "op" are always required.
-OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+OPS: dict[str, Schema] = {
     "list": {"caller": (_STR, True), "uid": (_INT, True)},
     "describe": {"caller": (_STR, True), "uid": (_INT, True), "tool": (_STR, True)},
     "call": {
@@ -156,7 +116,7 @@ OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 #: admin.sock (root only) has its own closed set.
 _OPT_STR = (str, type(None))
 
-ADMIN_OPS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+ADMIN_OPS: dict[str, Schema] = {
     "status": {},
     "reload": {},
     "tools": {"server": (_OPT_STR, True)},
@@ -174,7 +134,7 @@ MAX_STRING = 1024  # caller and tool names, reasons
 MAX_KV = 256
 
 
-def validate_request(obj: dict[str, Any], ops: dict[str, dict[str, tuple[tuple[type, ...], bool]]]) -> str:
+def validate_request(obj: dict[str, Any], ops: dict[str, Schema]) -> str:
     """Check a request against the closed set; return its op."""
     if obj.get("v") != PROTOCOL_VERSION or type(obj.get("v")) is not int:
         raise ProtocolError("unsupported protocol version")

@@ -1,10 +1,11 @@
-"""Operator commands of ``mcp-brokerctl``: tools, allow, deny, import, doctor, uninstall.
+"""``mcp-brokerctl``: the root-only admin CLI, one click group over the admin libraries.
 
-Thin click layers over :mod:`broker.admin_edit`, :mod:`broker.importer` and
-:mod:`broker.doctor`; ``broker.ctl`` registers them on its ``cli`` group.
-Library modules and ``broker.ctl`` (for ``admin_request``) are imported
-inside the commands: ``broker.ctl`` imports this module, and a command that
-is not run costs nothing.
+``main(argv)`` runs in-process for tests; errors become one line on stderr
+and an exit code here, at the edge, and nowhere else. Each command is a thin
+layer: the work is in :mod:`broker.admin.install`, ``check``, ``doctor``,
+``importer``, ``allowlist_edit``, ``audit_reader``, ``uninstall`` and
+``process``, or in the daemon (over ``admin.sock``, through
+:func:`broker.core.wire.admin_request`).
 """
 
 from __future__ import annotations
@@ -12,38 +13,228 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
-import signal
-import subprocess
 import sys
 import time
 from typing import Any
 
 import click
 
-from broker.errors import ConfigError, PrivsepError, UsageError
-from broker.paths import BROKER_USER, GATE_USER, Paths
+from broker import __version__
+from broker.admin.check import check_all
+from broker.core import names, wire
+from broker.core.errors import EX_NOPERM, EX_USAGE, ConfigError, PrivsepError, UsageError
+from broker.core.paths import BROKER_USER, Paths
 
 EX_NOUSER = 67
 
 
 def _paths(ctx: click.Context) -> Paths:
-    return Paths(ctx.obj["root"])
+    obj = ctx.find_root().obj or {}
+    return Paths(obj.get("root", "/"))
 
 
-def _admin(paths: Paths, op: str, **fields: Any) -> Any:
-    from broker.ctl import admin_request
+def _broker_uid() -> int | None:
+    try:
+        return pwd.getpwnam(BROKER_USER).pw_uid
+    except KeyError:
+        return None
 
-    return admin_request(paths, op, **fields)
+
+def _admin(paths: Paths, op: str, timeout: float = 30.0, **fields: Any) -> Any:
+    """One request to the running daemon over admin.sock; its refusal raises PrivsepError."""
+    return wire.admin_request(paths.admin_sock, _broker_uid(), op, timeout, **fields)
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--root",
+    default="/",
+    show_default=True,
+    envvar="MCP_PRIVSEP_ROOT",
+    help="Install root (staging and tests); root-only, never reachable by agents.",
+)
+@click.version_option(__version__, prog_name="mcp-brokerctl")
+@click.pass_context
+def cli(ctx: click.Context, root: str) -> None:
+    """Administer mcp-privsep (run as root)."""
+    ctx.obj = {"root": root}
+
+
+@cli.command()
+@click.option(
+    "--agent",
+    "agents",
+    multiple=True,
+    metavar="USER",
+    help="Agent user allowed to run 'mcp' (repeatable; existing agents are kept).",
+)
+@click.option("--venv", default=None, help="Virtualenv holding mcp-privsep (default: the one running this).")
+@click.pass_context
+def install(ctx: click.Context, agents: tuple[str, ...], venv: str | None) -> None:
+    """Create users, directories, commands, the sudoers drop-in and example config."""
+    from broker.admin.install import install as do_install
+
+    report = do_install(_paths(ctx), list(agents), venv)
+    for line in report.lines:
+        click.echo(line)
+    click.echo("install: done")
+
+
+@cli.command()
+@click.pass_context
+def check(ctx: click.Context) -> None:
+    """Validate allowlists and config offline (exit 0 valid, 1 invalid)."""
+    paths = _paths(ctx)
+    problems = check_all(paths)
+    for p in problems:
+        click.echo(p, err=True)
+    if problems:
+        raise PrivsepError(f"check: {len(problems)} problem(s)", 1)
+    click.echo(f"check: {paths.etc} is valid")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Ask the running daemon how it is (exit 0 when it answers)."""
+    result = _admin(_paths(ctx), "status")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(
+        f"broker: {result['broker']} (pid {result['pid']}, version {result['version']}, "
+        f"up {result['uptime_s']} s, audit {result['audit']})"
+    )
+    for s in result["servers"]:
+        reason = f" ({s['reason']})" if s.get("reason") else ""
+        click.echo(
+            f"server {s['name']} [{s['transport']}]: {s['state']}{reason}, {s['tools']} tools, {s['restarts']} restarts"
+        )
+
+
+@cli.command()
+@click.pass_context
+def reload(ctx: click.Context) -> None:
+    """Re-read config and servers without dropping unchanged sessions."""
+    result = _admin(_paths(ctx), "reload")
+    click.echo(f"reload: added {result['added']}, removed {result['removed']}, restarted {result['restarted']}")
+
+
+@cli.command()
+@click.option("--timeout", default=15.0, show_default=True, help="Seconds to wait for the daemon to exit.")
+@click.pass_context
+def stop(ctx: click.Context, timeout: float) -> None:
+    """Stop the daemon named by the pid file (SIGTERM), and wait for it."""
+    from broker.admin import process
+
+    paths = _paths(ctx)
+    try:
+        pid = process.stop(paths, timeout)
+    except PrivsepError as exc:
+        raise PrivsepError(f"stop: {exc}", exc.exit_code) from None
+    if pid is None:
+        raise PrivsepError(f"stop: mcp-brokerd is not running ({paths.pidfile} names no live daemon)", 1)
+    click.echo(f"stop: mcp-brokerd (pid {pid}) stopped")
+
+
+@cli.command()
+@click.option("--all", "show_all", is_flag=True, help="Include decided, used and expired approvals.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def approvals(ctx: click.Context, show_all: bool, as_json: bool) -> None:
+    """List approval requests (pending ones by default), with their arguments."""
+    result = _admin(_paths(ctx), "approvals", status=None if show_all else "pending")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    if not result:
+        click.echo("approvals: none pending" if not show_all else "approvals: none")
+    for a in result:
+        expires = time.strftime("%H:%M:%S", time.localtime(a["expires"]))
+        click.echo(f"{a['id']}  {a['status']:<8} {a['caller']} -> {a['action']}  (expires {expires})")
+        click.echo(f"          args: {json.dumps(a['args'], ensure_ascii=False)}")
+
+
+@cli.command()
+@click.argument("approval_id", metavar="ID")
+@click.pass_context
+def approve(ctx: click.Context, approval_id: str) -> None:
+    """Approve a pending call (single use, bound to its exact arguments)."""
+    a = _admin(_paths(ctx), "approve", id=approval_id)
+    click.echo(f"approved {a['id']}: {a['caller']} -> {a['action']} {json.dumps(a['args'], ensure_ascii=False)}")
+
+
+@cli.command()
+@click.argument("approval_id", metavar="ID")
+@click.pass_context
+def reject(ctx: click.Context, approval_id: str) -> None:
+    """Reject a pending call; the agent gets exit 77."""
+    a = _admin(_paths(ctx), "reject", id=approval_id)
+    click.echo(f"rejected {a['id']}: {a['caller']} -> {a['action']}")
+
+
+@cli.command()
+@click.argument("user")
+@click.pass_context
+def unfreeze(ctx: click.Context, user: str) -> None:
+    """Lift a freeze caused by repeated denials, and reset the count."""
+    result = _admin(_paths(ctx), "unfreeze", caller=user)
+    click.echo(f"unfreeze: {user} " + ("unfrozen" if result["unfrozen"] else "was not frozen"))
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def pins(ctx: click.Context) -> None:
+    """Tool-definition pins: list them, or accept a changed definition."""
+    if ctx.invoked_subcommand is None:
+        for p in _admin(_paths(ctx), "pins"):
+            click.echo(f"{p['state']:<16} {p['action']}  {p['hash'][:16]}")
+
+
+@pins.command("accept")
+@click.argument("action", metavar="SERVER.TOOL")
+@click.pass_context
+def pins_accept(ctx: click.Context, action: str) -> None:
+    """Show the diff of a tool's definition and pin what the server offers now."""
+    result = _admin(_paths(ctx), "pin_accept", action=action)
+    if result["diff"]:
+        click.echo(result["diff"], nl=False)
+    click.echo(f"pins: {action} pinned at {result['hash'][:16]}" + ("" if result["changed"] else " (unchanged)"))
+
+
+@cli.command()
+@click.argument("user")
+@click.argument("action", metavar="SERVER.TOOL")
+@click.argument("pairs", nargs=-1, metavar="[k=v ...]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def explain(ctx: click.Context, user: str, action: str, pairs: tuple[str, ...], as_json: bool) -> None:
+    """Say what a call by USER would meet and why, without calling anything."""
+    kv = []
+    for item in pairs:
+        pair = names.split_kv(item)
+        if pair is None:
+            raise UsageError(f"expected key=value or key:value, got {item!r}")
+        kv.append(list(pair))
+    result = _admin(_paths(ctx), "explain", caller=user, tool=action, kv=kv)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for s in result["steps"]:
+        click.echo(f"{s['check']:<10} {s['verdict']:<20} {s['why']}")
+    click.echo(f"verdict: {result['verdict']}")
+
+
+# --- tools, allow, deny, import, doctor -------------------------------------------------------
 
 
 def _target(paths: Paths, user: str | None) -> tuple[str, str]:
     """(allowlist path, header for a new file) for the global list or USER's own."""
-    from broker import admin_edit, allowlist
+    from broker.admin import allowlist_edit as admin_edit
 
     if user is None:
         return paths.allowlist, admin_edit.GLOBAL_FILE_HEADER
-    if not allowlist.valid_user_name(user):
+    if not names.valid_user_name(user):
         raise UsageError(f"--user {user!r}: not a valid user name")
     try:
         pwd.getpwnam(user)
@@ -56,7 +247,7 @@ def _target(paths: Paths, user: str | None) -> tuple[str, str]:
 
 
 def _annotation_text(tool: dict[str, Any]) -> str:
-    from broker.admin_edit import annotation
+    from broker.admin.allowlist_edit import annotation
 
     ro = annotation(tool, "readOnlyHint")
     destructive = annotation(tool, "destructiveHint")
@@ -101,7 +292,7 @@ def tool_rows(
 
 def _allowed_set(paths: Paths, user: str | None) -> tuple[set[str], str, str | None]:
     """(allowed actions, the file they come from, a problem that denies everything or None)."""
-    from broker import allowlist
+    from broker.core import allowlist
 
     try:
         if user is not None:
@@ -114,7 +305,7 @@ def _allowed_set(paths: Paths, user: str | None) -> tuple[set[str], str, str | N
 
 
 def _read_global(paths: Paths) -> bytes:
-    from broker import admin_edit
+    from broker.admin import allowlist_edit as admin_edit
 
     data, _st = admin_edit.read_current(paths.allowlist)
     if data is None:
@@ -129,7 +320,7 @@ def _user_files(paths: Paths) -> list[str]:
         return []
 
 
-@click.command()
+@cli.command()
 @click.argument("server", required=False)
 @click.option("--user", metavar="USER", help="Allowed/denied as USER sees it (their allowed-actions.d file, if any).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -189,7 +380,7 @@ def _print_edit(result: Any, verb: str) -> None:
         click.echo(f"{result.path}: unchanged")
 
 
-@click.command()
+@cli.command()
 @click.argument("actions", nargs=-1, required=True, metavar="SERVER.TOOL...")
 @click.option(
     "--read-only",
@@ -205,7 +396,7 @@ def allow(ctx: click.Context, actions: tuple[str, ...], read_only: bool, user: s
     'SERVER.*' (or any pattern on the tool name) expands to the tools the
     server offers now, written one per line: the file never holds a wildcard.
     """
-    from broker import admin_edit
+    from broker.admin import allowlist_edit as admin_edit
 
     paths = _paths(ctx)
     path, header = _target(paths, user)
@@ -260,7 +451,7 @@ def _warn_unoffered(paths: Paths, actions: list[str], offered: dict[str, list[di
             click.echo(f"note: {a}: server {server} does not offer a tool named {tool} now", err=True)
 
 
-@click.command()
+@cli.command()
 @click.argument("actions", nargs=-1, required=True, metavar="SERVER.TOOL...")
 @click.option("--user", metavar="USER", help="Edit allowed-actions.d/USER.txt instead.")
 @click.pass_context
@@ -269,7 +460,7 @@ def deny(ctx: click.Context, actions: tuple[str, ...], user: str | None) -> None
 
     'SERVER.*' removes every entry of that server the file holds.
     """
-    from broker import admin_edit
+    from broker.admin import allowlist_edit as admin_edit
 
     paths = _paths(ctx)
     path, _header = _target(paths, user)
@@ -286,7 +477,7 @@ def deny(ctx: click.Context, actions: tuple[str, ...], user: str | None) -> None
 # --- import -----------------------------------------------------------------------------------
 
 
-@click.command("import")
+@cli.command("import")
 @click.argument("file", metavar="FILE")
 @click.option("--name-prefix", default="", metavar="PREFIX", help="Prepend PREFIX to every imported server name.")
 @click.option("--skip", multiple=True, metavar="NAME", help="Leave the server NAME out (repeatable).")
@@ -298,8 +489,7 @@ def import_(ctx: click.Context, file: str, name_prefix: str, skip: tuple[str, ..
     Servers go to servers.d/imported.toml, their secrets to secrets/NAME.env;
     the report says what moved where and never prints a secret.
     """
-    from broker import importer
-    from broker.ctl import check_all
+    from broker.admin import importer
 
     paths = _paths(ctx)
     try:
@@ -333,7 +523,7 @@ def import_(ctx: click.Context, file: str, name_prefix: str, skip: tuple[str, ..
 # --- doctor -----------------------------------------------------------------------------------
 
 
-@click.command()
+@cli.command()
 @click.option(
     "--agent",
     "agents",
@@ -348,7 +538,7 @@ def doctor(ctx: click.Context, agents: tuple[str, ...], quiet: bool) -> None:
 
     Exit 0 when all is green (warnings allowed), 1 when there is a problem.
     """
-    from broker.doctor import Doctor
+    from broker.admin.doctor import Doctor
 
     paths = _paths(ctx)
     if os.geteuid() != 0:
@@ -368,101 +558,7 @@ def doctor(ctx: click.Context, agents: tuple[str, ...], quiet: bool) -> None:
 # --- uninstall --------------------------------------------------------------------------------
 
 
-def _stop_daemon(paths: Paths, timeout: float = 15.0) -> str:
-    """Stop mcp-brokerd (systemd unit, else the pid file); say what happened."""
-    if paths.root == "/" and os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
-        proc = subprocess.run(["systemctl", "is-active", "--quiet", "mcp-brokerd"], check=False)
-        if proc.returncode == 0:
-            subprocess.run(["systemctl", "disable", "--now", "mcp-brokerd"], capture_output=True, check=False)
-            return "stopped and disabled the systemd unit mcp-brokerd"
-    try:
-        with open(paths.pidfile, encoding="ascii") as fh:
-            pid = int(fh.read().strip() or "0")
-    except (FileNotFoundError, ValueError):
-        return "daemon not running (no pid file)"
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            cmdline = fh.read()
-    except FileNotFoundError:
-        return "daemon not running (stale pid file)"
-    if pid <= 1 or b"mcp-brokerd" not in cmdline:
-        raise PrivsepError(f"uninstall: pid {pid} from {paths.pidfile} is not mcp-brokerd; not signalling it", 1)
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return f"stopped mcp-brokerd (pid {pid})"
-        time.sleep(0.05)
-    raise PrivsepError(
-        f"uninstall: mcp-brokerd (pid {pid}) did not exit within {timeout:g} s; stopped there "
-        "(the sudoers drop-in is gone already); run uninstall again",
-        75,
-    )
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (an exited process its parent has not reaped yet does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def _ours(path: str) -> bool:
-    """Whether a command at ``path`` is one 'mcp-brokerctl install' wrote."""
-    if os.path.islink(path):
-        return os.readlink(path).endswith(("/bin/mcp-brokerd", "/bin/mcp-brokerctl"))
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return "generated by 'mcp-brokerctl install'" in fh.read(4096)
-    except OSError:
-        return False
-
-
-def _rmtree(path: str) -> bool:
-    if not path.rstrip("/").endswith("mcp-privsep") or path.rstrip("/") in ("", "/"):
-        raise PrivsepError(f"uninstall: refusing to remove {path!r}", 70)
-    if not os.path.lexists(path):
-        return False
-    shutil.rmtree(path)
-    return True
-
-
-def uninstall_paths(paths: Paths, purge: bool) -> tuple[list[str], list[str]]:
-    """Remove what install made; return (lines of what was done, lines of what was kept)."""
-    done: list[str] = []
-    kept: list[str] = []
-    if os.path.lexists(paths.sudoers):
-        os.unlink(paths.sudoers)
-        done.append(f"removed the sudoers drop-in {paths.sudoers} (agents lost sudo at once)")
-    done.append(_stop_daemon(paths))
-    for cmd in (paths.mcp, paths.gate, paths.brokerd, paths.brokerctl):
-        if not os.path.lexists(cmd):
-            continue
-        if _ours(cmd):
-            os.unlink(cmd)
-            done.append(f"removed {cmd}")
-        else:
-            kept.append(f"{cmd}: not written by 'mcp-brokerctl install'; left alone")
-    for d in (paths.run, paths.cache):
-        if _rmtree(d):
-            done.append(f"removed {d}")
-    if purge:
-        for d in (paths.etc, paths.state, paths.log):
-            if _rmtree(d):
-                done.append(f"removed {d}")
-    else:
-        kept.append(f"config {paths.etc}, state {paths.state}, audit log {paths.log} (remove them with --purge)")
-    kept.append(
-        f"users {GATE_USER} and {BROKER_USER} (as Debian does for system users; "
-        f"'userdel {GATE_USER}; userdel {BROKER_USER}' once no file of theirs is left)"
-    )
-    kept.append(f"the code's virtualenv (pip/apt manage it; it is {os.path.dirname(os.path.dirname(sys.executable))})")
-    return done, kept
-
-
-@click.command()
+@cli.command()
 @click.option("--purge", is_flag=True, help="Also remove the config, secrets, state and audit log.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before --purge.")
 @click.pass_context
@@ -481,6 +577,8 @@ def uninstall(ctx: click.Context, purge: bool, yes: bool) -> None:
         click.confirm(
             f"Delete {paths.etc}, {paths.state} and {paths.log} (secrets and audit log included)?", abort=True
         )
+    from broker.admin.uninstall import uninstall_paths
+
     done, kept = uninstall_paths(paths, purge)
     for line in done:
         click.echo(f"uninstall: {line}")
@@ -489,4 +587,33 @@ def uninstall(ctx: click.Context, purge: bool, yes: bool) -> None:
     click.echo("uninstall: done")
 
 
-COMMANDS = (tools, allow, deny, import_, doctor, uninstall)
+from broker.admin.audit_reader import audit  # noqa: E402 - a command group of its own, registered like the others
+
+cli.add_command(audit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return its exit code."""
+    try:
+        cli.main(args=argv, prog_name="mcp-brokerctl", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("mcp-brokerctl: aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return EX_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+    except ConfigError as exc:
+        for p in exc.problems:
+            click.echo(f"mcp-brokerctl: {p}", err=True)
+        return exc.exit_code
+    except PrivsepError as exc:
+        click.echo(f"mcp-brokerctl: {exc}", err=True)
+        return exc.exit_code
+    except PermissionError as exc:
+        click.echo(f"mcp-brokerctl: {exc.filename}: permission denied (run as root)", err=True)
+        return EX_NOPERM
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """``mcp-gate``: the only program an agent may run through sudo.
 
-It runs as the ``mcp-gate`` user, once per agent call. It accepts a closed
+It runs as the agent's gate user, once per agent call. It accepts a closed
 set of verbs, checks the requested ``server.tool`` against the root-owned
 allowlist, and forwards permitted requests over ``gate.sock`` to
 ``mcp-brokerd``, which checks everything again. No flag names a file, a
@@ -14,31 +14,29 @@ library only and cheap to import (no ``json``, ``socket``, ``argparse``,
 
 from __future__ import annotations
 
-import _socket
 import posix as os  # not os: see allowlist.py
 import sys
 
-from broker import __version__, allowlist, protocol
-from broker.errors import (
-    CONTRACT_EXIT_CODES,
-    EX_CONFIG,
-    EX_NOPERM,
+from broker import __version__
+from broker.core import allowlist, codec, names, protocol, wire
+from broker.core.errors import (
     EX_OK,
     EX_SOFTWARE,
     EX_TOOL_ERROR,
     EX_USAGE,
+    REFUSAL_EXIT_CODES,
     ConfigError,
     Denied,
     PrivsepError,
-    Unavailable,
     UsageError,
 )
-from broker.paths import Paths
+from broker.core.paths import Paths
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from typing import Any, TextIO
+
+    from broker.core.protocol import Answer
 
 MAX_ARGV_BYTES = 256 * 1024
 MAX_ARGC = 1024
@@ -47,7 +45,6 @@ MAX_TIMEOUT = 3600.0
 #: Allowlists larger than this are validated once per content digest and the
 #: verdict remembered in the gate's cache directory.
 CACHE_THRESHOLD = 64 * 1024
-CONNECT_TIMEOUT = 5.0
 DEFAULT_WAIT = 900.0
 
 HELP = """\
@@ -157,14 +154,17 @@ def parse_argv(argv: list[str], stdin: TextIO | None) -> Request:
         if not positional:
             raise UsageError(f"'{verb}' needs SERVER.TOOL")
         req.tool = positional[0]
-        problem = allowlist.action_error(req.tool)
+        problem = names.action_error(req.tool)
         if problem is not None:
             raise UsageError(f"bad tool name {req.tool!r}: {problem}")
         positional = positional[1:]
     if verb == "call":
         seen = set(req.args or ())
         for item in positional:
-            key, value = _split_kv(item)
+            pair = names.split_kv(item)
+            if pair is None:
+                raise UsageError(f"expected key=value or key:value, got {item!r}")
+            key, value = pair
             if key in seen:
                 raise UsageError(f"argument {key!r} given twice")
             seen.add(key)
@@ -172,15 +172,6 @@ def parse_argv(argv: list[str], stdin: TextIO | None) -> Request:
     elif positional:
         raise UsageError(f"unexpected argument {positional[0]!r} for '{verb}'")
     return req
-
-
-def _split_kv(item: str) -> tuple[str, str]:
-    eq = item.find("=")
-    colon = item.find(":")
-    cut = min(p for p in (eq, colon) if p >= 0) if eq >= 0 or colon >= 0 else -1
-    if cut <= 0:
-        raise UsageError(f"expected key=value or key:value, got {item!r}")
-    return item[:cut], item[cut + 1 :]
 
 
 def _parse_timeout(value: str) -> float:
@@ -206,7 +197,7 @@ def _parse_args_json(value: str, stdin: TextIO | None) -> dict[str, Any]:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"--args -: cannot read standard input: {exc}") from None
     try:
-        obj = protocol.loads(value)
+        obj = codec.loads(value)
     except ValueError as exc:
         raise UsageError(f"--args: not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
@@ -265,84 +256,6 @@ def _validate_cached(cache_dir: str, data: bytes, path: str) -> None:
 # --- talking to the daemon --------------------------------------------------
 
 
-def connect(sock_path: str, broker_uid: int | None) -> Any:
-    """A connected socket to the daemon whose server uid is checked (SO_PEERCRED).
-
-    ``broker_uid``, when known, is the only non-root uid the socket's server
-    may have; anyone else listening there is refused before a byte is sent.
-    """
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        sock.settimeout(CONNECT_TIMEOUT)
-        try:
-            sock.connect(sock_path)
-        except OSError as exc:
-            raise Unavailable(f"broker unavailable: cannot connect to the broker ({exc.strerror or exc})") from None
-        if broker_uid is not None:
-            cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
-            peer_uid = int.from_bytes(cred[4:8], sys.byteorder)
-            if peer_uid not in (0, broker_uid):
-                raise Unavailable(f"broker unavailable: {sock_path} is served by uid {peer_uid}, not the broker")
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def exchange(
-    sock_path: str,
-    message: dict[str, Any],
-    wait: float,
-    broker_uid: int | None,
-    on_pending: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Send one request to the daemon (gate.sock, or admin.sock for root) and return its answer.
-
-    Interim ``pending`` frames (a call held for approval) go to ``on_pending``.
-    """
-    try:
-        frame = protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES)
-    except protocol.ProtocolError as exc:
-        raise UsageError(f"request too large or malformed: {exc}") from None
-    sock = connect(sock_path, broker_uid)
-    try:
-        sock.settimeout(wait)
-        try:
-            sock.sendall(frame)
-            while True:
-                header = _recv_exact(sock, 4)
-                answer = protocol.decode_payload(
-                    _recv_exact(sock, protocol.frame_length(header, protocol.MAX_RESPONSE_BYTES))
-                )
-                pending = answer.get("pending")
-                if pending is None or on_pending is None:
-                    return answer
-                # held for an operator's approval: say so, then wait as long as it may take
-                on_pending(str(pending))
-                extra = answer.get("wait")
-                if isinstance(extra, (int, float)) and 0 <= extra <= 7 * 86400:
-                    sock.settimeout(wait + float(extra))
-        except TimeoutError:
-            raise Unavailable(f"broker unavailable: no answer within {wait:g} s") from None
-        except OSError as exc:
-            raise Unavailable(f"broker unavailable: connection failed ({exc.strerror or exc})") from None
-        except protocol.ProtocolError as exc:
-            raise Unavailable(f"broker unavailable: {exc}") from None
-    finally:
-        sock.close()
-
-
-def _recv_exact(sock: Any, n: int) -> bytes:
-    chunks = []
-    while n:
-        chunk = sock.recv(min(n, 1 << 20))
-        if not chunk:
-            raise protocol.ProtocolError("the broker closed the connection")
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
 def _report(
     paths: Paths, user: str, uid: int, verb: str, tool: str, exit_code: int, reason: str, broker_uid: int | None
 ) -> None:
@@ -351,7 +264,7 @@ def _report(
         "report", caller=user, uid=uid, verb=verb, tool=tool, exit=exit_code, reason=reason[:1000]
     )
     try:
-        exchange(paths.gate_sock, message, 2.0, broker_uid)
+        wire.exchange(paths.gate_sock, message, 2.0, broker_uid)
     except PrivsepError:
         pass  # the daemon is down: the refusal must not wait for it
 
@@ -359,10 +272,10 @@ def _report(
 # --- output -----------------------------------------------------------------
 
 
-def _print_result(req: Request, answer: dict[str, Any], out: TextIO) -> int:
+def _print_result(req: Request, answer: Answer, out: TextIO) -> int:
     result = answer.get("result")
     if req.json:
-        out.write(protocol.dumps(result) + "\n")
+        out.write(codec.dumps(result) + "\n")
     elif req.verb == "list":
         tools = result.get("tools", []) if isinstance(result, dict) else []
         width = max((len(t.get("name", "")) for t in tools), default=0)
@@ -398,7 +311,7 @@ def _fail(req: Request | None, exc: PrivsepError, out: TextIO, err: TextIO) -> i
     message = " ".join(str(exc).split()) or "error"
     err.write(f"mcp: {message}\n")
     if req is not None and req.json:
-        out.write(protocol.dumps({"error": message, "exit": exc.exit_code}) + "\n")
+        out.write(codec.dumps({"error": message, "exit": exc.exit_code}) + "\n")
     return exc.exit_code
 
 
@@ -433,13 +346,7 @@ def main(
     try:
         return _run(req, Paths(root), broker_uid, environ, out, err)
     except PrivsepError as exc:
-        code = _fail(req, exc, out, err)
-        report = getattr(exc, "report", None)
-        if report is not None:
-            out.flush()
-            err.flush()
-            report()
-        return code
+        return _fail(req, exc, out, err)
     except Exception as exc:  # noqa: BLE001 - the edge: never a traceback to the agent
         return _fail(req, PrivsepError(f"internal error: {type(exc).__name__}: {exc}", EX_SOFTWARE), out, err)
 
@@ -466,21 +373,20 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
         err.write(f"mcp: pending approval {approval_id}, waiting\n")
         err.flush()
 
-    def checked(tool: str | None) -> None:
-        try:
-            check_allowlist(paths, user, tool)
-        except (Denied, ConfigError) as exc:
-            args = (paths, user, uid, req.verb, tool or "", exc.exit_code, str(exc), broker_uid)
-            # audited by the daemon, but only after the caller has its answer (main() sends it)
-            exc.report = lambda: _report(*args)  # type: ignore[union-attr]
-            raise
-
     if req.verb == "stdio":
-        from broker import stdio
+        from broker.gate import endpoint
 
-        return stdio.run(paths, user, uid, lambda: connect(paths.gate_sock, broker_uid), err)
+        return endpoint.run(paths, user, uid, lambda: wire.connect(paths.gate_sock, broker_uid), err)
     if req.verb in ("list", "describe", "call"):
-        checked(req.tool or None)
+        try:
+            check_allowlist(paths, user, req.tool or None)
+        except (Denied, ConfigError) as exc:
+            code = _fail(req, exc, out, err)
+            # audited by the daemon, but only once the caller has its answer
+            out.flush()
+            err.flush()
+            _report(paths, user, uid, req.verb, req.tool, code, str(exc), broker_uid)
+            return code
     fields: dict[str, Any] = {"caller": user, "uid": uid}
     if req.verb in ("describe", "call"):
         fields["tool"] = req.tool
@@ -488,12 +394,12 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
         fields.update(kv=req.kv, args=req.args, timeout=req.timeout)
     wait = (req.timeout + 10.0) if req.timeout is not None else DEFAULT_WAIT
 
-    answer = exchange(paths.gate_sock, protocol.request(req.verb, **fields), wait, broker_uid, on_pending)
+    answer = wire.exchange(paths.gate_sock, protocol.request(req.verb, **fields), wait, broker_uid, on_pending)
     if not answer.get("ok"):
-        code = answer.get("exit")
-        if type(code) is not int or code not in CONTRACT_EXIT_CODES or code in (EX_OK, EX_TOOL_ERROR):
-            code = EX_SOFTWARE
-        return _fail(req, PrivsepError(str(answer.get("error", "the broker refused")), code), out, err)
+        refused = answer.get("exit")
+        if type(refused) is not int or refused not in REFUSAL_EXIT_CODES:
+            refused = EX_SOFTWARE
+        return _fail(req, PrivsepError(str(answer.get("error", "the broker refused")), refused), out, err)
     return _print_result(req, answer, out)
 
 
@@ -519,4 +425,4 @@ def run(root: str = "/", broker_uid: int | None = None) -> None:
     os._exit(code)
 
 
-__all__ = ["EX_CONFIG", "EX_NOPERM", "main", "run"]
+__all__ = ["main", "run"]

@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from types import TracebackType
 from typing import IO, Any
 
 import mcp
@@ -114,7 +115,9 @@ class StdioClient:
             raise
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -270,13 +273,10 @@ class StdioClient:
         return listed
 
     async def call_tool(
-        self, name: str, arguments: dict[str, Any], read_timeout_seconds: float | None = None
+        self, name: str, arguments: dict[str, Any], timeout: float | None = None
     ) -> mcp.types.CallToolResult:
-        if read_timeout_seconds is None:  # the caller bounds the wait (the daemon does, with its call timeout)
-            raw = await self._request("tools/call", {"name": name, "arguments": arguments})
-        else:
-            async with asyncio.timeout(read_timeout_seconds):
-                raw = await self._request("tools/call", {"name": name, "arguments": arguments})
+        """Call a tool; the caller bounds the wait (``timeout`` is not needed: a pipe has no read timeout)."""
+        raw = await self._request("tools/call", {"name": name, "arguments": arguments})
         try:
             result = mcp.types.CallToolResult.model_validate(raw)
         except ValueError as exc:

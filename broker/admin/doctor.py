@@ -43,10 +43,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from broker import allowlist, config
-from broker.errors import ConfigError, PrivsepError
-from broker.install import SUDOERS_MARK
-from broker.paths import BROKER_USER, GATE_USER, Paths
+from broker.admin.check import check_all
+from broker.admin.install import SUDOERS_MARK
+from broker.core import layout, names
+from broker.core.errors import ConfigError, PrivsepError
+from broker.core.paths import BROKER_USER, GATE_USER, Paths
+from broker.daemon import config
 
 RUNUSER = "/usr/sbin/runuser"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -222,57 +224,30 @@ class Doctor:
     # --- files ----------------------------------------------------------------------
 
     def rules(self) -> list[Rule]:
+        """Every path of the layout table that doctor checks here, and what is inside its directories."""
         p = self.paths
         rules = [
-            Rule(p.etc, "dir", "root", None, 0o026, 0o001, "config directory", 0o751),
-            Rule(p.broker_toml, "file", "root", BROKER_USER, 0o137, 0o040, "daemon config", 0o640),
-            Rule(p.servers_d, "dir", "root", BROKER_USER, 0o027, 0o050, "server definitions", 0o750),
-            Rule(p.allowlist, "file", "root", GATE_USER, 0o137, 0o040, "allowlist", 0o640),
-            Rule(p.allowlist_d, "dir", "root", GATE_USER, 0o027, 0o050, "per-user allowlists", 0o750),
-            Rule(p.secrets, "dir", BROKER_USER, None, 0o077, 0o700, "secrets", 0o700),
-            Rule(p.run, "dir", BROKER_USER, GATE_USER, 0o027, 0o2050, "sockets", 0o2750),
-            Rule(p.gate_sock, "sock", BROKER_USER, GATE_USER, 0o117, 0o020, "gate socket", 0o660),
-            Rule(p.admin_sock, "sock", BROKER_USER, None, 0o077, 0, "admin socket", 0o600),
-            Rule(p.pidfile, "file", BROKER_USER, None, 0o022, 0, "pid file", 0o600),
-            Rule(p.state, "dir", BROKER_USER, None, 0o077, 0o700, "state", 0o700),
-            Rule(p.log, "dir", BROKER_USER, None, 0o077, 0o700, "audit log directory", 0o700),
-            Rule(p.audit_log, "file", BROKER_USER, None, 0o177, 0, "audit log", 0o600),
-            Rule(p.cache, "dir", "root", None, 0o022, 0, "cache", 0o755),
-            Rule(p.gate_cache, "dir", GATE_USER, None, 0o077, 0, "gate cache", 0o700),
-            Rule(p.mcp, "file", "root", None, 0o022, 0o005, "agent command", 0o755),
-            Rule(p.gate, "file", "root", None, 0o022, 0o005, "gate command", 0o755),
+            Rule(e.path(p), e.kind, e.owner, e.group, e.forbid, e.need, e.why, e.mode)
+            for e in layout.PATHS
+            if e.kind != "link" and e.attr != "sudoers"  # commands: _check_command_link; sudoers: its own section
         ]
-        for directory, suffix, owner, group, forbid, need, why, mode in (
-            (p.servers_d, ".toml", "root", BROKER_USER, 0o137, 0o040, "server definitions", 0o640),
-            (p.allowlist_d, ".txt", "root", GATE_USER, 0o137, 0o040, "per-user allowlist", 0o640),
-            (p.secrets, "", BROKER_USER, None, 0o177, 0o400, "secret", 0o600),
-            (p.state, "", BROKER_USER, None, 0o077, 0, "state", 0o600),
-            (p.log, "", BROKER_USER, None, 0o077, 0, "log", 0o600),
-            (p.gate_cache, "", GATE_USER, None, 0o077, 0, "gate cache", 0o600),
-        ):
+        for e in layout.CHILDREN:
+            directory = e.path(p)
             try:
                 names = sorted(os.listdir(directory))
             except OSError:
                 continue
             for name in names:
-                if name.endswith(suffix) and not (suffix and name.startswith(".")):
+                if name.endswith(e.suffix or "") and not (e.suffix and name.startswith(".")):
                     full = f"{directory}/{name}"
                     is_dir = os.path.isdir(full) and not os.path.islink(full)
-                    rules.append(
-                        Rule(
-                            full,
-                            "any",
-                            owner,
-                            group,
-                            forbid & ~0o111 if is_dir else forbid,
-                            need,
-                            why,
-                            (0o700 if is_dir else mode),
-                        )
-                    )
+                    mode = e.mode | 0o700 if is_dir else e.mode
+                    rules.append(Rule(full, "any", e.owner, e.group, 0o7777 & ~mode, e.need, e.why, mode))
+        secret = layout.child("secrets")
         for env_file in self._env_files():
             if not env_file.startswith(p.secrets + "/"):
-                rules.append(Rule(env_file, "file", BROKER_USER, None, 0o177, 0o400, "env file of a server", 0o600))
+                why = "env file of a server"
+                rules.append(Rule(env_file, "file", secret.owner, None, secret.forbid, secret.need, why, secret.mode))
         return rules
 
     def _env_files(self) -> list[str]:
@@ -439,11 +414,7 @@ class Doctor:
     # --- config ----------------------------------------------------------------------
 
     def check_config(self) -> None:
-        problems = allowlist.check_all(self.paths.allowlist, self.paths.allowlist_d)
-        try:
-            config.load(self.paths)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
+        problems = check_all(self.paths)
         for p in problems:
             self.problem("config", p, "edit the file named, then 'mcp-brokerctl check'")
         if not problems:
@@ -498,7 +469,7 @@ class Doctor:
                 continue
             norm = " ".join(line.split())
             agent = norm.split(" ", 1)[0]
-            if norm == self.expected_rule(agent) and allowlist.valid_user_name(agent):
+            if norm == self.expected_rule(agent) and names.valid_user_name(agent):
                 seen_rules.add(agent)
                 continue
             self.problem(

@@ -35,9 +35,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import allowlist
-from broker.errors import ConfigError, PrivsepError, UsageError
-from broker.paths import GATE_USER
+from broker.core import allowlist, names
+from broker.core.errors import ConfigError, PrivsepError, UsageError
+from broker.core.paths import GATE_USER
 
 ALLOWLIST_MODE = 0o640
 #: owner of every allowlist file (tests without root patch this and gate_gid)
@@ -86,7 +86,7 @@ def split_pattern(pattern: str) -> tuple[str, str]:
     server, dot, tool = pattern.partition(".")
     if not dot or not tool:
         raise UsageError(f"{pattern!r}: expected SERVER.TOOL or SERVER.* (a pattern on the tool name only)")
-    if is_pattern(server) or allowlist.action_error(server + ".x") is not None:
+    if is_pattern(server) or names.action_error(server + ".x") is not None:
         raise UsageError(f"{pattern!r}: the server name must be written out ([A-Za-z0-9_-]+), not a pattern")
     return server, tool
 
@@ -94,7 +94,7 @@ def split_pattern(pattern: str) -> tuple[str, str]:
 def check_actions(actions: list[str]) -> None:
     """Refuse any action that is not a well-formed ``server.tool``."""
     for action in actions:
-        problem = allowlist.action_error(action)
+        problem = names.action_error(action)
         if problem is not None:
             raise UsageError(f"{action!r}: {problem}")
 

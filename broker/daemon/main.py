@@ -1,0 +1,177 @@
+"""``mcp-brokerd``'s process set-up: arguments, privileges, environment, pid file, daemonising.
+
+Started by root (it drops to ``mcp-broker`` here) or directly as
+``mcp-broker`` (systemd's ``User=``). Everything the process needs before it
+serves is checked here, and each failure is one line and an exit code;
+serving itself is :func:`broker.daemon.service.run_broker`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import pwd
+import sys
+
+from broker import __version__
+from broker.core.errors import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, PrivsepError
+from broker.core.paths import BROKER_USER, GATE_USER, Paths
+from broker.daemon import config
+from broker.daemon.service import run_broker
+
+log = logging.getLogger("mcp-brokerd")
+
+
+def drop_privileges() -> tuple[int, int]:
+    """Become mcp-broker when started by root; return (broker uid, gate uid)."""
+    try:
+        broker = pwd.getpwnam(BROKER_USER)
+        gate = pwd.getpwnam(GATE_USER)
+    except KeyError as exc:
+        raise ConfigError(f"system user {exc.args[0]} is missing (run 'mcp-brokerctl install')") from None
+    if os.geteuid() == 0:
+        os.initgroups(BROKER_USER, broker.pw_gid)
+        os.setgid(broker.pw_gid)
+        os.setuid(broker.pw_uid)
+    elif os.geteuid() != broker.pw_uid:
+        raise ConfigError(f"mcp-brokerd must run as {BROKER_USER} (or be started by root)")
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise ConfigError("refusing to run with root privileges")
+    return broker.pw_uid, gate.pw_uid
+
+
+def clean_environment(home: str) -> None:
+    """The daemon keeps nothing of its launcher's environment."""
+    os.environ.clear()
+    os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8"})
+
+
+def lock_pidfile(path: str) -> int:
+    """Take the pid file lock; a held lock means a live daemon, a stale file is reused."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            pid = os.pread(fd, 32, 0).decode().strip()
+        finally:
+            os.close(fd)
+        raise PrivsepError(f"mcp-brokerd is already running (pid {pid or 'unknown'})", 1) from None
+    return fd
+
+
+def write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="mcp-brokerd",
+        description="The mcp-privsep broker daemon. Start it as root (it drops to mcp-broker) or as mcp-broker.",
+    )
+    p.add_argument("--root", default="/", help="install root (default /; tests use a staging root)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--foreground", action="store_true", help="stay in the foreground (default; for supervisors)")
+    mode.add_argument("--daemon", action="store_true", help="detach with python-daemon; the pid file is in the run dir")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"mcp-brokerd {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    paths = Paths(ns.root)
+    logging.basicConfig(
+        level=ns.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s mcp-brokerd[%(process)d] %(levelname)s %(message)s",
+    )
+    try:
+        _broker_uid, gate_uid = drop_privileges()
+        clean_environment(paths.state)
+        os.umask(0o077)
+        os.chdir(paths.state)
+        cfg = config.load(paths)
+        pid_fd = lock_pidfile(paths.pidfile)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"mcp-brokerd: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    except PrivsepError as exc:
+        print(f"mcp-brokerd: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"mcp-brokerd: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if ns.daemon:
+        return _daemonize(paths, cfg, gate_uid, pid_fd)
+    write_pid(pid_fd)
+    try:
+        return asyncio.run(run_broker(paths, cfg, gate_uid, lambda _x: None))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(paths.pidfile)
+
+
+def _daemonize(paths: Paths, cfg: config.Config, gate_uid: int, pid_fd: int) -> int:
+    """Detach with python-daemon; report readiness or failure to the launcher."""
+    import daemon  # python-daemon
+
+    r, w = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(w)
+        os.waitpid(child, 0)
+        chunks = []
+        while chunk := os.read(r, 4096):
+            chunks.append(chunk)
+        os.close(r)
+        message = b"".join(chunks).decode(errors="replace").strip()
+        if message.startswith("ready"):
+            print(f"mcp-brokerd: started ({message})")
+            return EX_OK
+        print(f"mcp-brokerd: failed to start: {message or 'the daemon exited during start-up'}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    os.close(os.open("/dev/null", os.O_RDONLY))
+    log_fh = open(f"{paths.log}/mcp-brokerd.log", "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    ctx = daemon.DaemonContext(
+        working_directory=paths.state,
+        umask=0o077,
+        detach_process=True,
+        files_preserve=[w, pid_fd, log_fh.fileno()],
+        stdout=log_fh,
+        stderr=log_fh,
+        signal_map={},
+    )
+    code = EX_SOFTWARE
+    try:
+        ctx.open()
+        for h in logging.getLogger().handlers:
+            if isinstance(h, logging.StreamHandler):
+                h.setStream(log_fh)
+        write_pid(pid_fd)
+
+        def ready(_x: object) -> None:
+            os.write(w, f"ready, pid {os.getpid()}\n".encode())
+            os.close(w)
+
+        code = asyncio.run(run_broker(paths, cfg, gate_uid, ready))
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.write(w, f"{type(exc).__name__}: {exc}\n".encode())
+        log.exception("daemon failed")
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(paths.pidfile)
+    os._exit(code)
+
+
+
+
+def entry() -> None:
+    sys.exit(main())

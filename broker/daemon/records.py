@@ -1,0 +1,66 @@
+"""The audit record: its fields, named once, and the bounds every field keeps.
+
+One record is written per decision and outcome (see :mod:`broker.daemon.audit`).
+The daemon builds a record in one place per request (the dispatch in
+:mod:`broker.daemon.service`) from what the decision and the call returned;
+nothing else mutates it. Every field is bounded whatever a caller sends or a
+server answers, so one record always fits the audit log's reservation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+from broker.core import codec
+from broker.daemon.audit.chain import args_digest
+
+#: the audit log's reservation covers records this size (audit.RESERVE_LOW is several of them)
+MAX_AUDIT_TEXT = 4096
+MAX_AUDIT_KEYS = 64
+
+
+class AuditRecord(TypedDict, total=False):
+    """One line of ``audit.jsonl`` (``ts``, ``seq``, ``prev`` and ``hash`` are added by the log)."""
+
+    id: str
+    caller: str
+    uid: int
+    op: str
+    verb: str
+    tool: str
+    source: str
+    decision: str
+    rule: str
+    mode: str
+    exit: int
+    reason: str
+    outcome: str
+    duration_ms: float
+    arg_keys: list[str]
+    arg_keys_total: int
+    args_size: int
+    args_digest: str
+    args: Any
+    result_size: int
+    approval: str
+    by: str
+    pin_hash: str
+
+
+def bounded(text: str) -> str:
+    """A reason for the audit record: a server's error text can be any size, a record may not."""
+    if len(text) <= MAX_AUDIT_TEXT:
+        return text
+    return text[:MAX_AUDIT_TEXT] + f" [... {len(text) - MAX_AUDIT_TEXT} more characters]"
+
+
+def argument_fields(args: dict[str, Any]) -> AuditRecord:
+    """``arg_keys`` (bounded; ``arg_keys_total`` says what was cut), ``args_size`` and ``args_digest``."""
+    keys = sorted(args)
+    out: AuditRecord = {"args_size": len(codec.dumps(args)), "args_digest": args_digest(args)}
+    if len(keys) <= MAX_AUDIT_KEYS and sum(len(k) for k in keys) <= MAX_AUDIT_TEXT:
+        out["arg_keys"] = keys
+    else:
+        out["arg_keys"] = [k[:64] for k in keys[:MAX_AUDIT_KEYS]]
+        out["arg_keys_total"] = len(keys)
+    return out

@@ -1,0 +1,706 @@
+"""The daemon serving: its two sockets, one dispatch table each, and the handler of every op.
+
+``gate.sock`` takes the gate's requests (peers: a gate user or root, by
+SO_PEERCRED) and ``admin.sock`` root's. Each socket has one table
+(:data:`GATE_ROUTES`, :data:`ADMIN_ROUTES`, OpenSSH's monitor) binding each
+op of the protocol to its handler and to who may send it; a frame that
+breaks the protocol closes the connection. Every gate request is decided by
+:func:`broker.daemon.decision.decide` and leaves exactly one audit record,
+built here from what the handler returns (:class:`Outcome`). The daemon
+trusts no decision the gate made (Postfix's rule).
+
+This module holds no decision logic of its own and no process set-up
+(:mod:`broker.daemon.main`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import IO, Any, Literal
+
+import mcp
+
+from broker import __version__
+from broker.core import allowlist, names, protocol, wire
+from broker.core.allowlist import Allowlist
+from broker.core.errors import (
+    EX_DATAERR,
+    EX_NOPERM,
+    EX_OK,
+    EX_TOOL_ERROR,
+    ArgumentsRejected,
+    ConfigError,
+    PrivsepError,
+    TempFail,
+    Unavailable,
+    UsageError,
+    decision_for,
+)
+from broker.core.names import Action
+from broker.core.paths import Paths
+from broker.daemon import audit, config, policy
+from broker.daemon.approvals import ApprovalDesk
+from broker.daemon.decision import Offer, Query, Verdict, decide, when
+from broker.daemon.pins import PinBook, PinState
+from broker.daemon.records import AuditRecord, bounded
+from broker.daemon.redact import Redactor
+from broker.daemon.results import catalog_entry, described, first_line, render_result
+from broker.daemon.servers import ServerSet
+from broker.daemon.state import State
+from broker.daemon.upstream.handle import ServerHandle, base_environment
+
+log = logging.getLogger("mcp-brokerd")
+
+#: the longest a request waits for a (re)starting server
+READY_WAIT = 10.0
+#: what ``mcp list`` and ``tools/list`` wait for a server that is not up yet
+LIST_WAIT = 2.0
+#: a frame's body must arrive this long after its header
+FRAME_SECONDS = 30.0
+
+
+class UserCache:
+    """Name -> uid from the passwd database, remembered while ``/etc/passwd`` is unchanged.
+
+    Entries also expire after ``TTL`` seconds, for name services that are
+    not the file (NSS); the lookup otherwise parses the file on every call.
+    """
+
+    TTL = 2.0
+
+    def __init__(self, passwd: str = "/etc/passwd") -> None:  # noqa: S107 - the passwd database's path
+        self.passwd = passwd
+        self._key: tuple[int, ...] | None = None
+        self._uids: dict[str, tuple[float, int | None]] = {}
+
+    def uid(self, name: str) -> int | None:
+        try:
+            st = os.stat(self.passwd)
+            key: tuple[int, ...] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            key = ()
+        now = time.monotonic()
+        if key != self._key:
+            self._key = key
+            self._uids.clear()
+        hit = self._uids.get(name)
+        if hit is not None and now - hit[0] < self.TTL:
+            return hit[1]
+        try:
+            uid: int | None = pwd.getpwnam(name).pw_uid
+        except (KeyError, ValueError):  # ValueError: a NUL in the name, which no user has
+            uid = None
+        if len(self._uids) > 4096:
+            self._uids.clear()
+        self._uids[name] = (now, uid)
+        return uid
+
+
+class Conn:
+    """One client connection: lets a handler send interim frames and notice a hang-up."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        self.writer.write(protocol.encode_frame(obj))
+        await self.writer.drain()
+
+    async def closed(self) -> None:
+        """Return when the peer hangs up (used only while nothing else reads)."""
+        while await self.reader.read(4096):
+            pass
+
+
+@dataclass
+class Outcome:
+    """What a gate handler returns: a result, or the refusal; and the audit fields it settled."""
+
+    record: AuditRecord = field(default_factory=lambda: AuditRecord())
+    result: Any = None
+    error: PrivsepError | None = None
+    #: a refusal of a frozen caller is not counted against its denial budget again
+    counts: bool = True
+    #: the refusal is the gate's own, reported for the record: the report itself succeeded
+    reported: bool = False
+
+
+Peer = Literal["gate", "root"]
+GateHandler = Callable[["Broker", dict[str, Any], str, Conn], Awaitable[Outcome]]
+AdminHandler = Callable[["Broker", dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One op of a socket: its handler and who may send it (the schema is the protocol's)."""
+
+    handler: Callable[..., Awaitable[Any]]
+    peers: frozenset[Peer]
+
+
+class Broker:
+    """The daemon's state, its :class:`broker.daemon.decision.View`, and the op handlers."""
+
+    def __init__(self, paths: Paths, cfg: config.Config, gate_uid: int) -> None:
+        self.paths = paths
+        self.cfg = cfg
+        self.gate_uid = gate_uid
+        self.allowlists = allowlist.Cache(paths.allowlist, paths.allowlist_d)
+        self._users = UserCache()
+        self.audit = audit.AuditLog(paths.audit_log, **audit.options(cfg.settings))
+        self.state = State(f"{paths.state}/state.db")
+        self.pins = PinBook(self.state)
+        self.approvals = ApprovalDesk(self.state, self.audit)
+        self.redactor = Redactor(cfg.secrets())
+        self.base_env = base_environment(paths.state)
+        self.servers = ServerSet(cfg, self.base_env, open_errlog(paths))
+        self.started = time.time()
+        self.stopping = asyncio.Event()
+        self._listeners: list[asyncio.AbstractServer] = []
+        #: fire-and-forget tasks, referenced so they are not garbage-collected mid-flight
+        self.background: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    # --- the View a decision reads ------------------------------------------------------
+
+    def frozen_until(self, caller: str) -> float | None:
+        return self.state.frozen_until(caller)
+
+    def allowlist(self, caller: str) -> Allowlist:
+        return self.allowlists.get(caller)
+
+    def offer(self, action: Action) -> Offer:
+        return self.servers.offer(action)
+
+    def pin(self, action: str, spec: mcp.types.Tool) -> PinState:
+        return self.pins.check(action, spec)
+
+    def rules(self, action: str, caller: str) -> policy.Effective:
+        return policy.effective(self.cfg.policy, action, caller)
+
+    def rate_retry(self, rules: policy.Effective) -> float:
+        assert rules.rate is not None
+        return self.state.rate_check(rules.rate_key(), *rules.rate)
+
+    async def decided(self, query: Query, wait: float) -> Verdict:
+        """:func:`decide`, waiting up to ``wait`` once for a server that is (re)starting."""
+        verdict = decide(query, self)
+        if verdict.waitable and query.action is not None:
+            handle = self.servers.get(query.action.server)
+            if handle is not None:
+                with contextlib.suppress(Unavailable):
+                    await handle.ready(wait)
+                verdict = decide(query, self)
+        return verdict
+
+    # --- servers and config -----------------------------------------------------------------
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read config: start added servers, stop removed, restart changed."""
+        cfg = config.load(self.paths)
+        self.cfg = cfg
+        self.redactor = Redactor(cfg.secrets())
+        self.audit.configure(**audit.options(cfg.settings))
+        return await self.servers.reload(cfg)
+
+    # --- sockets ----------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        # a socket left by a dead daemon (the pid lock is ours, so it is dead) would refuse the bind
+        for path in (self.paths.gate_sock, self.paths.admin_sock):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        gate = await asyncio.start_unix_server(self._gate_conn, path=self.paths.gate_sock)
+        os.chmod(self.paths.gate_sock, 0o660)
+        admin = await asyncio.start_unix_server(self._admin_conn, path=self.paths.admin_sock)
+        os.chmod(self.paths.admin_sock, 0o600)
+        self._listeners = [gate, admin]
+
+    async def close(self) -> None:
+        for srv in self._listeners:
+            srv.close()
+        await self.servers.close()
+        for path in (self.paths.gate_sock, self.paths.admin_sock):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self.audit.close()
+        self.state.close()
+
+    def _peer(self, uid: int) -> Peer | None:
+        if uid == 0:
+            return "root"
+        if uid == self.gate_uid:
+            return "gate"
+        return None
+
+    async def _gate_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._conn(reader, writer, protocol.OPS, GATE_ROUTES, self._dispatch_gate)
+
+    async def _admin_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._conn(reader, writer, protocol.ADMIN_OPS, ADMIN_ROUTES, self._dispatch_admin)
+
+    async def _conn(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        schemas: dict[str, Any],
+        routes: dict[str, Route],
+        dispatch: Callable[[Route, dict[str, Any], int, Conn], Awaitable[protocol.Answer]],
+    ) -> None:
+        conn = Conn(reader, writer)
+        try:
+            peer_uid = wire.peer_uid(writer.get_extra_info("socket"))
+            peer = self._peer(peer_uid)
+            if peer is None or not any(peer in r.peers for r in routes.values()):
+                log.warning("refused connection from uid %d", peer_uid)
+                return
+            while True:
+                try:
+                    header = await reader.readexactly(4)
+                except asyncio.IncompleteReadError:
+                    return
+                n = protocol.frame_length(header, protocol.MAX_REQUEST_BYTES)
+                async with asyncio.timeout(FRAME_SECONDS):  # not wait_for: that costs a task per request
+                    payload = await reader.readexactly(n)
+                req = protocol.decode_payload(payload)
+                route = routes[protocol.validate_request(req, schemas)]
+                if peer not in route.peers:
+                    raise protocol.ProtocolError(f"op {req['op']} is not for a {peer} peer")
+                answer = await dispatch(route, req, peer_uid, conn)
+                await conn.send(dict(answer))
+        except (TimeoutError, protocol.ProtocolError, asyncio.IncompleteReadError) as exc:
+            log.warning("closing connection: %s", exc)
+        except (ConnectionError, BrokenPipeError):
+            pass
+        except Exception:
+            log.exception("unexpected error on a connection")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    # --- gate requests: who, then the one place that records and answers -----------------------
+
+    def _caller(self, req: dict[str, Any], peer_uid: int) -> str:
+        """The calling user named by the gate, checked against the passwd database."""
+        user, uid = req["caller"], req["uid"]
+        known = self._users.uid(user)
+        if known is None:
+            raise protocol.ProtocolError(f"unknown caller {user[:64]!r}")
+        if known != uid:
+            raise protocol.ProtocolError(f"caller {user[:64]!r} does not have uid {uid}")
+        if peer_uid != 0 and uid == self.gate_uid:
+            raise protocol.ProtocolError("the gate user cannot be a caller")
+        return str(user)
+
+    async def _dispatch_gate(self, route: Route, req: dict[str, Any], peer_uid: int, conn: Conn) -> protocol.Answer:
+        caller = self._caller(req, peer_uid)
+        started = time.monotonic()
+        record: AuditRecord = {"id": audit.new_request_id(), "caller": caller, "uid": req["uid"], "op": req["op"]}
+        if "tool" in req:
+            record["tool"] = req["tool"]
+        try:
+            self.audit.check()
+        except Unavailable as unwritable:
+            out = Outcome(error=unwritable)
+        else:
+            out = await route.handler(self, req, caller, conn)
+        record.update(out.record)
+        froze: str | None = None
+        error = out.error
+        if error is not None:
+            decision = decision_for(error.exit_code)
+            record["decision"] = record.get("decision") or decision
+            record["exit"] = error.exit_code
+            if not out.reported:
+                record["outcome"] = record.get("outcome") or decision
+            record["reason"] = bounded(self.redactor.text(error.message))
+            if out.counts:
+                froze = self._count_denial(caller, error)
+        else:
+            is_error = isinstance(out.result, dict) and out.result.get("is_error") and req["op"] == "call"
+            record["exit"] = EX_TOOL_ERROR if is_error else EX_OK
+        if not out.reported:
+            record["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+        try:
+            await self.audit.record(**record)
+            if froze is not None:
+                await self._audit_freeze(caller, req["uid"], froze)
+        except Unavailable as audit_exc:
+            return {"ok": False, "exit": audit_exc.exit_code, "error": audit_exc.message}
+        if out.error is not None and not out.reported:
+            return {"ok": False, "exit": out.error.exit_code, "error": self.redactor.text(out.error.message)}
+        return {"ok": True, "result": out.result}
+
+    async def _audit_freeze(self, caller: str, uid: int | None, reason: str) -> None:
+        await self.audit.record(
+            id=audit.new_request_id(), caller=caller, uid=uid, op="freeze", decision="freeze", reason=reason
+        )
+
+    def _count_denial(self, caller: str, exc: PrivsepError) -> str | None:
+        """Feed the denial budget; return a reason when this denial froze the caller."""
+        s = self.cfg.settings
+        if s.denial_budget <= 0 or exc.exit_code not in (EX_NOPERM, EX_DATAERR):
+            return None
+        if self.state.record_denial(caller, s.denial_budget, s.denial_window, s.freeze_seconds):
+            until = self.state.frozen_until(caller)
+            log.warning("caller %s frozen until %s", caller, when(until))
+            return f"more than {s.denial_budget} denials within {s.denial_window:g} s; frozen until {when(until)}"
+        return None
+
+    # --- gate ops ---------------------------------------------------------------------------
+
+    async def op_report(self, req: dict[str, Any], caller: str, conn: Conn) -> Outcome:
+        """A refusal the gate made itself, for the record: it can only ever count against its caller."""
+        code = req["exit"]
+        rec: AuditRecord = {"verb": req["verb"], "decision": decision_for(code), "source": "gate"}
+        error = PrivsepError(req["reason"], code)
+        if code == EX_NOPERM:  # the rule that denied: the caller's allowlist
+            with contextlib.suppress(PrivsepError, OSError):
+                rec["rule"] = allowlist.locate(self.paths.allowlist, self.paths.allowlist_d, caller)[1]
+        # only the gate's own denials feed the denial budget, and never a frozen caller's
+        counts = code == EX_NOPERM and self.state.frozen_until(caller) is None
+        return Outcome(rec, error=error, counts=counts, reported=True)
+
+    async def op_status(self, req: dict[str, Any], caller: str, conn: Conn) -> Outcome:
+        try:
+            mentioned = set(self.allowlists.get(caller).servers())
+            problem = ""
+        except ConfigError as exc:
+            mentioned, problem = set(), exc.message
+        servers = [
+            {"name": h.name, "state": h.state, "reason": h.reason, "tools": len(h.tools)}
+            for h in self.servers.all()
+            if h.name in mentioned
+        ]
+        status: dict[str, Any] = {"broker": "up", "version": __version__, "servers": servers}
+        if problem:
+            status["allowlist"] = problem
+        if not self.audit.healthy:
+            status["broker"] = "degraded: audit log unwritable"
+        return Outcome({"decision": "allow"}, status)
+
+    async def _offered(self, allowed: Allowlist) -> AsyncIterator[tuple[str, ServerHandle, mcp.types.Tool | None]]:
+        """Each allowed action of a configured server, with its live definition if offered."""
+        for action in allowed.actions:
+            server_name, _, tool_name = action.partition(".")
+            handle = self.servers.get(server_name)
+            if handle is None:
+                continue
+            if handle.state != "up":
+                with contextlib.suppress(PrivsepError):
+                    await handle.ready(LIST_WAIT)
+            yield action, handle, handle.tools.get(tool_name) if handle.state == "up" else None
+
+    async def op_list(self, req: dict[str, Any], caller: str, conn: Conn) -> Outcome:
+        verdict = decide(Query(caller, "list"), self)
+        if verdict.allowlist is None:
+            return Outcome(verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
+        tools = []
+        async for action, handle, spec in self._offered(verdict.allowlist):
+            if spec is not None:
+                blocked = self.pins.check(action, spec) == "changed"
+                description = "(blocked: definition changed)" if blocked else first_line(spec.description)
+                tools.append({"name": action, "description": self.redactor.text(description)})
+            elif handle.state != "up":
+                tools.append({"name": action, "description": "(server unavailable)"})
+        return Outcome(verdict.record() | {"decision": "allow"}, {"tools": tools})
+
+    async def op_catalog(self, req: dict[str, Any], caller: str, conn: Conn) -> Outcome:
+        """Full MCP tool definitions for ``mcp stdio``: allowed, offered, and matching their pins."""
+        verdict = decide(Query(caller, "list"), self)
+        if verdict.allowlist is None:
+            return Outcome(verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
+        tools = [
+            catalog_entry(action, spec, self.redactor)
+            async for action, _handle, spec in self._offered(verdict.allowlist)
+            if spec is not None and self.pins.check(action, spec) != "changed"
+        ]
+        return Outcome(verdict.record() | {"decision": "allow"}, {"tools": tools})
+
+    async def op_describe(self, req: dict[str, Any], caller: str, conn: Conn) -> Outcome:
+        verdict = await self.decided(Query(caller, "describe", _action(req["tool"])), READY_WAIT)
+        if not verdict.admitted:
+            return Outcome(verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
+        assert verdict.spec is not None
+        return Outcome(verdict.record() | {"decision": "allow"}, described(req["tool"], verdict.spec, self.redactor))
+
+    def _timeout(self, req: dict[str, Any], verdict: Verdict) -> float:
+        """The call's timeout: the caller's, else the action's policy, the server's, the default; capped."""
+        settings = self.cfg.settings
+        rules = verdict.rules
+        handle = self.servers.get(verdict.query.action.server) if verdict.query.action else None
+        chosen = (
+            req["timeout"]
+            or (rules.timeout if rules is not None else None)
+            or (handle.server.spec.timeout if handle is not None else None)
+            or settings.call_timeout
+        )
+        return min(float(chosen), settings.max_call_timeout)
+
+    async def op_call(self, req: dict[str, Any], caller: str, conn: Conn) -> Outcome:
+        query = Query(caller, "call", _action(req["tool"]), req["kv"], req["args"])
+        first = decide(query, self)
+        timeout = self._timeout(req, first)
+        verdict = first
+        if first.waitable:
+            verdict = await self.decided(query, min(timeout, READY_WAIT))
+        rec = verdict.record()
+        if not verdict.admitted:
+            return Outcome(rec, error=verdict.refusal, counts=not verdict.frozen)
+        rules, args, action = verdict.rules, verdict.args, verdict.query.action
+        assert rules is not None and args is not None and action is not None
+        tool = str(action)
+        if self.cfg.settings.log_argument_values:
+            rec["args"] = self.redactor.deep(args)
+            try:
+                self.audit.ensure_room(audit.RESERVE_LOW + rec.get("args_size", 0))  # a larger record than most
+            except Unavailable as exc:
+                return Outcome(rec, error=exc)
+        if rules.mode == "approve":
+            try:
+                rec["approval"] = await self.approvals.hold(
+                    caller, tool, args, rec["args_digest"], conn, self.cfg.settings.approval_ttl, self.redactor
+                )
+            except PrivsepError as exc:
+                return Outcome(rec, error=exc)
+        if rules.rate is not None:
+            self.state.rate_record(rules.rate_key(), rules.rate[1])
+        rec["decision"] = "allow"
+        if rules.mode == "notify":
+            self._notify(rec)
+        handle = self.servers.get(action.server)
+        assert handle is not None
+        try:
+            result = await handle.call(action.tool, args, timeout)
+        except mcp.MCPError as exc:
+            rec["outcome"] = "server_error"
+            if exc.code == -32602:
+                return Outcome(rec, error=ArgumentsRejected(f"{tool}: the server rejected the arguments: {exc}"))
+            return Outcome(rec, error=PrivsepError(f"{tool}: the server answered with an error: {exc}", EX_TOOL_ERROR))
+        except TempFail as exc:
+            rec["outcome"] = "timeout"
+            return Outcome(rec, error=exc)
+        except PrivsepError as exc:
+            rec["outcome"] = "server_failed"
+            return Outcome(rec, error=exc)
+        cap = rules.max_output_bytes or self.cfg.settings.max_output_bytes
+        rendered, size = render_result(result, cap, self.redactor)
+        rec["outcome"] = "tool_error" if result.is_error else "ok"
+        rec["result_size"] = size
+        return Outcome(rec, rendered)
+
+    def _notify(self, rec: AuditRecord) -> None:
+        """Yellow zone: run the operator's hook with a JSON summary, without waiting for it."""
+        command = self.cfg.settings.notify_command
+        if not command:
+            return
+        keys = ("id", "caller", "tool", "arg_keys", "args_digest", "args_size", "rule")
+        summary: dict[str, Any] = {k: rec.get(k) for k in keys}
+        summary["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.spawn(_run_hook(command, json.dumps(summary).encode(), self.base_env))
+
+    # --- admin requests ---------------------------------------------------------------------
+
+    async def _dispatch_admin(self, route: Route, req: dict[str, Any], peer_uid: int, conn: Conn) -> protocol.Answer:
+        try:
+            result = await route.handler(self, req)
+        except PrivsepError as exc:
+            return {"ok": False, "exit": exc.exit_code, "error": exc.message}
+        return {"ok": True, "result": result}
+
+    async def admin_status(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "broker": "up",
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "audit": self.audit.error if not self.audit.healthy else (self.audit.room_problem or "ok"),
+            "servers": [
+                {
+                    "name": h.name,
+                    "state": h.state,
+                    "reason": h.reason,
+                    "tools": len(h.tools),
+                    "restarts": h.restarts,
+                    "transport": "stdio" if h.server.spec.command else "http",
+                }
+                for h in self.servers.all()
+            ],
+            "frozen": self.state.freezes(),
+            "pending_approvals": len(self.state.approvals("pending")),
+        }
+
+    async def admin_reload(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self.reload()
+
+    async def admin_tools(self, req: dict[str, Any]) -> dict[str, Any]:
+        server = req.get("server")
+        out = {}
+        for h in self.servers.all():
+            if server is not None and h.name != server:
+                continue
+            out[h.name] = [
+                {
+                    "name": t.name,
+                    "description": first_line(t.description),
+                    "annotations": t.annotations.model_dump(mode="json", exclude_none=True) if t.annotations else {},
+                }
+                for t in h.tools.values()
+            ]
+        if server is not None and server not in out:
+            raise Unavailable(f"no server named {server}")
+        return out
+
+    async def admin_approvals(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        return [a.as_dict() for a in self.state.approvals(req.get("status"))]
+
+    async def admin_approve(self, req: dict[str, Any]) -> dict[str, Any]:
+        return (await self.approvals.decide(req["id"], "approved")).as_dict()
+
+    async def admin_reject(self, req: dict[str, Any]) -> dict[str, Any]:
+        return (await self.approvals.decide(req["id"], "rejected")).as_dict()
+
+    async def admin_unfreeze(self, req: dict[str, Any]) -> dict[str, Any]:
+        found = self.state.unfreeze(req["caller"])
+        await self.audit.record(
+            id=audit.new_request_id(), caller=req["caller"], op="unfreeze", decision="unfreeze", by="root"
+        )
+        return {"unfrozen": found}
+
+    async def admin_freezes(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.state.freezes()
+
+    async def admin_pins(self, req: dict[str, Any]) -> list[dict[str, str]]:
+        return self.pins.listing(dict(self.servers.offered()))
+
+    async def admin_pin_accept(self, req: dict[str, Any]) -> dict[str, Any]:
+        action = req["action"]
+        spec = self.servers.offered().get(action)
+        if spec is None:
+            raise PrivsepError(f"{action}: the server does not offer this tool now", 1)
+        accepted = self.pins.accept(action, spec)
+        await self.audit.record(
+            id=audit.new_request_id(), op="pin_accept", tool=action, decision="pin", pin_hash=accepted["hash"]
+        )
+        return accepted
+
+    async def admin_explain(self, req: dict[str, Any]) -> dict[str, Any]:
+        """What a call would meet, step by step, without calling anything (like doas -C)."""
+        caller, tool = req["caller"], req["tool"]
+        problem = names.action_error(tool)
+        if problem is not None:
+            raise UsageError(f"explain: bad tool name {tool!r}: {problem}")
+        verdict = decide(Query(caller, "call", _action(tool), req["kv"]), self)
+        steps = [{"check": s.check, "verdict": s.verdict, "why": s.why} for s in verdict.steps]
+        result: dict[str, Any] = {"caller": caller, "tool": tool, "steps": steps, "verdict": verdict.verdict}
+        if verdict.admitted and verdict.rules is not None:
+            result["policy"] = verdict.rules.describe()
+        return result
+
+
+def _action(tool: str) -> Action:
+    """The request's tool as an Action, unchecked: a malformed name is in no allowlist, so decide() denies it."""
+    server, _, name = tool.partition(".")
+    return Action(server, name)
+
+
+_GATE: frozenset[Peer] = frozenset({"gate", "root"})
+_ROOT: frozenset[Peer] = frozenset({"root"})
+
+#: gate.sock: op -> handler and who may send it; the keys are exactly :data:`broker.core.protocol.OPS`
+GATE_ROUTES: dict[str, Route] = {
+    "list": Route(Broker.op_list, _GATE),
+    "describe": Route(Broker.op_describe, _GATE),
+    "call": Route(Broker.op_call, _GATE),
+    "status": Route(Broker.op_status, _GATE),
+    "catalog": Route(Broker.op_catalog, _GATE),
+    "report": Route(Broker.op_report, _GATE),
+}
+
+#: admin.sock: op -> handler, root only; the keys are exactly :data:`broker.core.protocol.ADMIN_OPS`
+ADMIN_ROUTES: dict[str, Route] = {
+    "status": Route(Broker.admin_status, _ROOT),
+    "reload": Route(Broker.admin_reload, _ROOT),
+    "tools": Route(Broker.admin_tools, _ROOT),
+    "approvals": Route(Broker.admin_approvals, _ROOT),
+    "approve": Route(Broker.admin_approve, _ROOT),
+    "reject": Route(Broker.admin_reject, _ROOT),
+    "unfreeze": Route(Broker.admin_unfreeze, _ROOT),
+    "freezes": Route(Broker.admin_freezes, _ROOT),
+    "pins": Route(Broker.admin_pins, _ROOT),
+    "pin_accept": Route(Broker.admin_pin_accept, _ROOT),
+    "explain": Route(Broker.admin_explain, _ROOT),
+}
+
+
+async def _run_hook(command: list[str], payload: bytes, env: dict[str, str]) -> None:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=env,
+            cwd=env.get("HOME", "/"),
+        )
+        await asyncio.wait_for(proc.communicate(payload), 60)
+        if proc.returncode:
+            log.warning("notify hook exited with %s", proc.returncode)
+    except (OSError, TimeoutError) as exc:
+        log.warning("notify hook failed: %s", exc)
+
+
+def open_errlog(paths: Paths) -> IO[str]:
+    """Where stdio servers' stderr goes: a broker-private log file."""
+    try:
+        return open(f"{paths.log}/servers.log", "a", buffering=1, encoding="utf-8", errors="replace")
+    except OSError:
+        return sys.stderr
+
+
+async def run_broker(paths: Paths, cfg: config.Config, gate_uid: int, ready: Callable[[object], None]) -> int:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads. ``ready`` is called once the sockets listen."""
+    broker = Broker(paths, cfg, gate_uid)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, broker.stopping.set)
+
+    def on_hup() -> None:
+        async def do() -> None:
+            try:
+                await broker.reload()
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running config: %s", exc)
+
+        broker.spawn(do())
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await broker.serve()
+    broker.servers.start()
+    health = asyncio.create_task(broker.servers.health_loop(broker.stopping))
+    log.info("mcp-brokerd %s ready (pid %d), %d servers", __version__, os.getpid(), len(cfg.servers))
+    ready(None)
+    await broker.stopping.wait()
+    log.info("stopping")
+    health.cancel()
+    await broker.close()
+    return EX_OK
+
+
+__all__ = ["ADMIN_ROUTES", "GATE_ROUTES", "Broker", "run_broker"]

@@ -1,0 +1,1 @@
+"""The daemon's clients to upstream MCP servers, one warm session per server."""

@@ -1,0 +1,33 @@
+"""The seam between a server handle and the transport that reaches its server.
+
+:class:`broker.daemon.upstream.handle.ServerHandle` supervises one server
+through this Protocol and never asks which transport it has: a stdio child
+(:class:`broker.daemon.upstream.stdio.StdioClient`) or a streamable-HTTP
+session (:class:`broker.daemon.upstream.http.HttpClient`). Results come back
+as the SDK's types (``mcp.types``) either way.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, Protocol
+
+import mcp
+
+
+class Upstream(Protocol):
+    """One MCP session with one server; ``async with`` opens and closes it."""
+
+    async def __aenter__(self) -> Upstream: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    async def list_tools(self, cursor: str | None = None) -> mcp.types.ListToolsResult: ...
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], timeout: float) -> mcp.types.CallToolResult:
+        """Call a tool. The caller cancels at its deadline; ``timeout`` is for transports with a read timeout."""
+        ...
+
+    async def send_ping(self) -> None: ...
