@@ -9,7 +9,7 @@ VENV_PY      = $(PREFIX_VENV)/bin/python
 PIP          = $(VENV_PY) -m pip --disable-pip-version-check -q
 CTL          = /usr/local/sbin/mcp-brokerctl
 
-.PHONY: deps venv install demo test unit e2e lint bench clean-demo
+.PHONY: deps venv install demo test unit e2e lint coverage bench clean-demo
 
 # System packages: sudo (the boundary), venv support, and the user tools.
 deps:
@@ -20,6 +20,7 @@ deps:
 venv: deps
 	umask 022; test -x $(VENV_PY) || $(PYTHON_SYS) -m venv $(PREFIX_VENV)
 	umask 022; $(PIP) install -c constraints.txt $(EXTRAS_SPEC)
+	rm -rf build *.egg-info  # a stale build/ of another layout would end up in the wheel
 	umask 022; $(PIP) install --no-deps --force-reinstall .
 	chmod -R a+rX,go-w $(dir $(PREFIX_VENV))
 
@@ -51,6 +52,18 @@ test: venv
 unit: EXTRAS_SPEC = .[test]
 unit: venv
 	$(VENV_PY) -m pytest -q tests/unit
+
+# Unit-test branch coverage (no root needed). The daemon's decision side is a standing gate:
+# decision, approvals, pins, results, policy and the audit trail stay at or above 90 %.
+COVERAGE_GATE = broker/daemon/decision.py,broker/daemon/approvals.py,broker/daemon/pins.py,broker/daemon/results.py,broker/daemon/policy.py,broker/daemon/audit/*.py
+coverage: EXTRAS_SPEC = .[test]
+coverage: venv
+	$(VENV_PY) -m coverage erase
+	$(VENV_PY) -m coverage run -m pytest -q -p no:cacheprovider tests/unit
+	@echo "== the daemon's decision side (gate: 90 %)"
+	$(VENV_PY) -m coverage report --include='$(COVERAGE_GATE)' --fail-under=90
+	@echo "== every unit-tested module"
+	$(VENV_PY) -m coverage report --format=total | sed 's/^/overall unit branch coverage: /; s/$$/ %/'
 
 lint: EXTRAS_SPEC = .[test,lint]
 lint: venv

@@ -136,9 +136,16 @@ class Outcome:
     reported: bool = False
 
 
+@dataclass(frozen=True)
+class Ctx:
+    """Who sent a gate request, as the daemon established it, and the id its audit record carries."""
+
+    id: str
+    caller: str
+    uid: int
+
+
 Peer = Literal["gate", "root"]
-GateHandler = Callable[["Broker", dict[str, Any], str, Conn], Awaitable[Outcome]]
-AdminHandler = Callable[["Broker", dict[str, Any]], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -311,7 +318,8 @@ class Broker:
     async def _dispatch_gate(self, route: Route, req: dict[str, Any], peer_uid: int, conn: Conn) -> protocol.Answer:
         caller = self._caller(req, peer_uid)
         started = time.monotonic()
-        record: AuditRecord = {"id": audit.new_request_id(), "caller": caller, "uid": req["uid"], "op": req["op"]}
+        ctx = Ctx(audit.new_request_id(), caller, req["uid"])
+        record: AuditRecord = {"id": ctx.id, "caller": caller, "uid": ctx.uid, "op": req["op"]}
         if "tool" in req:
             record["tool"] = req["tool"]
         try:
@@ -319,7 +327,7 @@ class Broker:
         except Unavailable as unwritable:
             out = Outcome(error=unwritable)
         else:
-            out = await route.handler(self, req, caller, conn)
+            out = await route.handler(self, req, ctx, conn)
         record.update(out.record)
         froze: str | None = None
         error = out.error
@@ -365,21 +373,21 @@ class Broker:
 
     # --- gate ops ---------------------------------------------------------------------------
 
-    async def op_report(self, req: dict[str, Any], caller: str, conn: Conn) -> Outcome:
+    async def op_report(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
         """A refusal the gate made itself, for the record: it can only ever count against its caller."""
         code = req["exit"]
         rec: AuditRecord = {"verb": req["verb"], "decision": decision_for(code), "source": "gate"}
         error = PrivsepError(req["reason"], code)
         if code == EX_NOPERM:  # the rule that denied: the caller's allowlist
             with contextlib.suppress(PrivsepError, OSError):
-                rec["rule"] = allowlist.locate(self.paths.allowlist, self.paths.allowlist_d, caller)[1]
+                rec["rule"] = allowlist.locate(self.paths.allowlist, self.paths.allowlist_d, ctx.caller)[1]
         # only the gate's own denials feed the denial budget, and never a frozen caller's
-        counts = code == EX_NOPERM and self.state.frozen_until(caller) is None
+        counts = code == EX_NOPERM and self.state.frozen_until(ctx.caller) is None
         return Outcome(rec, error=error, counts=counts, reported=True)
 
-    async def op_status(self, req: dict[str, Any], caller: str, conn: Conn) -> Outcome:
+    async def op_status(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
         try:
-            mentioned = set(self.allowlists.get(caller).servers())
+            mentioned = set(self.allowlists.get(ctx.caller).servers())
             problem = ""
         except ConfigError as exc:
             mentioned, problem = set(), exc.message
@@ -407,8 +415,8 @@ class Broker:
                     await handle.ready(LIST_WAIT)
             yield action, handle, handle.tools.get(tool_name) if handle.state == "up" else None
 
-    async def op_list(self, req: dict[str, Any], caller: str, conn: Conn) -> Outcome:
-        verdict = decide(Query(caller, "list"), self)
+    async def op_list(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
+        verdict = decide(Query(ctx.caller, "list"), self)
         if verdict.allowlist is None:
             return Outcome(verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
         tools = []
@@ -421,9 +429,9 @@ class Broker:
                 tools.append({"name": action, "description": "(server unavailable)"})
         return Outcome(verdict.record() | {"decision": "allow"}, {"tools": tools})
 
-    async def op_catalog(self, req: dict[str, Any], caller: str, conn: Conn) -> Outcome:
+    async def op_catalog(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
         """Full MCP tool definitions for ``mcp stdio``: allowed, offered, and matching their pins."""
-        verdict = decide(Query(caller, "list"), self)
+        verdict = decide(Query(ctx.caller, "list"), self)
         if verdict.allowlist is None:
             return Outcome(verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
         tools = [
@@ -433,8 +441,8 @@ class Broker:
         ]
         return Outcome(verdict.record() | {"decision": "allow"}, {"tools": tools})
 
-    async def op_describe(self, req: dict[str, Any], caller: str, conn: Conn) -> Outcome:
-        verdict = await self.decided(Query(caller, "describe", _action(req["tool"])), READY_WAIT)
+    async def op_describe(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
+        verdict = await self.decided(Query(ctx.caller, "describe", _action(req["tool"])), READY_WAIT)
         if not verdict.admitted:
             return Outcome(verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
         assert verdict.spec is not None
@@ -453,8 +461,8 @@ class Broker:
         )
         return min(float(chosen), settings.max_call_timeout)
 
-    async def op_call(self, req: dict[str, Any], caller: str, conn: Conn) -> Outcome:
-        query = Query(caller, "call", _action(req["tool"]), req["kv"], req["args"])
+    async def op_call(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
+        query = Query(ctx.caller, "call", _action(req["tool"]), req["kv"], req["args"])
         first = decide(query, self)
         timeout = self._timeout(req, first)
         verdict = first
@@ -475,7 +483,7 @@ class Broker:
         if rules.mode == "approve":
             try:
                 rec["approval"] = await self.approvals.hold(
-                    caller, tool, args, rec["args_digest"], conn, self.cfg.settings.approval_ttl, self.redactor
+                    ctx.caller, tool, args, rec["args_digest"], conn, self.cfg.settings.approval_ttl, self.redactor
                 )
             except PrivsepError as exc:
                 return Outcome(rec, error=exc)
@@ -483,7 +491,7 @@ class Broker:
             self.state.rate_record(rules.rate_key(), rules.rate[1])
         rec["decision"] = "allow"
         if rules.mode == "notify":
-            self._notify(rec)
+            self._notify(ctx, tool, rec)
         handle = self.servers.get(action.server)
         assert handle is not None
         try:
@@ -505,13 +513,13 @@ class Broker:
         rec["result_size"] = size
         return Outcome(rec, rendered)
 
-    def _notify(self, rec: AuditRecord) -> None:
+    def _notify(self, ctx: Ctx, tool: str, rec: AuditRecord) -> None:
         """Yellow zone: run the operator's hook with a JSON summary, without waiting for it."""
         command = self.cfg.settings.notify_command
         if not command:
             return
-        keys = ("id", "caller", "tool", "arg_keys", "args_digest", "args_size", "rule")
-        summary: dict[str, Any] = {k: rec.get(k) for k in keys}
+        summary: dict[str, Any] = {"id": ctx.id, "caller": ctx.caller, "tool": tool}
+        summary.update({k: rec.get(k) for k in ("arg_keys", "args_digest", "args_size", "rule")})
         summary["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.spawn(_run_hook(command, json.dumps(summary).encode(), self.base_env))
 
