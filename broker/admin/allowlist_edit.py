@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.core import allowlist, names
-from broker.core.errors import ConfigError, PrivsepError, UsageError
+from broker.core.errors import EX_FAILED, EX_IOERR, EX_UNAVAILABLE, ConfigError, PrivsepError, UsageError
 from broker.core.paths import GATE_USER
 
 ALLOWLIST_MODE = 0o640
@@ -111,7 +111,7 @@ def expand(patterns: list[str], offered: dict[str, list[dict[str, Any]]]) -> tup
     for pattern in patterns:
         server, tool_pattern = split_pattern(pattern)
         if server not in offered:
-            raise PrivsepError(f"{pattern}: no server named {server} is configured", 69)
+            raise PrivsepError(f"{pattern}: no server named {server} is configured", EX_UNAVAILABLE)
         names = [t["name"] for t in offered[server] if fnmatch.fnmatchcase(t["name"], tool_pattern)]
         if not names:
             have = len(offered[server])
@@ -138,7 +138,7 @@ def annotation(tool: dict[str, Any], hint: str) -> bool | None:
 def read_only_tools(server: str, offered: dict[str, list[dict[str, Any]]]) -> list[str]:
     """``server.tool`` of every tool the server annotates ``readOnlyHint: true``."""
     if server not in offered:
-        raise PrivsepError(f"no server named {server} is configured", 69)
+        raise PrivsepError(f"no server named {server} is configured", EX_UNAVAILABLE)
     return [f"{server}.{t['name']}" for t in offered[server] if annotation(t, "readOnlyHint") is True]
 
 
@@ -282,7 +282,7 @@ def atomic_replace(path: str, data: bytes, uid: int, gid: int, mode: int, valida
             while chunk := os.read(fd, 1 << 20):
                 back += chunk
             if back != data:
-                raise PrivsepError(f"{tmp}: read back differs from what was written; not replacing {path}", 74)
+                raise PrivsepError(f"{tmp}: read back differs from what was written; not replacing {path}", EX_IOERR)
             validate(back)
         os.close(fd)
         fd = -1
@@ -380,7 +380,7 @@ def deny(path: str, patterns: list[str]) -> EditResult:
             check_actions([p])
     data, _st = read_current(path)
     if data is None:
-        raise PrivsepError(f"{path}: does not exist; nothing to deny there", 1)
+        raise PrivsepError(f"{path}: does not exist; nothing to deny there", EX_FAILED)
 
     def change(text: str, result: EditResult) -> str:
         present = entries(text)

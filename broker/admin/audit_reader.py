@@ -28,7 +28,7 @@ from typing import Any
 
 import click
 
-from broker.core.errors import EX_NOPERM, EX_USAGE, PrivsepError
+from broker.core.errors import EX_FAILED, EX_NOPERM, EX_USAGE, PrivsepError
 from broker.core.paths import BROKER_USER, Paths
 from broker.daemon.audit import chain as auditlog
 
@@ -408,7 +408,9 @@ def verify(ctx: click.Context, path: str | None) -> None:
     files = len(report.files)
     span = f"records {report.first_seq}..{report.last_seq}" if report.first_seq is not None else "no records"
     if problems:
-        raise PrivsepError(f"audit verify: {len(problems)} problem(s) in {files} file(s) ({span}): NOT intact", 1)
+        raise PrivsepError(
+            f"audit verify: {len(problems)} problem(s) in {files} file(s) ({span}): NOT intact", EX_FAILED
+        )
     anchored = " and the anchor" if os.path.exists(auditlog.head_path(target)) else " (no anchor file)"
     click.echo(f"audit verify: intact: {report.records} records in {files} file(s) ({span}); chain{anchored} match")
 

@@ -22,10 +22,17 @@ import click
 from broker import __version__
 from broker.admin.check import check_all
 from broker.core import names, wire
-from broker.core.errors import EX_NOPERM, EX_USAGE, ConfigError, PrivsepError, UsageError
+from broker.core.errors import (
+    EX_FAILED,
+    EX_NOPERM,
+    EX_NOUSER,
+    EX_USAGE,
+    ConfigError,
+    ImportProblem,
+    PrivsepError,
+    UsageError,
+)
 from broker.core.paths import BROKER_USER, Paths
-
-EX_NOUSER = 67
 
 
 def _paths(ctx: click.Context) -> Paths:
@@ -43,6 +50,7 @@ def _broker_uid() -> int | None:
 def _admin(paths: Paths, op: str, timeout: float = 30.0, **fields: Any) -> Any:
     """One request to the running daemon over admin.sock; its refusal raises PrivsepError."""
     return wire.admin_request(paths.admin_sock, _broker_uid(), op, timeout, **fields)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
@@ -88,7 +96,7 @@ def check(ctx: click.Context) -> None:
     for p in problems:
         click.echo(p, err=True)
     if problems:
-        raise PrivsepError(f"check: {len(problems)} problem(s)", 1)
+        raise PrivsepError(f"check: {len(problems)} problem(s)", EX_FAILED)
     click.echo(f"check: {paths.etc} is valid")
 
 
@@ -133,7 +141,7 @@ def stop(ctx: click.Context, timeout: float) -> None:
     except PrivsepError as exc:
         raise PrivsepError(f"stop: {exc}", exc.exit_code) from None
     if pid is None:
-        raise PrivsepError(f"stop: mcp-brokerd is not running ({paths.pidfile} names no live daemon)", 1)
+        raise PrivsepError(f"stop: mcp-brokerd is not running ({paths.pidfile} names no live daemon)", EX_FAILED)
     click.echo(f"stop: mcp-brokerd (pid {pid}) stopped")
 
 
@@ -408,7 +416,7 @@ def allow(ctx: click.Context, actions: tuple[str, ...], read_only: bool, user: s
         for server in actions:
             found = admin_edit.read_only_tools(server, offered or {})
             if not found:
-                raise PrivsepError(f"--read-only {server}: the server annotates none of its tools read-only", 1)
+                raise PrivsepError(f"--read-only {server}: the server annotates none of its tools read-only", EX_FAILED)
             click.echo(f"{server} read-only -> {', '.join(found)}")
             wanted.extend(found)
     else:
@@ -494,7 +502,7 @@ def import_(ctx: click.Context, file: str, name_prefix: str, skip: tuple[str, ..
     paths = _paths(ctx)
     try:
         plan = importer.plan(file, paths, name_prefix, skip)
-    except importer.ImportProblem as exc:
+    except ImportProblem as exc:
         if len(exc.problems) == 1:
             raise PrivsepError(f"import: {exc.problems[0]}", exc.exit_code) from None
         for p in exc.problems:
@@ -516,7 +524,7 @@ def import_(ctx: click.Context, file: str, name_prefix: str, skip: tuple[str, ..
         click.echo(f"check: {p}", err=True)
     names = " ".join(s.name for s in plan.servers)
     if problems:
-        raise PrivsepError(f"import: written, but 'mcp-brokerctl check' finds {len(problems)} problem(s)", 1)
+        raise PrivsepError(f"import: written, but 'mcp-brokerctl check' finds {len(problems)} problem(s)", EX_FAILED)
     click.echo(f"next: mcp-brokerctl reload; mcp-brokerctl tools; mcp-brokerctl allow SERVER.TOOL  (servers: {names})")
 
 
@@ -542,7 +550,9 @@ def doctor(ctx: click.Context, agents: tuple[str, ...], quiet: bool) -> None:
 
     paths = _paths(ctx)
     if os.geteuid() != 0:
-        raise PrivsepError("doctor must run as root (it reads what agents must not, and runs probes as them)", 77)
+        raise PrivsepError(
+            "doctor must run as root (it reads what agents must not, and runs probes as them)", EX_NOPERM
+        )
     doc = Doctor(paths, list(agents), admin=lambda op, **kw: _admin(paths, op, **kw))
     findings = doc.run()
     for f in findings:
@@ -551,7 +561,7 @@ def doctor(ctx: click.Context, agents: tuple[str, ...], quiet: bool) -> None:
     problems = doc.problems
     warnings = [f for f in findings if f.level == "warning"]
     if problems:
-        raise PrivsepError(f"doctor: {len(problems)} problem(s), {len(warnings)} warning(s)", 1)
+        raise PrivsepError(f"doctor: {len(problems)} problem(s), {len(warnings)} warning(s)", EX_FAILED)
     click.echo(f"doctor: all green ({len(warnings)} warning(s))")
 
 
@@ -570,7 +580,7 @@ def uninstall(ctx: click.Context, purge: bool, yes: bool) -> None:
     """
     paths = _paths(ctx)
     if os.geteuid() != 0:
-        raise PrivsepError("uninstall must run as root", 77)
+        raise PrivsepError("uninstall must run as root", EX_NOPERM)
     if purge and not yes:
         if not sys.stdin.isatty():
             raise UsageError("uninstall --purge deletes the config, secrets and audit log: add --yes to confirm")

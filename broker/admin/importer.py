@@ -58,13 +58,10 @@ import tomli_w
 from pydantic import ValidationError
 
 from broker.admin import allowlist_edit as admin_edit
-from broker.core.errors import PrivsepError
+from broker.core.errors import EX_CONFIG, EX_NOINPUT, EX_SOFTWARE, ImportProblem
 from broker.core.paths import BROKER_USER, Paths
 from broker.daemon import config
 
-EX_DATAERR = 65
-EX_NOINPUT = 66
-EX_CANTCREAT = 73
 MAX_INPUT_BYTES = 1024 * 1024
 IMPORTED_NAME = "imported.toml"
 #: where a relative command is looked up: root's secure path, never the caller's PATH
@@ -128,16 +125,6 @@ _KNOWN_KEYS = {
     "blocked_tools",
     "disabled",
 }
-
-
-class ImportProblem(PrivsepError):
-    """The input cannot be imported as it is; carries every problem."""
-
-    exit_code = EX_DATAERR
-
-    def __init__(self, message: str, problems: list[str] | None = None, exit_code: int = EX_DATAERR) -> None:
-        super().__init__(message, exit_code)
-        self.problems = problems if problems is not None else [message]
 
 
 # --- recognising secrets --------------------------------------------------------------
@@ -651,7 +638,7 @@ def existing_servers(paths: Paths) -> dict[str, str]:
         except FileNotFoundError:
             continue
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ImportProblem(f"{path}: cannot read it to check server names: {exc}", exit_code=78) from None
+            raise ImportProblem(f"{path}: cannot read it to check server names: {exc}", exit_code=EX_CONFIG) from None
         servers = doc.get("servers")
         if isinstance(servers, dict):
             for name in servers:
@@ -713,7 +700,7 @@ def plan(path: str, paths: Paths, name_prefix: str = "", skip: tuple[str, ...] =
         for value in server.secret_values():
             if len(value) >= 4 and value in rendered:
                 raise ImportProblem(
-                    f"{server.original}: a secret value would end up in the TOML; refusing", exit_code=70
+                    f"{server.original}: a secret value would end up in the TOML; refusing", exit_code=EX_SOFTWARE
                 )
     return result
 
@@ -751,11 +738,11 @@ def write(result: ImportPlan, paths: Paths) -> list[str]:
         broker = pwd.getpwnam(BROKER_USER)
     except KeyError:
         raise ImportProblem(
-            f"user {BROKER_USER} does not exist; run 'mcp-brokerctl install' first", exit_code=78
+            f"user {BROKER_USER} does not exist; run 'mcp-brokerctl install' first", exit_code=EX_CONFIG
         ) from None
     for d in (paths.servers_d, paths.secrets):
         if not os.path.isdir(d):
-            raise ImportProblem(f"{d}: missing; run 'mcp-brokerctl install' first", exit_code=78)
+            raise ImportProblem(f"{d}: missing; run 'mcp-brokerctl install' first", exit_code=EX_CONFIG)
     written: list[str] = []
     created: list[str] = []
     try:

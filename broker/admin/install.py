@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from broker.core import layout
-from broker.core.errors import ConfigError, PrivsepError
+from broker.core.errors import EX_FAILED, ConfigError, PrivsepError
 from broker.core.names import valid_user_name
 from broker.core.paths import BROKER_USER, GATE_USER, Paths
 
@@ -40,7 +40,7 @@ class Report:
 def _run(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise PrivsepError(f"{' '.join(cmd)} failed: {(proc.stderr or proc.stdout).strip()}", 1)
+        raise PrivsepError(f"{' '.join(cmd)} failed: {(proc.stderr or proc.stdout).strip()}", EX_FAILED)
 
 
 def ensure_system_user(name: str, home: str, report: Report) -> pwd.struct_passwd:
@@ -148,7 +148,7 @@ def sudoers_agents(path: str) -> list[str]:
 def install_sudoers(paths: Paths, agents: list[str], report: Report) -> None:
     visudo = shutil.which("visudo") or "/usr/sbin/visudo"
     if not os.path.exists(visudo):
-        raise PrivsepError("sudo is not installed (apt-get install -y sudo)", 1)
+        raise PrivsepError("sudo is not installed (apt-get install -y sudo)", EX_FAILED)
     target = paths.sudoers
     current = sudoers_agents(target)
     wanted = list(dict.fromkeys(current + agents))
@@ -165,7 +165,7 @@ def install_sudoers(paths: Paths, agents: list[str], report: Report) -> None:
         os.chmod(tmp, layout.entry("sudoers").mode)
         proc = subprocess.run([visudo, "-cf", tmp], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise PrivsepError(f"visudo rejected the sudoers drop-in: {(proc.stdout + proc.stderr).strip()}", 1)
+            raise PrivsepError(f"visudo rejected the sudoers drop-in: {(proc.stdout + proc.stderr).strip()}", EX_FAILED)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -204,7 +204,7 @@ demo.add
 def install(paths: Paths, agents: list[str], venv: str | None = None) -> Report:
     """Install or update mcp-privsep under ``paths``; see the module docstring."""
     if os.geteuid() != 0:
-        raise PrivsepError("install must run as root", 1)
+        raise PrivsepError("install must run as root", EX_FAILED)
     for agent in agents:
         if not valid_user_name(agent):
             raise ConfigError(f"agent name {agent!r} is not a valid user name")

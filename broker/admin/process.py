@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from broker.core.errors import PrivsepError
+from broker.core.errors import EX_FAILED, EX_TEMPFAIL, PrivsepError
 from broker.core.paths import Paths
 
 
@@ -14,7 +14,7 @@ def alive(pid: int) -> bool:
     """Whether ``pid`` still runs; an exited process its parent has not reaped (a zombie) does not."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
+            state = fh.read().rsplit(")", EX_FAILED)[1].split()[0]
     except (FileNotFoundError, IndexError):
         return False
     return state not in ("Z", "X")
@@ -32,14 +32,14 @@ def daemon_pid(paths: Paths) -> int | None:
     except (FileNotFoundError, ValueError):
         return None
     if pid <= 1:
-        raise PrivsepError(f"{paths.pidfile} holds no usable pid", 1)
+        raise PrivsepError(f"{paths.pidfile} holds no usable pid", EX_FAILED)
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             cmdline = fh.read()
     except FileNotFoundError:
         return None
     if b"mcp-brokerd" not in cmdline:
-        raise PrivsepError(f"pid {pid} from {paths.pidfile} is not mcp-brokerd; not signalling it", 1)
+        raise PrivsepError(f"pid {pid} from {paths.pidfile} is not mcp-brokerd; not signalling it", EX_FAILED)
     return pid if alive(pid) else None
 
 
@@ -60,4 +60,4 @@ def stop(paths: Paths, timeout: float) -> int | None:
         if not alive(pid):
             return pid
         time.sleep(0.05)
-    raise PrivsepError(f"mcp-brokerd (pid {pid}) did not exit within {timeout:g} s", 75)
+    raise PrivsepError(f"mcp-brokerd (pid {pid}) did not exit within {timeout:g} s", EX_TEMPFAIL)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from broker.admin import process
-from broker.core.errors import PrivsepError
+from broker.core.errors import EX_SOFTWARE, EX_TEMPFAIL, PrivsepError
 from broker.core.paths import BROKER_USER, GATE_USER, Paths
 
 
@@ -28,9 +28,10 @@ def _stop_daemon(paths: Paths, timeout: float = 15.0) -> str:
     try:
         pid = process.stop(paths, timeout)
     except PrivsepError as exc:
-        if exc.exit_code == 75:
+        if exc.exit_code == EX_TEMPFAIL:
             raise PrivsepError(
-                f"uninstall: {exc}; stopped there (the sudoers drop-in is gone already); run uninstall again", 75
+                f"uninstall: {exc}; stopped there (the sudoers drop-in is gone already); run uninstall again",
+                EX_TEMPFAIL,
             ) from None
         raise PrivsepError(f"uninstall: {exc}", exc.exit_code) from None
     return "daemon not running" if pid is None else f"stopped mcp-brokerd (pid {pid})"
@@ -49,7 +50,7 @@ def _ours(path: str) -> bool:
 
 def _rmtree(path: str) -> bool:
     if not path.rstrip("/").endswith("mcp-privsep") or path.rstrip("/") in ("", "/"):
-        raise PrivsepError(f"uninstall: refusing to remove {path!r}", 70)
+        raise PrivsepError(f"uninstall: refusing to remove {path!r}", EX_SOFTWARE)
     if not os.path.lexists(path):
         return False
     shutil.rmtree(path)

@@ -24,6 +24,13 @@ EX_NOPERM = 77  # denied
 EX_CONFIG = 78  # configuration error
 EX_INTERRUPTED = 130  # the caller pressed Ctrl-C (128 + SIGINT)
 
+# the operator's commands (mcp-brokerctl, mcp-brokerd's start) use these besides the ones above
+EX_FAILED = 1  # the command did what it could and says what failed (check found problems, ...)
+EX_NOINPUT = 66  # an input file cannot be opened
+EX_NOUSER = 67  # a user named on the command line does not exist
+EX_CANTCREAT = 73  # an output file cannot be created
+EX_IOERR = 74  # writing or reading back failed
+
 #: Every exit code an agent can see; anything else is a bug.
 CONTRACT_EXIT_CODES = frozenset(
     {
@@ -104,6 +111,20 @@ class ConfigError(PrivsepError):
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         super().__init__(message)
         #: every individual problem, ``file:line:col: message`` where known
+        self.problems = problems if problems is not None else [message]
+
+
+class ProtocolError(PrivsepError):
+    """A frame that breaks the gate <-> daemon protocol; the connection must be closed."""
+
+
+class ImportProblem(PrivsepError):
+    """An MCP client config cannot be imported as it is; carries every problem."""
+
+    exit_code = EX_DATAERR
+
+    def __init__(self, message: str, problems: list[str] | None = None, exit_code: int = EX_DATAERR) -> None:
+        super().__init__(message, exit_code)
         self.problems = problems if problems is not None else [message]
 
 

@@ -11,7 +11,7 @@ monitor rule). JSON goes through :mod:`broker.core.codec`.
 from __future__ import annotations
 
 from broker.core.codec import dumps, loads
-from broker.core.errors import PrivsepError
+from broker.core.errors import ProtocolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; the gate never needs it: names for the type checker only
@@ -34,13 +34,10 @@ if TYPE_CHECKING:  # typing costs milliseconds to import; the gate never needs i
         pending: str
         wait: float
 
+
 PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-
-
-class ProtocolError(PrivsepError):
-    """A frame that breaks the protocol; the connection must be closed."""
 
 
 # --- frames -----------------------------------------------------------------

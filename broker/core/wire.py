@@ -16,7 +16,7 @@ import _socket
 import sys
 
 from broker.core import protocol
-from broker.core.errors import PrivsepError, Unavailable, UsageError
+from broker.core.errors import PrivsepError, ProtocolError, Unavailable, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def exchange(
     """
     try:
         frame = protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES)
-    except protocol.ProtocolError as exc:
+    except ProtocolError as exc:
         raise UsageError(f"request too large or malformed: {exc}") from None
     sock = connect(sock_path, broker_uid)
     try:
@@ -96,7 +96,7 @@ def exchange(
             raise Unavailable(f"broker unavailable: no answer within {wait:g} s") from None
         except OSError as exc:
             raise Unavailable(f"broker unavailable: connection failed ({exc.strerror or exc})") from None
-        except protocol.ProtocolError as exc:
+        except ProtocolError as exc:
             raise Unavailable(f"broker unavailable: {exc}") from None
     finally:
         sock.close()
@@ -107,7 +107,7 @@ def recv_exact(sock: Any, n: int) -> bytes:
     while n:
         chunk = sock.recv(min(n, 1 << 20))
         if not chunk:
-            raise protocol.ProtocolError("the broker closed the connection")
+            raise ProtocolError("the broker closed the connection")
         chunks.append(chunk)
         n -= len(chunk)
     return b"".join(chunks)

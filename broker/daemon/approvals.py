@@ -13,7 +13,7 @@ import asyncio
 import time
 from typing import Any, Protocol
 
-from broker.core.errors import Denied, PrivsepError, TempFail
+from broker.core.errors import EX_FAILED, Denied, PrivsepError, TempFail
 from broker.daemon.audit import AuditLog, new_request_id
 from broker.daemon.redact import Redactor
 from broker.daemon.state import Approval, State
@@ -95,7 +95,7 @@ class ApprovalDesk:
         if decided is None:
             current = self.state.get_approval(approval_id)
             why = f"it is {current.status}" if current else "no such approval"
-            raise PrivsepError(f"approval {approval_id} cannot be {status}: {why}", 1)
+            raise PrivsepError(f"approval {approval_id} cannot be {status}: {why}", EX_FAILED)
         await self.audit.record(
             id=new_request_id(),
             caller=decided.caller,

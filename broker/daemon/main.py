@@ -18,7 +18,7 @@ import pwd
 import sys
 
 from broker import __version__
-from broker.core.errors import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, PrivsepError
+from broker.core.errors import EX_CONFIG, EX_FAILED, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, PrivsepError
 from broker.core.paths import BROKER_USER, GATE_USER, Paths
 from broker.daemon import config
 from broker.daemon.service import run_broker
@@ -60,7 +60,7 @@ def lock_pidfile(path: str) -> int:
             pid = os.pread(fd, 32, 0).decode().strip()
         finally:
             os.close(fd)
-        raise PrivsepError(f"mcp-brokerd is already running (pid {pid or 'unknown'})", 1) from None
+        raise PrivsepError(f"mcp-brokerd is already running (pid {pid or 'unknown'})", EX_FAILED) from None
     return fd
 
 
@@ -169,8 +169,6 @@ def _daemonize(paths: Paths, cfg: config.Config, gate_uid: int, pid_fd: int) -> 
         with contextlib.suppress(OSError):
             os.unlink(paths.pidfile)
     os._exit(code)
-
-
 
 
 def entry() -> None:

@@ -35,12 +35,14 @@ from broker.core import allowlist, names, protocol, wire
 from broker.core.allowlist import Allowlist
 from broker.core.errors import (
     EX_DATAERR,
+    EX_FAILED,
     EX_NOPERM,
     EX_OK,
     EX_TOOL_ERROR,
     ArgumentsRejected,
     ConfigError,
     PrivsepError,
+    ProtocolError,
     TempFail,
     Unavailable,
     UsageError,
@@ -287,10 +289,10 @@ class Broker:
                 req = protocol.decode_payload(payload)
                 route = routes[protocol.validate_request(req, schemas)]
                 if peer not in route.peers:
-                    raise protocol.ProtocolError(f"op {req['op']} is not for a {peer} peer")
+                    raise ProtocolError(f"op {req['op']} is not for a {peer} peer")
                 answer = await dispatch(route, req, peer_uid, conn)
                 await conn.send(dict(answer))
-        except (TimeoutError, protocol.ProtocolError, asyncio.IncompleteReadError) as exc:
+        except (TimeoutError, ProtocolError, asyncio.IncompleteReadError) as exc:
             log.warning("closing connection: %s", exc)
         except (ConnectionError, BrokenPipeError):
             pass
@@ -308,11 +310,11 @@ class Broker:
         user, uid = req["caller"], req["uid"]
         known = self._users.uid(user)
         if known is None:
-            raise protocol.ProtocolError(f"unknown caller {user[:64]!r}")
+            raise ProtocolError(f"unknown caller {user[:64]!r}")
         if known != uid:
-            raise protocol.ProtocolError(f"caller {user[:64]!r} does not have uid {uid}")
+            raise ProtocolError(f"caller {user[:64]!r} does not have uid {uid}")
         if peer_uid != 0 and uid == self.gate_uid:
-            raise protocol.ProtocolError("the gate user cannot be a caller")
+            raise ProtocolError("the gate user cannot be a caller")
         return str(user)
 
     async def _dispatch_gate(self, route: Route, req: dict[str, Any], peer_uid: int, conn: Conn) -> protocol.Answer:
@@ -601,7 +603,7 @@ class Broker:
         action = req["action"]
         spec = self.servers.offered().get(action)
         if spec is None:
-            raise PrivsepError(f"{action}: the server does not offer this tool now", 1)
+            raise PrivsepError(f"{action}: the server does not offer this tool now", EX_FAILED)
         accepted = self.pins.accept(action, spec)
         await self.audit.record(
             id=audit.new_request_id(), op="pin_accept", tool=action, decision="pin", pin_hash=accepted["hash"]

@@ -31,7 +31,7 @@ from collections import deque
 
 from broker import __version__
 from broker.core import allowlist, codec, names, protocol
-from broker.core.errors import EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, Denied, PrivsepError
+from broker.core.errors import EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, Denied, PrivsepError, ProtocolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -237,7 +237,7 @@ class Session:
         message = protocol.request("call", caller=self.user, uid=self.uid, tool=name, kv=[], args=args, timeout=None)
         try:
             frame = protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES)
-        except protocol.ProtocolError as exc:
+        except ProtocolError as exc:
             self.reply(msg_id, _refusal(f"request too large or malformed: {exc}", 64))
             return
         self.submit(_Job("call", msg_id, frame, CALL_WAIT))
@@ -318,7 +318,7 @@ class Session:
         while len(link.buf) >= 4 and link.job is not None:
             try:
                 n = protocol.frame_length(link.buf[:4], protocol.MAX_RESPONSE_BYTES)
-            except protocol.ProtocolError as exc:
+            except ProtocolError as exc:
                 self._drop(link, f"broker unavailable: {exc}")
                 return
             if len(link.buf) < 4 + n:
@@ -326,7 +326,7 @@ class Session:
             payload, link.buf = link.buf[4 : 4 + n], link.buf[4 + n :]
             try:
                 answer = protocol.decode_payload(payload)
-            except protocol.ProtocolError as exc:
+            except ProtocolError as exc:
                 self._drop(link, f"broker unavailable: {exc}")
                 return
             pending = answer.get("pending")

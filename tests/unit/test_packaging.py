@@ -418,3 +418,30 @@ def test_allowlist_example_parses() -> None:
     assert "#demo.secret" in ALLOWLIST.read_text(encoding="utf-8")
     _actions, errors = allowlist.parse(ALLOWLIST.read_text(encoding="utf-8"), str(ALLOWLIST))
     assert errors == []
+
+
+# --- the packaging agrees with the layout table ----------------------------------------------
+
+
+def test_openrc_checkpaths_match_the_layout_table() -> None:
+    from broker.core import layout
+
+    paths = Paths("/")
+    found = re.findall(r"checkpath -d -m (\d+) -o ([\w-]+):([\w-]+) (\S+)", openrc())
+    assert found, "the OpenRC script creates no directory"
+    by_path = {e.path(paths): e for e in layout.PATHS}
+    for mode, owner, group, path in found:
+        e = by_path[path]
+        assert (int(mode, 8), owner, group) == (e.mode, e.owner, e.group), path
+
+
+def test_unit_directories_match_the_layout_table() -> None:
+    from broker.core import layout
+
+    svc = unit()["Service"]
+    for key, attr in (("RuntimeDirectory", "run"), ("StateDirectory", "state"), ("LogsDirectory", "log")):
+        e = layout.entry(attr)
+        assert "/" + {"run": "run", "state": "var/lib", "log": "var/log"}[attr] + "/" + svc[key] == e.path(Paths("/"))
+        assert int(svc[f"{key}Mode"], 8) == e.mode, key
+        assert e.owner == svc["User"]
+

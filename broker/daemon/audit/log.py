@@ -65,8 +65,6 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
 
-
-
 def options(settings: Any) -> dict[str, Any]:
     """AuditLog keyword arguments from the ``[broker]`` settings."""
     return {
@@ -511,5 +509,3 @@ class AuditLog:
             self._close_locked()
             if self.syslog is not None:
                 self.syslog.close()
-
-

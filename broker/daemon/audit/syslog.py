@@ -46,6 +46,7 @@ _SEVERITY = {
 }
 SYSLOG_MAX_BYTES = 8192
 
+
 def _sd_escape(value: Any) -> str:
     if isinstance(value, list):
         value = ",".join(str(v) for v in value)
@@ -153,5 +154,3 @@ class SyslogMirror:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-
