@@ -46,8 +46,10 @@ CONTRACT_EXIT_CODES = frozenset(
         EX_INTERRUPTED,
     }
 )
-#: What a refusal answered by the daemon may carry (a success is never a refusal; Ctrl-C is the caller's).
-REFUSAL_EXIT_CODES = frozenset({EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG})
+#: What an error answered by the daemon may carry: a refusal, a server's error (1), the daemon's own bug (70).
+REFUSAL_EXIT_CODES = frozenset(
+    {EX_TOOL_ERROR, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG}
+)
 
 
 class PrivsepError(Exception):
@@ -112,6 +114,22 @@ class ConfigError(PrivsepError):
         super().__init__(message)
         #: every individual problem, ``file:line:col: message`` where known
         self.problems = problems if problems is not None else [message]
+
+
+class ServerError(PrivsepError):
+    """The server answered the call with a JSON-RPC error: the tool failed (exit 1), with its message."""
+
+    exit_code = EX_TOOL_ERROR
+    decision = "allow"  # the broker allowed the call; the server refused it
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        #: the JSON-RPC error code the server answered with
+        self.code = code
+
+
+class NonFiniteNumber(ValueError):
+    """A JSON number too large for a float (``1e400``): valid syntax, but no value any side can represent."""
 
 
 class ProtocolError(PrivsepError):

@@ -10,7 +10,7 @@ monitor rule). JSON goes through :mod:`broker.core.codec`.
 
 from __future__ import annotations
 
-from broker.core.codec import dumps, loads
+from broker.core.codec import dumps, loads, sanitize, to_utf8
 from broker.core.errors import ProtocolError
 
 TYPE_CHECKING = False
@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # typing costs milliseconds to import; the gate never needs i
         error: str
         pending: str
         wait: float
+        #: a server's JSON-RPC error (exit 1), for the stdio endpoint to relay as such
+        rpc_error: dict[str, Any]
 
 
 PROTOCOL_VERSION = 1
@@ -44,11 +46,17 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
 def encode_frame(obj: dict[str, Any], limit: int = MAX_RESPONSE_BYTES) -> bytes:
-    """Serialise one message as a frame; refuse one larger than ``limit``."""
+    """Serialise one message as a frame; refuse one larger than ``limit``.
+
+    Never fails on content: a lone surrogate becomes U+FFFD and a non-finite
+    number ``null`` (the daemon sanitizes and flags what servers send before
+    it gets here; this is the net under that).
+    """
     try:
-        payload = dumps(obj).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ProtocolError("message is not valid UTF-8") from None
+        text = dumps(obj)
+    except ValueError:
+        text = dumps(sanitize(obj)[0])
+    payload = to_utf8(text)
     if len(payload) > limit:
         raise ProtocolError(f"message of {len(payload)} bytes exceeds the {limit}-byte cap")
     return len(payload).to_bytes(4, "big") + payload

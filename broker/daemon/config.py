@@ -39,6 +39,10 @@ class BrokerSettings(BaseModel):
     max_call_timeout: float = Field(300.0, gt=0, le=3600, description="cap on a caller's --timeout")
     max_output_bytes: int = Field(1_048_576, ge=1024, description="result text beyond this is truncated")
     connect_timeout: float = Field(20.0, gt=0, le=600, description="seconds to start and initialise a server")
+    max_server_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=65536, description="a stdio server's message beyond this is dropped while read"
+    )
+    max_listed_tools: int = Field(2000, ge=1, le=100_000, description="a server offering more tools is refused")
     restart_backoff_max: float = Field(30.0, gt=0, le=3600)
     approval_ttl: float = Field(900.0, gt=0, le=7 * 86400, description="seconds an approval request stays valid")
     notify_command: list[str] | None = Field(None, description="hook run (as mcp-broker) for mode = notify")

@@ -45,6 +45,10 @@ class AuditRecord(TypedDict, total=False):
     approval: str
     by: str
     pin_hash: str
+    #: "intent" (before the server is called) or "outcome" (after); absent on a request that called no server
+    phase: str
+    #: what a server sent that no side can encode, and how much of it was replaced
+    sanitized: dict[str, int]
 
 
 def bounded(text: str) -> str:

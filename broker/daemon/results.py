@@ -60,15 +60,19 @@ def catalog_entry(action: str, spec: mcp.types.Tool, redactor: Redactor) -> dict
 
 
 def render_result(result: mcp.types.CallToolResult, cap: int, redactor: Redactor) -> tuple[dict[str, Any], int]:
-    """(the answer the gate prints, the result's size before the cap): redacted, then capped.
+    """(the answer the gate prints, the result's size before the cap): sanitized, redacted, then capped.
 
     The answer holds the joined text, the blocks (images, embedded blobs) and
-    the structured content; all three count against the cap.
+    the structured content; all three count against the cap. What a server
+    sent that no side can encode (lone surrogates, NaN and infinities) is
+    replaced, and ``sanitized`` says how much of each.
     """
+    raw_blocks = [block.model_dump(mode="json", exclude_none=True) for block in result.content]
+    (raw_blocks, structured), fixed = codec.sanitize([raw_blocks, result.structured_content])
     texts: list[str] = []
     blocks: list[dict[str, Any]] = []
-    for block in result.content:
-        data = redactor.deep(block.model_dump(mode="json", exclude_none=True))
+    for raw in raw_blocks:
+        data = redactor.deep(raw)
         blocks.append(data)
         kind = data.get("type")
         if kind == "text":
@@ -81,15 +85,17 @@ def render_result(result: mcp.types.CallToolResult, cap: int, redactor: Redactor
             res = data.get("resource", {})
             texts.append(str(res.get("text", f"[resource {res.get('uri', '')}]")))
     text = "\n".join(texts)
-    structured = redactor.deep(result.structured_content)
+    structured = redactor.deep(structured)
     if not text and structured is not None:
         text = codec.dumps(structured)
     out: dict[str, Any] = {"is_error": bool(result.is_error), "text": text, "content": blocks}
     if structured is not None:
         out["structured_content"] = structured
-    size = max(len(text.encode("utf-8", "replace")), len(codec.dumps(blocks)), len(codec.dumps(structured)))
+    if fixed:
+        out["sanitized"] = fixed
+    size = max(len(codec.to_utf8(text)), len(codec.dumps(blocks)), len(codec.dumps(structured)))
     if size > cap:
-        cut = text.encode("utf-8", "replace")[:cap].decode("utf-8", "ignore")
+        cut = codec.to_utf8(text)[:cap].decode("utf-8", "ignore")
         out["text"] = cut + f"\n[output truncated: the result was {size} bytes, over the {cap}-byte cap]"
         out["truncated"] = True
         out["content"] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import IO
 
 import mcp
@@ -18,6 +19,7 @@ import mcp
 from broker.core.names import Action
 from broker.daemon import config
 from broker.daemon.decision import Offer
+from broker.daemon.logs import server_sink
 from broker.daemon.upstream.handle import ServerHandle
 
 log = logging.getLogger("mcp-brokerd")
@@ -28,10 +30,13 @@ HEALTH_INTERVAL = 10.0
 class ServerSet:
     """Handles by server name."""
 
-    def __init__(self, cfg: config.Config, base_env: dict[str, str], errlog: IO[str]) -> None:
+    def __init__(
+        self, cfg: config.Config, base_env: dict[str, str], errlog: IO[str], redact: Callable[[str], str]
+    ) -> None:
         self.cfg = cfg
         self.base_env = base_env
         self.errlog = errlog
+        self.redact = redact
         self.handles: dict[str, ServerHandle] = {}
 
     def _handle(self, server: config.Server) -> ServerHandle:
@@ -41,7 +46,9 @@ class ServerSet:
             connect_timeout=s.connect_timeout,
             backoff_max=s.restart_backoff_max,
             base_env=self.base_env,
-            errlog=self.errlog,
+            errlog=server_sink(server.name, self.errlog, self.redact),
+            max_message=s.max_server_message_bytes,
+            max_tools=s.max_listed_tools,
         )
 
     def get(self, name: str) -> ServerHandle | None:

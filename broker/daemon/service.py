@@ -43,6 +43,7 @@ from broker.core.errors import (
     ConfigError,
     PrivsepError,
     ProtocolError,
+    ServerError,
     TempFail,
     Unavailable,
     UsageError,
@@ -50,7 +51,7 @@ from broker.core.errors import (
 )
 from broker.core.names import Action
 from broker.core.paths import Paths
-from broker.daemon import audit, config, policy
+from broker.daemon import audit, config, logs, policy
 from broker.daemon.approvals import ApprovalDesk
 from broker.daemon.decision import Offer, Query, Verdict, decide, when
 from broker.daemon.pins import PinBook, PinState
@@ -140,11 +141,20 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Ctx:
-    """Who sent a gate request, as the daemon established it, and the id its audit record carries."""
+    """Who sent a gate request, as the daemon established it, and the id its audit records carry."""
 
     id: str
     caller: str
     uid: int
+    op: str
+    tool: str | None
+
+    def record(self) -> AuditRecord:
+        """The fields every record of this request starts with."""
+        base: AuditRecord = {"id": self.id, "caller": self.caller, "uid": self.uid, "op": self.op}
+        if self.tool is not None:
+            base["tool"] = self.tool
+        return base
 
 
 Peer = Literal["gate", "root"]
@@ -173,12 +183,16 @@ class Broker:
         self.approvals = ApprovalDesk(self.state, self.audit)
         self.redactor = Redactor(cfg.secrets())
         self.base_env = base_environment(paths.state)
-        self.servers = ServerSet(cfg, self.base_env, open_errlog(paths))
+        self.servers = ServerSet(cfg, self.base_env, open_errlog(paths), self.redact)
         self.started = time.time()
         self.stopping = asyncio.Event()
         self._listeners: list[asyncio.AbstractServer] = []
         #: fire-and-forget tasks, referenced so they are not garbage-collected mid-flight
         self.background: set[asyncio.Task[Any]] = set()
+
+    def redact(self, text: str) -> str:
+        """Every secret the broker knows, replaced (the redactor of the running config)."""
+        return self.redactor.text(text)
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -216,6 +230,30 @@ class Broker:
                     await handle.ready(wait)
                 verdict = decide(query, self)
         return verdict
+
+    async def record_start(self) -> None:
+        """Close the books of the last run, then say this one started (two-phase audit's recovery).
+
+        A call whose intent was recorded but whose outcome never was reached
+        its server before the daemon stopped: whether it took effect is
+        unknown, and the trail says so now, under the call's own id.
+        """
+        try:
+            for intent in audit.unfinished_calls(self.paths.audit_log):
+                record: dict[str, Any] = {k: intent[k] for k in ("id", "caller", "uid", "op", "tool") if k in intent}
+                record |= {
+                    "phase": "outcome",
+                    "decision": "allow",
+                    "outcome": "unknown",
+                    "reason": "the broker stopped while the server worked on this call: "
+                    "whether it took effect is unknown",
+                }
+                await self.audit.record(**record)
+            await self.audit.record(
+                id=audit.new_request_id(), op="start", decision="start", version=__version__, pid=os.getpid()
+            )
+        except (Unavailable, OSError) as exc:
+            log.error("could not record the start in the audit log: %s", exc)
 
     # --- servers and config -----------------------------------------------------------------
 
@@ -320,16 +358,16 @@ class Broker:
     async def _dispatch_gate(self, route: Route, req: dict[str, Any], peer_uid: int, conn: Conn) -> protocol.Answer:
         caller = self._caller(req, peer_uid)
         started = time.monotonic()
-        ctx = Ctx(audit.new_request_id(), caller, req["uid"])
-        record: AuditRecord = {"id": ctx.id, "caller": caller, "uid": ctx.uid, "op": req["op"]}
-        if "tool" in req:
-            record["tool"] = req["tool"]
+        ctx = Ctx(audit.new_request_id(), caller, req["uid"], req["op"], req.get("tool"))
+        record = ctx.record()
         try:
             self.audit.check()
+            out = await route.handler(self, req, ctx, conn)
         except Unavailable as unwritable:
             out = Outcome(error=unwritable)
-        else:
-            out = await route.handler(self, req, ctx, conn)
+        except Exception as exc:  # the one place that answers: whatever broke, the request is recorded
+            log.exception("internal error handling %s for %s", req["op"], caller)
+            out = Outcome(error=PrivsepError(f"internal error in the broker ({type(exc).__name__}); see its log"))
         record.update(out.record)
         froze: str | None = None
         error = out.error
@@ -353,8 +391,11 @@ class Broker:
                 await self._audit_freeze(caller, req["uid"], froze)
         except Unavailable as audit_exc:
             return {"ok": False, "exit": audit_exc.exit_code, "error": audit_exc.message}
-        if out.error is not None and not out.reported:
-            return {"ok": False, "exit": out.error.exit_code, "error": self.redactor.text(out.error.message)}
+        if error is not None and not out.reported:
+            answer: protocol.Answer = {"ok": False, "exit": error.exit_code, "error": self.redactor.text(error.message)}
+            if isinstance(error, ServerError):  # for an MCP client, relayed as the JSON-RPC error it was
+                answer["rpc_error"] = {"code": error.code, "message": answer["error"]}
+            return answer
         return {"ok": True, "result": out.result}
 
     async def _audit_freeze(self, caller: str, uid: int | None, reason: str) -> None:
@@ -496,13 +537,16 @@ class Broker:
             self._notify(ctx, tool, rec)
         handle = self.servers.get(action.server)
         assert handle is not None
+        # two-phase audit: the intent is durable before the server is asked; a crash leaves it without an outcome
+        await self.audit.record(**(ctx.record() | rec | {"phase": "intent"}))
+        rec["phase"] = "outcome"
         try:
             result = await handle.call(action.tool, args, timeout)
         except mcp.MCPError as exc:
             rec["outcome"] = "server_error"
             if exc.code == -32602:
                 return Outcome(rec, error=ArgumentsRejected(f"{tool}: the server rejected the arguments: {exc}"))
-            return Outcome(rec, error=PrivsepError(f"{tool}: the server answered with an error: {exc}", EX_TOOL_ERROR))
+            return Outcome(rec, error=ServerError(f"{tool}: the server answered with an error: {exc}", exc.code))
         except TempFail as exc:
             rec["outcome"] = "timeout"
             return Outcome(rec, error=exc)
@@ -513,6 +557,8 @@ class Broker:
         rendered, size = render_result(result, cap, self.redactor)
         rec["outcome"] = "tool_error" if result.is_error else "ok"
         rec["result_size"] = size
+        if "sanitized" in rendered:
+            rec["sanitized"] = rendered["sanitized"]
         return Outcome(rec, rendered)
 
     def _notify(self, ctx: Ctx, tool: str, rec: AuditRecord) -> None:
@@ -687,6 +733,7 @@ def open_errlog(paths: Paths) -> IO[str]:
 async def run_broker(paths: Paths, cfg: config.Config, gate_uid: int, ready: Callable[[object], None]) -> int:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads. ``ready`` is called once the sockets listen."""
     broker = Broker(paths, cfg, gate_uid)
+    logs.install(broker.redact)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, broker.stopping.set)
@@ -701,6 +748,7 @@ async def run_broker(paths: Paths, cfg: config.Config, gate_uid: int, ready: Cal
         broker.spawn(do())
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await broker.record_start()
     await broker.serve()
     broker.servers.start()
     health = asyncio.create_task(broker.servers.health_loop(broker.stopping))

@@ -31,7 +31,7 @@ from collections import deque
 
 from broker import __version__
 from broker.core import allowlist, codec, names, protocol
-from broker.core.errors import EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, Denied, PrivsepError, ProtocolError
+from broker.core.errors import EX_DATAERR, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, Denied, PrivsepError, ProtocolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -160,13 +160,21 @@ class Session:
     # --- requests -------------------------------------------------------------
 
     def handle_line(self, line: bytes) -> None:
+        """Answer one line; whatever it holds, the session and every call in flight go on."""
         try:
-            msg = codec.loads(line.decode("utf-8"))
+            self._handle_line(line)
+        except Exception as exc:  # noqa: BLE001 - one bad line must never end the session
+            self.error(None, INTERNAL_ERROR, f"internal error on this message: {type(exc).__name__}")
+
+    def _handle_line(self, line: bytes) -> None:
+        try:
+            msg = codec.loads(line.decode("utf-8"), out_of_range="mark")
         except (UnicodeDecodeError, ValueError):
             self.error(None, PARSE_ERROR, "parse error")
             return
         if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
-            self.error(msg.get("id") if isinstance(msg, dict) else None, INVALID_REQUEST, "invalid request")
+            msg_id = msg.get("id") if isinstance(msg, dict) else None
+            self.error(msg_id if type(msg_id) in (int, str) else None, INVALID_REQUEST, "invalid request")
             return
         method = msg.get("method")
         if not isinstance(method, str):
@@ -179,6 +187,13 @@ class Session:
             return  # notifications (initialized, cancelled, ...) need no answer
         if type(msg_id) not in (int, str) or not isinstance(params, dict):
             self.error(msg_id if type(msg_id) in (int, str) else None, INVALID_REQUEST, "invalid request")
+            return
+        if codec.contains(params, codec.OUT_OF_RANGE):
+            why = "arguments rejected: a number exceeds a double's range"
+            if method == "tools/call":
+                self.reply(msg_id, _refusal(why, EX_DATAERR))
+            else:
+                self.error(msg_id, INVALID_PARAMS, why)
             return
         if method == "initialize":
             self.initialize(msg_id, params)
@@ -378,6 +393,10 @@ class Session:
             self.reply(job.msg_id, {"tools": tools})
             return
         if not answer.get("ok"):
+            rpc = answer.get("rpc_error")
+            if isinstance(rpc, dict) and type(rpc.get("code")) is int:  # the server's own JSON-RPC error, relayed
+                self.error(job.msg_id, rpc["code"], str(rpc.get("message", "")))
+                return
             code = answer.get("exit")
             self.reply(
                 job.msg_id,
@@ -394,6 +413,8 @@ class Session:
         out: dict[str, Any] = {"content": content, "isError": bool(result.get("is_error"))}
         if result.get("structured_content") is not None:
             out["structuredContent"] = result["structured_content"]
+        if result.get("sanitized"):
+            out["_meta"] = {"mcp-privsep/sanitized": result["sanitized"]}
         self.reply(job.msg_id, out)
 
     def close(self) -> None:
@@ -416,6 +437,7 @@ def serve(session: Session, fd: int = 0) -> int:
     """Read JSON-RPC lines from ``fd`` until EOF and every answer is out; return the exit code."""
     buf = b""
     eof = False
+    skipping = False
     last_poll = time.monotonic()
     try:
         while not (eof and not session.busy and not session.backlog):
@@ -449,7 +471,7 @@ def serve(session: Session, fd: int = 0) -> int:
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
                     eof = True
-                    if buf.strip():
+                    if buf.strip() and not skipping:
                         session.handle_line(buf)
                     buf = b""
                 else:
@@ -461,13 +483,17 @@ def serve(session: Session, fd: int = 0) -> int:
                             break
                         line = buf[start:nl]
                         start = nl + 1
-                        if line.strip():
+                        if skipping:  # the end of a line too long to read: dropped, already answered
+                            skipping = False
+                        elif line.strip():
                             session.handle_line(line)
                     buf = buf[start:]
                     if len(buf) > MAX_LINE:
-                        session.error(None, INVALID_REQUEST, f"message longer than {MAX_LINE} bytes")
-                        session.flush()
-                        return 64
+                        # refuse this one message, drop the rest of it, and serve the next
+                        if not skipping:
+                            session.error(None, INVALID_REQUEST, f"message longer than {MAX_LINE} bytes")
+                        skipping = True
+                        buf = b""
             session.flush()
     finally:
         session.close()

@@ -20,13 +20,16 @@ import sys
 from broker import __version__
 from broker.core import allowlist, codec, names, protocol, wire
 from broker.core.errors import (
+    EX_INTERRUPTED,
     EX_OK,
     EX_SOFTWARE,
     EX_TOOL_ERROR,
     EX_USAGE,
     REFUSAL_EXIT_CODES,
+    ArgumentsRejected,
     ConfigError,
     Denied,
+    NonFiniteNumber,
     PrivsepError,
     UsageError,
 )
@@ -198,6 +201,8 @@ def _parse_args_json(value: str, stdin: TextIO | None) -> dict[str, Any]:
             raise UsageError(f"--args -: cannot read standard input: {exc}") from None
     try:
         obj = codec.loads(value)
+    except NonFiniteNumber as exc:
+        raise ArgumentsRejected(f"--args: {exc}: no JSON number may exceed a double's range") from None
     except ValueError as exc:
         raise UsageError(f"--args: not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
@@ -272,7 +277,7 @@ def _report(
 # --- output -----------------------------------------------------------------
 
 
-def _print_result(req: Request, answer: Answer, out: TextIO) -> int:
+def _print_result(req: Request, answer: Answer, out: TextIO, err: TextIO) -> int:
     result = answer.get("result")
     if req.json:
         out.write(codec.dumps(result) + "\n")
@@ -291,8 +296,13 @@ def _print_result(req: Request, answer: Answer, out: TextIO) -> int:
         text = result.get("text", "") if isinstance(result, dict) else ""
         if text:
             out.write(text if text.endswith("\n") else text + "\n")
-    if req.verb == "call" and isinstance(result, dict) and result.get("is_error"):
-        return EX_TOOL_ERROR
+    if req.verb == "call" and isinstance(result, dict):
+        fixed = result.get("sanitized")
+        if isinstance(fixed, dict) and fixed:
+            what = ", ".join(f"{n} {k.replace('_', '-')}" for k, n in fixed.items())
+            err.write(f"mcp: note: the server's answer held what no JSON can carry ({what}); replaced\n")
+        if result.get("is_error"):
+            return EX_TOOL_ERROR
     return EX_OK
 
 
@@ -337,11 +347,13 @@ def main(
     req: Request | None = None
     try:
         req = parse_argv(argv, sys.stdin if stdin is None else stdin)
-    except UsageError as exc:
+    except PrivsepError as exc:  # a usage error (64) or arguments no tool may take (65)
         bare = Request("usage")
         bare.json = "--json" in argv  # the request did not parse, but the caller asked for JSON
         code = _fail(bare, exc, out, err)
-        _report_usage(argv, root, broker_uid, environ, str(exc))
+        out.flush()
+        err.flush()
+        _report_refusal(argv, root, broker_uid, environ, exc)
         return code
     try:
         return _run(req, Paths(root), broker_uid, environ, out, err)
@@ -351,12 +363,14 @@ def main(
         return _fail(req, PrivsepError(f"internal error: {type(exc).__name__}: {exc}", EX_SOFTWARE), out, err)
 
 
-def _report_usage(argv: list[str], root: str, broker_uid: int | None, environ: dict[str, str], reason: str) -> None:
+def _report_refusal(
+    argv: list[str], root: str, broker_uid: int | None, environ: dict[str, str], exc: PrivsepError
+) -> None:
     try:
         user, uid = caller_identity(environ)
         verb = argv[0][:64] if argv else ""
-        _report(Paths(root), user, uid, verb, "", EX_USAGE, reason, broker_uid)
-    except Exception:  # noqa: BLE001, S110 - best effort only; the usage error is already reported
+        _report(Paths(root), user, uid, verb, "", exc.exit_code, str(exc), broker_uid)
+    except Exception:  # noqa: BLE001, S110 - best effort only; the refusal is already reported
         pass
 
 
@@ -400,29 +414,77 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
         if type(refused) is not int or refused not in REFUSAL_EXIT_CODES:
             refused = EX_SOFTWARE
         return _fail(req, PrivsepError(str(answer.get("error", "the broker refused")), refused), out, err)
-    return _print_result(req, answer, out)
+    return _print_result(req, answer, out, err)
+
+
+def _say(message: str) -> None:
+    """One line on stderr, even when sys.stderr is gone; silent if fd 2 is closed too."""
+    try:
+        os.write(2, f"mcp: {message}\n".encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
+def _closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
 
 
 def run(root: str = "/", broker_uid: int | None = None) -> None:
-    """Entry point of the generated ``mcp-gate`` script: harden, then main()."""
-    os.chdir("/")
-    os.umask(0o077)
-    os.closerange(3, 1 << 20)
-    environ = {
-        k.decode(): os.environ[k].decode(errors="replace") for k in (b"SUDO_USER", b"SUDO_UID") if k in os.environ
-    }
-    # the caller's locale must not make a tool result unprintable
-    sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")  # type: ignore[union-attr]
-    sys.stderr.reconfigure(encoding="utf-8", errors="backslashreplace")  # type: ignore[union-attr]
+    """Entry point of the generated ``mcp-gate`` script: harden, then main(); never a traceback.
+
+    A closed standard output (or, for ``mcp stdio``, input) is refused before
+    anything is asked of the daemon (64): nothing should run whose answer
+    cannot be delivered. Ctrl-C is exit 130 with one line.
+    """
+    code = EX_SOFTWARE
     try:
-        code = main(sys.argv[1:], root=root, broker_uid=broker_uid, environ=environ)
+        os.chdir("/")
+        os.umask(0o077)
+        os.closerange(3, 1 << 20)
+        argv = sys.argv[1:]
+        if _closed(1) or sys.stdout is None:
+            _say("standard output is closed; nothing was done")
+            os._exit(EX_USAGE)
+        if argv[:1] == ["stdio"] and (_closed(0) or sys.stdin is None):
+            _say("mcp stdio: standard input is closed; nothing was done")
+            os._exit(EX_USAGE)
+        environ = {
+            k.decode(): os.environ[k].decode(errors="replace") for k in (b"SUDO_USER", b"SUDO_UID") if k in os.environ
+        }
+        # the caller's locale must not make a tool result unprintable
+        sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")  # type: ignore[union-attr]
+        if sys.stderr is not None:
+            sys.stderr.reconfigure(encoding="utf-8", errors="backslashreplace")  # type: ignore[union-attr]
+        stderr: TextIO = sys.stderr if sys.stderr is not None else _Discard()  # type: ignore[assignment]
+        code = main(argv, root=root, broker_uid=broker_uid, environ=environ, stderr=stderr)
         sys.stdout.flush()
-        sys.stderr.flush()
-    except BrokenPipeError:
+        stderr.flush()
+    except KeyboardInterrupt:
+        _say("interrupted")
+        code = EX_INTERRUPTED
+    except OSError as exc:  # the answer could not be written: the reader went away (a broken pipe)
+        _say(f"cannot write the answer: {exc.strerror or exc}")
+        code = EX_USAGE
+    except BaseException as exc:  # noqa: BLE001 - the edge: never a traceback to the agent
+        _say(f"internal error: {type(exc).__name__}")
         code = EX_SOFTWARE
     # everything is flushed and nothing needs finalising: skipping interpreter
     # teardown saves about 2 ms on every agent call
     os._exit(code)
+
+
+class _Discard:
+    """stderr when fd 2 is closed: messages go nowhere, the exit code still says it."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 __all__ = ["main", "run"]

@@ -151,9 +151,10 @@ def test_encode_frame_counts_utf8_bytes_not_characters() -> None:
     assert len(encode_frame({"a": "\U0001f600" * 20}, limit=100)) == 4 + 8 + 80
 
 
-def test_encode_frame_refuses_lone_surrogates() -> None:
-    with pytest.raises(ProtocolError):
-        encode_frame({"a": "\udc80"})
+def test_encode_frame_replaces_lone_surrogates_and_non_finite_numbers() -> None:
+    """A server's lone surrogate or NaN must never make a frame (and with it an answer) fail."""
+    frame = encode_frame({"a": "x\udc80y", "n": float("nan"), "ok": "é"})
+    assert decode_payload(frame[4:]) == {"a": "x\ufffdy", "n": None, "ok": "é"}
 
 
 @pytest.mark.parametrize(

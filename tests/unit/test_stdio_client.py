@@ -172,18 +172,21 @@ def test_raw_server_requests_get_method_not_found_and_ping_an_answer(tmp_path: P
     assert answers["s2"]["result"] == {}
 
 
-def test_a_message_over_the_cap_ends_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stdio_client, "MAX_MESSAGE", 256 * 1024)
+def test_a_message_over_the_cap_fails_its_call_and_the_session_goes_on() -> None:
+    """A server's oversized answer is dropped while it is read: its call fails, nothing else does."""
     closed: list[str] = []
 
-    async def go() -> None:
-        async with demo_client(on_close=closed.append) as client:
+    async def go() -> tuple[str, str]:
+        async with demo_client(on_close=closed.append, max_message=256 * 1024) as client:
             await client.list_tools()
-            with pytest.raises(mcp.MCPError, match="Connection closed"):
+            with pytest.raises(mcp.MCPError, match="over 262144 bytes") as failed:
                 await client.call_tool("big", {"size": 1_000_000})
+            after = await client.call_tool("echo", {"text": "still here"})
+            return str(failed.value), str(after.content[0].text)  # type: ignore[union-attr]
 
-    run(go)
-    assert closed and "larger than" in closed[0]
+    message, text = run(go)
+    assert text == "still here"
+    assert not closed  # the session was never ended for it
 
 
 def test_close_kills_a_server_that_ignores_eof_and_sigterm(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ HEAD_FORMAT = "{seq:020d} {hash}\n"
 
 def canonical(record: dict[str, Any]) -> str:
     """The exact text a record's hash covers (and the line written)."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def chain_hash(prev: str, record: dict[str, Any]) -> str:
@@ -153,6 +153,38 @@ def last_record(path: str) -> dict[str, Any] | None:
     return None
 
 
+#: how far back the daemon looks for calls left without an outcome, at most (to the last start record)
+RECOVERY_SCAN_BYTES = 64 * 1024 * 1024
+
+
+def unfinished_calls(path: str, limit: int = RECOVERY_SCAN_BYTES) -> list[dict[str, Any]]:
+    """The intent records, since the daemon's last start, that have no outcome record: oldest first.
+
+    Reads the trail backwards (the live file, then the rotated ones) until a
+    ``start`` record or ``limit`` bytes; a call can be left without an
+    outcome only by a daemon that stopped after its last start.
+    """
+    finished: set[str] = set()
+    found: list[dict[str, Any]] = []
+    read = 0
+    for name in reversed(log_files(path)):
+        with open(name, "rb") as fh:
+            for raw in reverse_lines(fh):
+                read += len(raw) + 1
+                rec = parse_record(raw) if raw.strip() else None
+                if rec is not None:
+                    if rec.get("op") == "start":
+                        return found[::-1]
+                    request = str(rec.get("id"))
+                    if rec.get("phase") == "outcome":
+                        finished.add(request)
+                    elif rec.get("phase") == "intent" and request not in finished:
+                        found.append(rec)
+                if read > limit:
+                    return found[::-1]
+    return found[::-1]
+
+
 # --- verification ---------------------------------------------------------------------
 
 #: problems listed before the rest are only counted
@@ -182,6 +214,8 @@ class Report:
     last_seq: int | None = None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: ids of calls whose intent has no outcome record (not a break of the chain)
+    dangling: list[str] = field(default_factory=list)
     more: int = 0
 
     @property
@@ -230,6 +264,7 @@ def verify_files(files: list[str], head: tuple[int, str] | None = None) -> Repor
         if ln.rec is not None and (s := record_seq(ln.rec)) is not None:
             where_seq.setdefault(s, (ln.where, str(ln.rec["hash"])))
     seen: set[int] = set()
+    intents: dict[str, str] = {}  # id -> file:line of a call's intent that has no outcome (yet)
     prev_line: _Line | None = None
     prev_seq: int | None = None
     last_valid: _Line | None = None
@@ -273,11 +308,22 @@ def verify_files(files: list[str], head: tuple[int, str] | None = None) -> Repor
             seen.add(seq)
         if rec.get("op") == "recover":
             report.notes.append(f"{ln.where}: the broker recovered at start-up: {rec.get('reason', '')}")
+        phase = rec.get("phase")
+        if phase == "intent":
+            intents[str(rec.get("id"))] = ln.where
+        elif phase == "outcome":
+            intents.pop(str(rec.get("id")), None)
         prev_line, prev_seq, last_valid = ln, seq, ln
     if last_valid is not None and last_valid.rec is not None:
         report.last_seq = record_seq(last_valid.rec)
     if head is not None:
         _check_head(head, last_valid, where_seq, report)
+    for request, where in intents.items():
+        report.dangling.append(request)
+        report.notes.append(
+            f"{where}: call {request} reached its server but has no outcome record: the broker stopped while it "
+            "ran (its next start records the outcome as unknown)"
+        )
     if report.more:
         report.problems.append(f"... and {report.more} more problem(s)")
     return report

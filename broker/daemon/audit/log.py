@@ -34,6 +34,7 @@ import stat
 import threading
 from typing import Any
 
+from broker.core import codec
 from broker.core.errors import Unavailable
 from broker.daemon.audit.chain import (
     GENESIS,
@@ -93,6 +94,27 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if func(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def _make_encodable(record: dict[str, Any]) -> None:
+    """Replace lone surrogates and non-finite numbers in place; a placeholder if it still cannot be written."""
+    clean, fixed = codec.sanitize(record)
+    if fixed:
+        record.clear()
+        record.update(clean)
+        record["sanitized"] = fixed
+    try:
+        canonical(record)
+    except (TypeError, ValueError) as exc:
+        log.error("an audit record could not be serialised (%s); a placeholder is written", type(exc).__name__)
+        placeholder = {
+            "id": str(record.get("id", new_request_id()))[:64],
+            "op": str(record.get("op", ""))[:64],
+            "decision": "error",
+            "reason": f"this record could not be serialised ({type(exc).__name__}); the broker wrote this instead",
+        }
+        record.clear()
+        record.update(placeholder)
 
 
 # --- the writer --------------------------------------------------------------------
@@ -275,12 +297,14 @@ class AuditLog:
         ts = timestamp()
         lines = []
         for record in records:
+            # what a caller or a server put in a record can never fail the write, nor the others in the batch
+            _make_encodable(record)
             record["ts"] = ts
             record["seq"] = seq + 1
             record["prev"] = prev
             record["hash"] = chain_hash(prev, record)
             seq, prev = record["seq"], record["hash"]
-            lines.append((canonical(record) + "\n").encode("utf-8", "surrogateescape"))
+            lines.append((canonical(record) + "\n").encode("utf-8"))
         data = b"".join(lines)
         start = self._size
         try:

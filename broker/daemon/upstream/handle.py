@@ -17,12 +17,14 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import IO, Any, Literal
 
 import httpx2
 import mcp
 
 from broker import __version__
+from broker.core import codec
 from broker.core.errors import TempFail, Unavailable
 from broker.daemon.config import Server
 from broker.daemon.upstream.client import Upstream
@@ -33,6 +35,9 @@ log = logging.getLogger("mcp-brokerd")
 
 #: the only variables a stdio server inherits, besides its own env file
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG")
+
+#: the most pages of tools/list read from one server
+MAX_PAGES = 100
 
 #: "starting": a (re)connect is under way; "up": serving; "down": failed or stopped (``reason`` says why)
 ServerState = Literal["starting", "up", "down"]
@@ -46,7 +51,15 @@ class ServerHandle:
     """One server: its live session, its tools, its health."""
 
     def __init__(
-        self, server: Server, *, connect_timeout: float, backoff_max: float, base_env: dict[str, str], errlog: IO[str]
+        self,
+        server: Server,
+        *,
+        connect_timeout: float,
+        backoff_max: float,
+        base_env: dict[str, str],
+        errlog: IO[str] | Callable[[str], None],
+        max_message: int = 16 * 1024 * 1024,
+        max_tools: int = 2000,
     ) -> None:
         self.server = server
         self.name = server.name
@@ -54,6 +67,8 @@ class ServerHandle:
         self.backoff_max = backoff_max
         self.base_env = base_env
         self.errlog = errlog
+        self.max_message = max_message
+        self.max_tools = max_tools
         self.client: Upstream | None = None
         self.tools: dict[str, mcp.types.Tool] = {}
         self.state: ServerState = "starting"
@@ -99,6 +114,7 @@ class ServerHandle:
                 errlog=self.errlog,
                 on_close=self.mark_broken,  # an exited server is restarted now, not at the next ping
                 client_version=__version__,
+                max_message=self.max_message,
             )
         assert srv.url is not None
         return HttpClient(srv.url, srv.headers)
@@ -133,13 +149,7 @@ class ServerHandle:
             self.state = "starting"
         async with contextlib.AsyncExitStack() as stack:
             await asyncio.wait_for(stack.enter_async_context(client), self.connect_timeout)
-            listed = await asyncio.wait_for(client.list_tools(), self.connect_timeout)
-            tools = {t.name: t for t in listed.tools}
-            cursor = listed.next_cursor
-            while cursor:
-                page = await asyncio.wait_for(client.list_tools(cursor=cursor), self.connect_timeout)
-                tools.update({t.name: t for t in page.tools})
-                cursor = page.next_cursor
+            tools = await self._list_all(client)
             self.tools = tools
             self.client = client
             self.state = "up"
@@ -152,6 +162,30 @@ class ServerHandle:
             self.client = None
             if not self._stopping:
                 raise _Broken(self.reason or "session broke")
+
+    async def _list_all(self, client: Upstream) -> dict[str, mcp.types.Tool]:
+        """Every page of ``tools/list``, bounded: a server may not offer endless pages or tools."""
+        tools: dict[str, mcp.types.Tool] = {}
+        cursor: str | None = None
+        for _page in range(MAX_PAGES):
+            listed = await asyncio.wait_for(client.list_tools(cursor=cursor), self.connect_timeout)
+            for tool in listed.tools:
+                tool = self._clean(tool)
+                tools[tool.name] = tool
+            if len(tools) > self.max_tools:
+                raise _Broken(f"offers more than {self.max_tools} tools (max_listed_tools)")
+            cursor = listed.next_cursor
+            if not cursor:
+                return tools
+        raise _Broken(f"lists its tools over more than {MAX_PAGES} pages")
+
+    def _clean(self, tool: mcp.types.Tool) -> mcp.types.Tool:
+        """A definition every side can encode: lone surrogates and non-finite numbers replaced (and logged)."""
+        clean, fixed = codec.sanitize(tool.model_dump(mode="json", by_alias=True, exclude_none=True))
+        if not fixed:
+            return tool
+        log.warning("server %s: a tool definition held %s; replaced", self.name, fixed)
+        return mcp.types.Tool.model_validate(clean)
 
     def _mark_down(self, reason: str) -> None:
         self.client = None

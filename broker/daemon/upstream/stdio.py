@@ -12,10 +12,11 @@ servers still use the SDK client.
 
 Server-to-client requests (sampling, elicitation, roots, anything else)
 are refused with "method not found"; only ``ping`` is answered. The server
-gets exactly the environment it is given (no inherited variables), runs in a
-session of its own so a stop can signal its whole process group, and a
-message larger than ``MAX_MESSAGE`` ends the session (the server is
-restarted) rather than growing the daemon without bound.
+gets exactly the environment it is given (no inherited variables) and runs
+in a session of its own so a stop can signal its whole process group. Its
+output is read in chunks and split into lines as it arrives: a line over
+``max_message`` bytes is dropped while it is read, never buffered whole, and
+the request it answers (named in its first bytes) fails; the session goes on.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 from collections.abc import Callable
 from types import TracebackType
@@ -38,7 +40,11 @@ log = logging.getLogger("mcp-brokerd")
 PROTOCOL_VERSION = "2025-11-25"
 #: versions this client can speak; a server answering another one is refused
 SUPPORTED_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
-MAX_MESSAGE = 128 * 1024 * 1024
+#: a server message larger than this is dropped while it is read (the call it answers fails)
+MAX_MESSAGE = 16 * 1024 * 1024
+READ_CHUNK = 1 << 16
+#: how much of a dropped message is kept to find the id of the request it answers
+ID_PEEK = 4096
 TERMINATE_GRACE = 2.0
 KILL_GRACE = 2.0
 
@@ -61,9 +67,10 @@ class StdioClient:
         *,
         env: dict[str, str],
         cwd: str | None,
-        errlog: IO[str],
+        errlog: IO[str] | Callable[[str], None],
         on_close: Callable[[str], None] | None = None,
         client_version: str = "0",
+        max_message: int = MAX_MESSAGE,
     ) -> None:
         self.command = command
         self.args = args
@@ -72,9 +79,11 @@ class StdioClient:
         self.errlog = errlog
         self.on_close = on_close
         self.client_version = client_version
+        self.max_message = max_message
         self.proc: asyncio.subprocess.Process | None = None
         self.protocol_version = ""
         self._reader: asyncio.Task[None] | None = None
+        self._stderr: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_id = 0
         self._closed_why = ""
@@ -89,13 +98,14 @@ class StdioClient:
             *self.args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            stderr=self.errlog,
+            stderr=asyncio.subprocess.PIPE if callable(self.errlog) else self.errlog,
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,
-            limit=MAX_MESSAGE,
         )
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        if callable(self.errlog):
+            self._stderr = asyncio.get_running_loop().create_task(self._stderr_loop(self.errlog))
         try:
             init = await self._request(
                 "initialize",
@@ -135,10 +145,11 @@ class StdioClient:
                     os.killpg(proc.pid, sig)
             if await _exited(proc, grace):
                 break
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reader
+        for task in (self._reader, self._stderr):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         # release the pipes now, not at garbage collection (when the loop may be gone); not public API
         transport = getattr(proc, "_transport", None)
         if transport is not None:
@@ -187,29 +198,80 @@ class StdioClient:
             proc.stdin.write(json.dumps(note).encode() + b"\n")
 
     async def _read_loop(self) -> None:
+        """Split the server's output into lines, each bounded while it is read (never buffered past the cap)."""
         proc = self.proc
         assert proc is not None and proc.stdout is not None
         why = "the server closed its output"
+        line = bytearray()
+        head: bytes | None = None  # the start of a line over the cap, while the rest of it is skipped
+        dropped = 0
         try:
             while True:
                 try:
-                    line = await proc.stdout.readline()
-                except ValueError:  # asyncio's LimitOverrunError, re-raised by readline
-                    why = f"the server sent a message larger than {MAX_MESSAGE} bytes"
-                    break
+                    chunk = await proc.stdout.read(READ_CHUNK)
                 except OSError:
                     why = "reading from the server failed"
                     break
-                if not line:
+                if not chunk:
                     break
-                if line.strip():
-                    await self._dispatch(line)
+                start = 0
+                while start <= len(chunk):
+                    nl = chunk.find(b"\n", start)
+                    end = nl if nl >= 0 else len(chunk)
+                    if head is not None:
+                        dropped += end - start
+                    elif len(line) + end - start > self.max_message:
+                        head = bytes(line[:ID_PEEK]) + chunk[start : start + ID_PEEK]
+                        dropped = len(line) + end - start
+                        line.clear()
+                    else:
+                        line += chunk[start:end]
+                    if nl < 0:
+                        break
+                    if head is not None:
+                        self._oversized(head, dropped)
+                        head = None
+                    elif line.strip():
+                        await self._dispatch(bytes(line))
+                    line.clear()
+                    start = nl + 1
         finally:
             if not self._closed_why:
                 self._closed_why = why
                 if self.on_close is not None:
                     self.on_close(why)
             self._fail_all()
+
+    async def _stderr_loop(self, sink: Callable[[str], None]) -> None:
+        """The server's stderr, line by line into ``sink`` (which redacts and bounds it)."""
+        proc = self.proc
+        assert proc is not None and proc.stderr is not None
+        pending = b""
+        while True:
+            try:
+                chunk = await proc.stderr.read(READ_CHUNK)
+            except OSError:
+                return
+            if not chunk:
+                if pending:
+                    sink(pending.decode("utf-8", "replace"))
+                return
+            *lines, pending = (pending + chunk).split(b"\n")
+            if len(pending) > ID_PEEK * 2:  # a line without end: out in pieces, never buffered whole
+                lines.append(pending)
+                pending = b""
+            for line in lines:
+                sink(line.decode("utf-8", "replace"))
+
+    def _oversized(self, head: bytes, size: int) -> None:
+        """A message over the cap was dropped unread: fail the request it answers, if its start names one."""
+        log.warning("a server sent a message of %d bytes, over the %d-byte cap; dropped", size, self.max_message)
+        m = re.search(rb'"id"\s*:\s*(\d{1,18})\b', head)
+        fut = self._pending.get(int(m.group(1))) if m else None
+        if fut is not None and not fut.done():
+            fut.set_exception(
+                mcp.MCPError(INTERNAL_ERROR, f"the server's answer was over {self.max_message} bytes; it was dropped")
+            )
 
     async def _dispatch(self, line: bytes) -> None:
         try:
