@@ -17,12 +17,11 @@ A second property feeds the gate random daemon answers.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import shutil
-import socket
 import tempfile
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,98 +33,13 @@ from broker.core import protocol
 from broker.core.errors import CONTRACT_EXIT_CODES, EX_SOFTWARE
 from broker.core.paths import Paths
 from broker.gate import verbs as gate
+from tests.fakes import FakeDaemon, by_op
 from tests.unit.conftest import needs_root
 
 GLOBAL_ALLOWLIST = "# fuzz allowlist\ndemo.echo\ndemo.add   # trailing comment\n#demo.secret\n  web.echo\n"
 GLOBAL = frozenset({"demo.echo", "demo.add", "web.echo"})
 BOB = frozenset({"bob.only"})
 CALLERS = {"alice": GLOBAL, "bob": BOB, "root": GLOBAL}
-
-
-class FakeDaemon:
-    """gate.sock served by a thread: records every frame, answers per op (or as told)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.frames: list[bytes] = []
-        self.requests: list[dict[str, Any]] = []
-        self.refuse: int | None = None  # answer every non-report request with this exit code
-        self.answer: dict[str, Any] | None = None  # answer every request with exactly this
-        self.stop = False
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def reset(self) -> None:
-        with self.lock:
-            self.frames.clear()
-            self.requests.clear()
-            self.refuse = None
-            self.answer = None
-
-    def _serve(self) -> None:
-        while not self.stop:
-            try:
-                conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            with conn:
-                conn.settimeout(5)
-                try:
-                    while True:
-                        header = self._exact(conn, 4)
-                        if header is None:
-                            break
-                        n = int.from_bytes(header, "big")
-                        payload = self._exact(conn, n) if 0 < n <= protocol.MAX_REQUEST_BYTES else None
-                        if payload is None:
-                            break
-                        with self.lock:
-                            self.frames.append(payload)
-                        try:
-                            req = protocol.decode_payload(payload)
-                        except protocol.ProtocolError:
-                            break
-                        with self.lock:
-                            self.requests.append(req)
-                        conn.sendall(protocol.encode_frame(self._answer(req)))
-                except (OSError, ValueError, TypeError, protocol.ProtocolError):
-                    continue  # close this connection; the thread must live on, or the next gate waits for ever
-
-    def _answer(self, req: dict[str, Any]) -> dict[str, Any]:
-        if self.answer is not None:
-            return self.answer
-        op = req.get("op")
-        if op == "report":
-            return {"ok": True, "result": None}
-        if self.refuse is not None:
-            return {"ok": False, "exit": self.refuse, "error": f"refused with {self.refuse}"}
-        if op == "call":
-            return {"ok": True, "result": {"is_error": False, "text": "called"}}
-        if op == "describe":
-            return {"ok": True, "result": {"name": req.get("tool"), "input_schema": {"type": "object"}}}
-        if op == "list":
-            return {"ok": True, "result": {"tools": [{"name": "demo.echo", "description": "echo"}]}}
-        return {"ok": True, "result": {"broker": "up", "servers": [{"name": "demo", "state": "up", "reason": ""}]}}
-
-    @staticmethod
-    def _exact(conn: socket.socket, n: int) -> bytes | None:
-        data = b""
-        while len(data) < n:
-            chunk = conn.recv(min(n - len(data), 1 << 20))
-            if not chunk:
-                return None
-            data += chunk
-        return data
-
-    def close(self) -> None:
-        self.stop = True
-        self.thread.join(2)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +64,7 @@ def root() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def fake(root: str) -> Iterator[FakeDaemon]:
-    d = FakeDaemon(Paths(root).gate_sock)
+    d = FakeDaemon(Paths(root).gate_sock, validate=False)  # record what the gate sent, well-formed or not
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gate, "DEFAULT_WAIT", 20.0)  # a fake that never answers fails the example, not the run
         try:
@@ -317,7 +231,7 @@ def test_gate_never_escapes_the_contract(
     root: str, fake: FakeDaemon, argv: list[str], stdin: bytes, user: str, uid: str, refuse: int | None
 ) -> None:
     fake.reset()
-    fake.refuse = refuse
+    fake.answer = functools.partial(by_op, refuse=refuse)
     code, out, err = run(root, argv, stdin, {"SUDO_USER": user, "SUDO_UID": uid})
     assert code in CONTRACT_EXIT_CODES, (argv, code, err)
     assert "Traceback" not in err and "Traceback" not in out, err

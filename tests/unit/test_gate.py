@@ -15,9 +15,7 @@ import io
 import json
 import os
 import pwd
-import socket
 import tempfile
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import TextIO
@@ -27,10 +25,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker import __version__
-from broker.core import codec, protocol
+from broker.core import codec
 from broker.core.errors import CONTRACT_EXIT_CODES, UsageError
 from broker.core.paths import Paths
 from broker.gate import verbs as gate
+from tests.fakes import FakeDaemon
 from tests.unit.conftest import needs_root, write
 
 ENV = {"SUDO_USER": "alice", "SUDO_UID": "1000"}
@@ -573,55 +572,6 @@ def test_large_allowlist_validation_is_cached_only_when_valid(root: str) -> None
 
 
 # --- with a fake daemon on gate.sock ----------------------------------------------------------
-
-
-class FakeDaemon:
-    """Accepts connections on gate.sock, records each request, sends one canned answer."""
-
-    def __init__(self, path: str, answer: dict) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.answer = answer
-        self.requests: list[dict] = []
-        self.stop = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stop:
-            try:
-                conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            with conn:
-                conn.settimeout(5)
-                try:
-                    header = self._exact(conn, 4)
-                    payload = self._exact(conn, protocol.frame_length(header, protocol.MAX_REQUEST_BYTES))
-                    req = protocol.decode_payload(payload)
-                    protocol.validate_request(req, protocol.OPS)
-                    self.requests.append(req)
-                    conn.sendall(protocol.encode_frame(self.answer))
-                except (OSError, protocol.ProtocolError):
-                    continue
-
-    @staticmethod
-    def _exact(conn: socket.socket, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = conn.recv(n - len(data))
-            if not chunk:
-                raise OSError("closed")
-            data += chunk
-        return data
-
-    def close(self) -> None:
-        self.stop = True
-        self.thread.join(2)
-        self.sock.close()
 
 
 StartDaemon = Callable[[dict], FakeDaemon]

@@ -1,7 +1,7 @@
 """Unit tests for ``broker.stdio`` (the ``mcp stdio`` session), against a fake daemon on a real socket.
 
-The fake daemon speaks the real frame protocol on a Unix socket, one thread
-per connection, and can delay answers, send an approval's interim frame,
+The fake daemon (``tests/fakes.py``) speaks the real frame protocol on a Unix
+socket, one thread per connection, and can delay answers, send an approval's interim frame,
 drop a connection mid-request, answer garbage or close idle connections (a
 restart). The session reads JSON-RPC lines from a pipe and writes to a
 buffer. The tests pin what the single-threaded multiplexer promises:
@@ -13,7 +13,6 @@ denied tool never forwarded, and every answer out before the session ends.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -27,9 +26,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.core import protocol, wire
+from broker.core import wire
 from broker.core.paths import Paths
 from broker.gate import endpoint as stdio
+from tests.fakes import FakeDaemon, Reply
 from tests.unit.conftest import needs_root, write
 
 pytestmark = needs_root
@@ -37,76 +37,21 @@ pytestmark = needs_root
 USER, UID = "alice", 1000
 
 
-class FakeDaemon:
-    """gate.sock with persistent connections; ``behave(req, n)`` decides each answer."""
+class Behaviour:
+    """The fake daemon's answers here: the catalog, reports, and per-text misbehaviours, each once."""
 
-    def __init__(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(64)
-        self.sock.settimeout(0.1)
+    def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.requests: list[dict[str, Any]] = []
-        self.connections = 0
-        self.active = 0
-        self.max_active = 0
-        self.conns: list[socket.socket] = []
-        self.delay = 0.0
         self.drop_once: set[str] = set()  # texts whose call is read, then the connection closed unanswered
         self.garbage_once: set[str] = set()
         self.pending_once: set[str] = set()
-        self.stop = False
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
 
-    def _accept(self) -> None:
-        while not self.stop:
-            try:
-                conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            with self.lock:
-                self.connections += 1
-                self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            while True:
-                header = _exact(conn, 4)
-                if header is None:
-                    return
-                payload = _exact(conn, protocol.frame_length(header, protocol.MAX_REQUEST_BYTES))
-                if payload is None:
-                    return
-                req = protocol.decode_payload(payload)
-                protocol.validate_request(req, protocol.OPS)
-                with self.lock:
-                    self.requests.append(req)
-                    self.active += 1
-                    self.max_active = max(self.max_active, self.active)
-                try:
-                    if not self._answer(conn, req):
-                        return
-                finally:
-                    with self.lock:
-                        self.active -= 1
-        except (OSError, protocol.ProtocolError):
-            return
-        finally:
-            conn.close()
-
-    def _answer(self, conn: socket.socket, req: dict[str, Any]) -> bool:
-        if self.delay:
-            time.sleep(self.delay)
+    def __call__(self, req: dict[str, Any]) -> Reply:
         op = req["op"]
         if op == "catalog":
-            conn.sendall(protocol.encode_frame({"ok": True, "result": {"tools": [{"name": "demo.echo"}]}}))
-            return True
+            return {"ok": True, "result": {"tools": [{"name": "demo.echo"}]}}
         if op == "report":
-            conn.sendall(protocol.encode_frame({"ok": True, "result": None}))
-            return True
+            return {"ok": True, "result": None}
         text = str((req.get("args") or {}).get("text", ""))
         with self.lock:
             drop = text in self.drop_once
@@ -116,42 +61,11 @@ class FakeDaemon:
             pending = text in self.pending_once
             self.pending_once.discard(text)
         if drop:
-            return False
-        if garbage:
-            conn.sendall(b"\x00\x00\x00\x05nope!")
-            return False
-        if pending:
-            conn.sendall(protocol.encode_frame({"pending": "ab12", "wait": 5}))
-        conn.sendall(protocol.encode_frame({"ok": True, "result": {"text": text, "is_error": False, "content": []}}))
-        return True
-
-    def calls(self) -> list[str]:
-        with self.lock:
-            return [str((r.get("args") or {}).get("text")) for r in self.requests if r["op"] == "call"]
-
-    def close_all(self) -> None:
-        """What a daemon restart does to the session's idle connections."""
-        with self.lock:
-            conns, self.conns = self.conns, []
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.stop = True
-        self.close_all()
-        self.thread.join(2)
-        self.sock.close()
-
-
-def _exact(conn: socket.socket, n: int) -> bytes | None:
-    data = b""
-    while len(data) < n:
-        chunk = conn.recv(n - len(data))
-        if not chunk:
             return None
-        data += chunk
-    return data
+        if garbage:
+            return b"\x00\x00\x00\x05nope!"
+        answer = {"ok": True, "result": {"text": text, "is_error": False, "content": []}}
+        return [{"pending": "ab12", "wait": 5}, answer] if pending else answer
 
 
 @pytest.fixture
@@ -163,8 +77,13 @@ def root(tmp_root: str) -> str:
 
 
 @pytest.fixture
-def daemon(root: str) -> Iterator[FakeDaemon]:
-    d = FakeDaemon(Paths(root).gate_sock)
+def behave() -> Behaviour:
+    return Behaviour()
+
+
+@pytest.fixture
+def daemon(root: str, behave: Behaviour) -> Iterator[FakeDaemon]:
+    d = FakeDaemon(Paths(root).gate_sock, behave)
     yield d
     d.close()
 
@@ -253,9 +172,11 @@ def test_idle_connections_closed_by_a_restart_are_replaced_not_failed(root: str,
     assert daemon.calls() == ["before", "after"]
 
 
-def test_connection_lost_mid_call_fails_that_call_only_and_never_resends_it(root: str, daemon: FakeDaemon) -> None:
-    daemon.drop_once.add("lost")
-    daemon.garbage_once.add("garbled")
+def test_connection_lost_mid_call_fails_that_call_only_and_never_resends_it(
+    root: str, daemon: FakeDaemon, behave: Behaviour
+) -> None:
+    behave.drop_once.add("lost")
+    behave.garbage_once.add("garbled")
     run = Run(root)
     run.send(call(1, "lost"), call(2, "garbled"), call(3, "fine"))
     assert run.finish() == 0
@@ -267,8 +188,8 @@ def test_connection_lost_mid_call_fails_that_call_only_and_never_resends_it(root
     assert sorted(daemon.calls()) == ["fine", "garbled", "lost"]  # the lost call was read once, not retried
 
 
-def test_pending_approval_is_said_on_stderr_then_answered(root: str, daemon: FakeDaemon) -> None:
-    daemon.pending_once.add("held")
+def test_pending_approval_is_said_on_stderr_then_answered(root: str, daemon: FakeDaemon, behave: Behaviour) -> None:
+    behave.pending_once.add("held")
     run = Run(root)
     run.send(call(1, "held"))
     assert run.finish() == 0
