@@ -103,6 +103,8 @@ class ServerSpec(BaseModel):
     url: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     env_file: str | None = None
+    #: plain settings for a stdio server's environment (not secrets: never redacted; secrets go in env_file)
+    env: dict[str, str] = Field(default_factory=dict)
     timeout: float | None = Field(None, gt=0, le=3600)
 
     @field_validator("command", "cwd", "env_file")
@@ -127,6 +129,11 @@ class ServerSpec(BaseModel):
             raise ValueError("'args' and 'cwd' apply to stdio servers only")
         if self.command is not None and self.headers:
             raise ValueError("'headers' apply to HTTP servers only")
+        if self.url is not None and self.env:
+            raise ValueError("'env' applies to stdio servers only")
+        for key in self.env:
+            if not ENV_KEY_RE.fullmatch(key):
+                raise ValueError(f"env: {key!r} is not a variable name")
         for arg in self.args:
             if VAR_RE.search(arg):
                 raise ValueError("'args' cannot take ${VAR}: command lines are readable by every user")
@@ -284,6 +291,9 @@ def _server(name: str, source: str, spec: ServerSpec, check_owner: bool) -> Serv
         env = read_env_file(spec.env_file, check_owner) if spec.env_file else {}
     except ConfigError as exc:
         raise ConfigError(f"{exc.message} (env_file of servers.{name} in {source})") from None
+    both = sorted(set(env) & set(spec.env))
+    if both:
+        raise ConfigError(f"{where}.env: {both[0]} is set both here and in env_file; keep it in one place")
     server = Server(name=name, source=source, spec=spec, env=env)
     if spec.url is not None:
         server.url = _substitute(spec.url, env, f"{where}.url")

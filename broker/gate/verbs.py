@@ -425,9 +425,13 @@ def _say(message: str) -> None:
         pass
 
 
-def _closed(fd: int) -> bool:
+def _unusable(fd: int, write: bool) -> bool:
+    """Whether ``fd`` is closed or not open for writing (reading): a zero-length write (read) says so."""
     try:
-        os.fstat(fd)
+        if write:
+            os.write(fd, b"")
+        else:
+            os.read(fd, 0)
     except OSError:
         return True
     return False
@@ -446,11 +450,11 @@ def run(root: str = "/", broker_uid: int | None = None) -> None:
         os.umask(0o077)
         os.closerange(3, 1 << 20)
         argv = sys.argv[1:]
-        if _closed(1) or sys.stdout is None:
-            _say("standard output is closed; nothing was done")
+        if _unusable(1, write=True) or sys.stdout is None:
+            _say("standard output is closed or not writable; nothing was done")
             os._exit(EX_USAGE)
-        if argv[:1] == ["stdio"] and (_closed(0) or sys.stdin is None):
-            _say("mcp stdio: standard input is closed; nothing was done")
+        if argv[:1] == ["stdio"] and (_unusable(0, write=False) or sys.stdin is None):
+            _say("mcp stdio: standard input is closed or not readable; nothing was done")
             os._exit(EX_USAGE)
         environ = {
             k.decode(): os.environ[k].decode(errors="replace") for k in (b"SUDO_USER", b"SUDO_UID") if k in os.environ

@@ -58,3 +58,15 @@ def live(inst: Installation) -> Iterator[Installation]:
     inst.set_allowlist(ALLOWLIST)
     yield inst
     inst.set_allowlist(ALLOWLIST)
+
+
+@pytest.fixture(scope="module")
+def hostile(inst: Installation) -> Iterator[Installation]:
+    """The shared installation with the hostile test servers configured (``tests/e2e/servers/hostile.py``)."""
+    from tests.e2e.harness import add_hostile_servers
+
+    undo = add_hostile_servers(inst)
+    try:
+        yield inst
+    finally:
+        undo()

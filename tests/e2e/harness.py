@@ -19,8 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from broker.core.paths import Paths
 
@@ -48,6 +50,12 @@ web.echo
 web.whoami
 noauth.echo
 """
+
+
+#: every secret found in a broker log by :meth:`Installation.check_logs` ("file: secret name"), for the last test
+LOG_LEAKS: list[str] = []
+#: the installations whose logs were checked
+LOGS_CHECKED: list[str] = []
 
 
 def ensure_user(name: str) -> pwd.struct_passwd:
@@ -91,6 +99,8 @@ class Installation:
         self.port = free_port()
         self.token = secrets.token_hex(16)
         self.web_secret = "websecret-" + secrets.token_hex(8)
+        #: a secret in the streamable-HTTP server's URL: what an HTTP library logs at INFO
+        self.url_key = "urlkey-" + secrets.token_hex(8)
         self.daemon_log = f"{base}/brokerd.log"
 
     # --- set-up -------------------------------------------------------------
@@ -107,7 +117,7 @@ class Installation:
             fh.write(f"DEMO_ECHO_DESCRIPTION_FILE={self.root}/echo-description.txt\n")
         write(
             f"{p.secrets}/web.env",
-            f"DEMO_TOKEN={self.token}\nDEMO_SECRET={self.web_secret}\n",
+            f"DEMO_TOKEN={self.token}\nDEMO_SECRET={self.web_secret}\nWEB_URL_KEY={self.url_key}\n",
             broker.pw_uid,
             broker.pw_gid,
             0o600,
@@ -116,7 +126,7 @@ class Installation:
             f"{p.servers_d}/web.toml",
             f"""
 [servers.web]
-url = "http://127.0.0.1:{self.port}/mcp"
+url = "http://127.0.0.1:{self.port}/mcp?key=${{WEB_URL_KEY}}"
 env_file = "{p.secrets}/web.env"
 headers = {{ Authorization = "Bearer ${{DEMO_TOKEN}}" }}
 
@@ -225,8 +235,36 @@ env_file = "{p.secrets}/demo.env"
         self.stop_daemon()
         self.start_daemon()
 
+    def secret_values(self) -> dict[str, str]:
+        """Every secret of every server of this installation (env-file values that are not paths), by name."""
+        found = {"web.url_key": self.url_key, "web.token": self.token, "web.secret": self.web_secret}
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.paths.secrets):
+                for line in Path(f"{self.paths.secrets}/{name}").read_text(errors="replace").splitlines():
+                    key, eq, value = line.partition("=")
+                    if eq and not key.startswith("#") and len(value) >= 8 and not value.startswith("/"):
+                        found[f"{name}:{key}"] = value
+        return found
+
+    def check_logs(self) -> None:
+        """Look for every secret in every log the broker wrote here; what is found goes to LOG_LEAKS."""
+        files = [self.daemon_log]
+        for directory, _dirs, names in os.walk(self.paths.log):
+            files += [os.path.join(directory, n) for n in names]
+        values = self.secret_values()
+        for path in files:
+            try:
+                data = Path(path).read_bytes()
+            except OSError:
+                continue
+            for name, value in values.items():
+                if value.encode() in data:
+                    LOG_LEAKS.append(f"{path}: {name}")
+        LOGS_CHECKED.append(self.root)
+
     def teardown(self) -> None:
         self.stop_daemon()
+        self.check_logs()
         if self.http is not None:
             self.http.kill()
             self.http.wait()
@@ -239,6 +277,13 @@ env_file = "{p.secrets}/demo.env"
             return Path(self.daemon_log).read_text(errors="replace")[-n:]
         except FileNotFoundError:
             return ""
+
+    def records(self) -> list[dict[str, object]]:
+        """Every record of the live audit file, in order."""
+        import json
+
+        with open(self.paths.audit_log, encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
 
     # --- acting -------------------------------------------------------------
 
@@ -301,3 +346,122 @@ env_file = "{p.secrets}/demo.env"
             if marker.encode() in cmd and b"--http" not in cmd and ppid == self.daemon.pid:
                 found.append(int(entry))
         return found
+
+
+# --- helpers the robustness tests and the fuzzers share ------------------------------------------
+
+HOSTILE = Path(__file__).parent / "servers" / "hostile.py"
+HOSTILE_TOOLS = [
+    "nan",
+    "surrogate_text",
+    "surrogate_error",
+    "rpc_error",
+    "huge",
+    "wrong_id",
+    "garbage",
+    "record",
+    "fuzz",
+]
+
+
+def clean(r: Result) -> Result:
+    """No traceback anywhere, a contract exit code, and every stderr line the gate's own."""
+    from broker.core.errors import CONTRACT_EXIT_CODES
+
+    assert "Traceback" not in r.out + r.err, r
+    assert "SystemError" not in r.out + r.err, r
+    assert r.code in CONTRACT_EXIT_CODES, r
+    for line in r.err.splitlines():
+        assert line.startswith("mcp: "), r
+    return r
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def servers(inst: Installation) -> dict[str, dict[str, Any]]:
+    """The daemon's view of its servers (admin status), by name."""
+    import json
+
+    r = inst.ctl("status", "--json")
+    assert r.code == 0, r.err
+    return {s["name"]: s for s in json.loads(r.out)["servers"]}
+
+
+def write_servers_d(inst: Installation, name: str, text: str) -> str:
+    path = f"{inst.paths.servers_d}/{name}"
+    Path(path).write_text(text, encoding="utf-8")
+    os.chown(path, 0, pwd.getpwnam("mcp-broker").pw_gid)
+    os.chmod(path, 0o640)
+    return path
+
+
+def hostile_calls(inst: Installation) -> list[dict[str, Any]]:
+    """Every tools/call the hostile server received, in order."""
+    import json
+
+    path = Path(f"{inst.root}/hostile-log/calls.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def verify_ok(inst: Installation) -> None:
+    r = inst.ctl("audit", "verify")
+    assert r.code == 0, r.out + r.err
+
+
+def other_agent_is_served(inst: Installation) -> None:
+    r = inst.mcp("call", "demo.add", "a=2", "b=3", user=AGENT2)
+    assert (r.code, r.out) == (0, "5\n"), r
+
+
+def add_hostile_servers(inst: Installation) -> Callable[[], None]:
+    """Configure the hostile server (and one whose listing never ends); return what undoes it."""
+    import json
+
+    broker = pwd.getpwnam("mcp-broker")
+    script = f"{inst.root}/hostile_server.py"
+    shutil.copyfile(HOSTILE, script)
+    os.chmod(script, 0o644)
+    logdir = f"{inst.root}/hostile-log"
+    os.makedirs(logdir, exist_ok=True)
+    os.chown(logdir, broker.pw_uid, broker.pw_gid)
+    os.chmod(logdir, 0o700)
+    env_file = f"{inst.paths.secrets}/hostile.env"
+    write(env_file, f"HOSTILE_LOG={logdir}/calls.jsonl\n", broker.pw_uid, broker.pw_gid, 0o600)
+    conf = write_servers_d(
+        inst,
+        "hostile.toml",
+        f"""
+[servers.hostile]
+command = "{PYTHON}"
+args = [{json.dumps(script)}]
+env_file = "{env_file}"
+
+[servers.pages]
+command = "{PYTHON}"
+args = [{json.dumps(script)}]
+env = {{ HOSTILE_MODE = "endless_pages" }}
+""",
+    )
+    inst.write_broker_toml("max_server_message_bytes = 1048576")
+    if inst.daemon is None or inst.daemon.poll() is not None:
+        inst.start_daemon()
+    assert inst.ctl("reload").code == 0
+    assert wait_for(lambda: servers(inst).get("hostile", {}).get("state") == "up", 20), servers(inst)
+    inst.set_allowlist(ALLOWLIST + "demo.show\n" + "".join(f"hostile.{t}\n" for t in HOSTILE_TOOLS) + "pages.t0\n")
+
+    def undo() -> None:
+        os.unlink(conf)
+        os.unlink(env_file)
+        inst.write_broker_toml()
+        inst.set_allowlist(ALLOWLIST)
+        if inst.daemon is not None and inst.daemon.poll() is None:
+            inst.ctl("reload")
+
+    return undo

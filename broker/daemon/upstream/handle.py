@@ -105,7 +105,8 @@ class ServerHandle:
         srv = self.server
         if srv.spec.command is not None:
             env = dict(self.base_env)
-            env.update(srv.env)
+            env.update(srv.spec.env)  # plain settings
+            env.update(srv.env)  # the env file's secrets
             return StdioClient(
                 srv.spec.command,
                 list(srv.spec.args),
