@@ -4,8 +4,10 @@ Runs as the agent, before sudo, with ``/usr/bin/python3 -IS``; the shell
 shim calls it only when an argument needs it, so plain calls stay a single
 ``exec sudo``. ``key=@path`` reads the file *as the agent* (so it can only
 send what the agent could read anyway) and passes the values to the gate as
-a JSON object on stdin (``--args -``); the gate itself never expands ``@``.
-``key=@@text`` sends the literal ``@text``.
+a JSON object (``--args -``); the gate itself never expands ``@``.
+``key=@@text`` sends the literal ``@text``. Like the shim, it hands a call's
+arguments to the gate as one length-framed payload on stdin (:func:`frame`),
+never on a command line.
 
 Standard library only.
 """
@@ -18,7 +20,6 @@ import subprocess
 import sys
 from typing import Any
 
-GATE_USER = "mcp-gate"
 MAX_FILE_BYTES = 1024 * 1024
 FLAGS_WITH_VALUE = ("--args", "--timeout")
 
@@ -32,8 +33,37 @@ class AgentError(Exception):
         self.code = code
 
 
-def _gate_argv(gate: str, argv: list[str]) -> list[str]:
-    return ["sudo", "-n", "-u", GATE_USER, gate, *argv]
+def _gate_argv(gate: str, gate_user: str, argv: list[str]) -> list[str]:
+    return ["sudo", "-n", "-u", gate_user, gate, *argv]
+
+
+def frame(items: list[str], stdin: str | None) -> bytes:
+    """The payload the gate reads for a call (``broker.gate.verbs.read_frame``): the same one the shim writes."""
+    data = (stdin or "").encode("utf-8", "surrogateescape")
+    parts = [b"mcp-args 1 %d %d" % (len(items), len(data))]
+    for item in items:
+        raw = item.encode("utf-8", "surrogateescape")
+        parts.append(b"\n%d %s" % (len(raw), raw))
+    if data:
+        parts.append(b"\n" + data)
+    return b"".join(parts) + b"\n"
+
+
+def gate_command(gate: str, gate_user: str, argv: list[str], stdin: str | None) -> tuple[list[str], bytes | None]:
+    """(the sudo command line, its stdin): a call's arguments in the frame, only the verb and tool outside."""
+    if argv[:1] != ["call"]:
+        return _gate_argv(gate, gate_user, argv), None
+    rest = argv[1:]
+    head = ["call"]
+    if rest and names_a_tool(rest[0]):
+        head.append(rest.pop(0))
+    return _gate_argv(gate, gate_user, head), frame(rest, stdin)
+
+
+def names_a_tool(word: str) -> bool:
+    """What may stand on the gate's command line (the shim's test): a bare ``server.tool``-like word."""
+    allowed = (ch.isascii() and (ch.isalnum() or ch in "_.-") for ch in word)
+    return bool(word) and not word.startswith("-") and all(allowed)
 
 
 def _read_value(path: str) -> str:
@@ -78,6 +108,8 @@ def expand(argv: list[str], stdin: Any) -> tuple[list[str], str | None]:
                 only_positional = True
                 out.append(item)
             elif name == "--args":
+                if args_json is not None:
+                    raise AgentError("--args given twice")
                 if not eq and i < len(rest):
                     value = rest[i]
                     i += 1
@@ -99,8 +131,9 @@ def expand(argv: list[str], stdin: Any) -> tuple[list[str], str | None]:
         if key in from_files:
             raise AgentError(f"argument {key!r} given twice")
         from_files[key] = _read_value(value[1:])
+    # --args goes right after the tool: after a '--' the gate would read it as two more key=value items
     if not from_files:
-        return (out if args_json is None else [*out, "--args", args_json]), None
+        return (out if args_json is None else [*out[:2], "--args", args_json, *out[2:]]), None
     base: dict[str, Any] = {}
     if args_json is not None:
         text = stdin.read() if args_json == "-" else args_json
@@ -114,12 +147,13 @@ def expand(argv: list[str], stdin: Any) -> tuple[list[str], str | None]:
         if key in base:
             raise AgentError(f"argument {key!r} given twice")
         base[key] = value
-    return [*out, "--args", "-"], json.dumps(base)
+    return [*out[:2], "--args", "-", *out[2:]], json.dumps(base)
 
 
-def skill(gate: str) -> str:
+def skill(gate: str, gate_user: str) -> str:
     """A Markdown skill file describing the caller's allowed tools."""
-    listing = subprocess.run(_gate_argv(gate, ["list", "--json"]), capture_output=True, text=True, check=False)
+    command = _gate_argv(gate, gate_user, ["list", "--json"])
+    listing = subprocess.run(command, capture_output=True, text=True, check=False)
     if listing.returncode != 0:
         raise AgentError(listing.stderr.strip() or "mcp list failed", listing.returncode)
     tools = json.loads(listing.stdout).get("tools", [])
@@ -150,7 +184,7 @@ def skill(gate: str) -> str:
         name = tool.get("name", "")
         lines += ["", f"### {name}", "", tool.get("description") or "(no description)"]
         described = subprocess.run(
-            _gate_argv(gate, ["describe", name, "--json"]), capture_output=True, text=True, check=False
+            _gate_argv(gate, gate_user, ["describe", name, "--json"]), capture_output=True, text=True, check=False
         )
         if described.returncode == 0:
             schema = json.loads(described.stdout).get("input_schema") or {}
@@ -169,22 +203,24 @@ def skill(gate: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(gate: str, argv: list[str]) -> int:
+def main(gate: str, gate_user: str, argv: list[str]) -> int:
     try:
         if argv[:1] == ["skill"]:
             if len(argv) > 1:
                 raise AgentError("'skill' takes no arguments")
-            sys.stdout.write(skill(gate))
+            sys.stdout.write(skill(gate, gate_user))
             return 0
         new_argv, payload = expand(argv, sys.stdin)
     except AgentError as exc:
         sys.stderr.write(f"mcp: {exc}\n")
         return exc.code
-    command = _gate_argv(gate, new_argv)
-    if payload is None:
+    if payload is None and any(a in ("-", "--args=-") for a in new_argv):
+        payload = sys.stdin.read()  # --args -, no file value: what the agent pipes in is the object
+    command, data = gate_command(gate, gate_user, new_argv, payload)
+    if data is None:
         os.execvp("sudo", command)  # noqa: S606 - argv list, no shell; replaces this helper
-    return subprocess.run(command, input=payload.encode(), check=False).returncode
+    return subprocess.run(command, input=data, check=False).returncode
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1], sys.argv[2:]))
+    raise SystemExit(main(sys.argv[1], sys.argv[2], sys.argv[3:]))

@@ -332,6 +332,10 @@ def render(result: dict[str, Any]) -> str:
         f"      of which daemon-side handling (audit duration_ms){'':<16}{_num(result['daemon_duration_ms_median'])}"
     )
     lines.append(f"      one fsync'd audit-sized append on the log filesystem{'':<12}{_num(result['fsync_append_ms'])}")
+    lines.append(
+        "      two-phase audit: a call that reaches its server writes 2 records (intent, outcome), "
+        f"so it pays this fsync twice: +{_num(result['fsync_append_ms']).strip()} ms a call over one record"
+    )
     lines.append("  the same from differences between whole commands:")
     for name, value in result["differences_ms"].items():
         lines.append(f"    {name:<66} {value:8.3f}")

@@ -15,7 +15,7 @@ What is checked:
 * **config**: the allowlists and ``broker.toml``/``servers.d`` parse (like
   ``mcp-brokerctl check``);
 * **sudoers**: the drop-in exists, is ``root:root 0440``, passes ``visudo -cf``,
-  holds exactly one ``AGENT ALL=(mcp-gate) NOPASSWD: GATE`` rule per agent
+  holds exactly one ``AGENT ALL=(mcp-gate-AGENT) NOPASSWD: GATE`` rule per agent (its own gate user)
   marker and nothing else (no wildcard, no SETENV, no env_keep, no
   Defaults, no include), and ``sudo -l -U AGENT`` shows the agent no other
   sudo right from any other sudoers file;
@@ -45,9 +45,10 @@ from typing import Any
 
 from broker.admin.check import check_all
 from broker.admin.install import SUDOERS_MARK
+from broker.core import agents as agent_map
 from broker.core import layout, names
 from broker.core.errors import ConfigError, PrivsepError
-from broker.core.paths import BROKER_USER, GATE_USER, Paths
+from broker.core.paths import BROKER_USER, GATE_GROUP, GATE_USER, Paths, gate_user_for
 from broker.daemon import config
 
 RUNUSER = "/usr/sbin/runuser"
@@ -114,6 +115,7 @@ class Rule:
     need: int = 0  # mode bits that must be set
     why: str = ""
     mode: int | None = None  # the mode the fix command sets
+    made_by: str = "install"  # "daemon": missing while the daemon never ran, which is no problem here
 
 
 def _uid(name: str) -> int | None:
@@ -192,10 +194,25 @@ class Doctor:
         if missing:
             self.problem("users", f"missing system user(s) {', '.join(missing)}", "mcp-brokerctl install")
             return
-        unlocked = _unlocked_users((GATE_USER, BROKER_USER))
-        for user in unlocked:
+        try:
+            mapping = agent_map.load(self.paths.gate_users)
+        except ConfigError as exc:
+            self.problem("users", f"{exc.message}: no agent can call", "mcp-brokerctl install (rewrites it)")
+            mapping = {}
+        gate_users = [g for g in mapping.values() if _uid(g) is not None]
+        for agent, gate in mapping.items():
+            if _uid(gate) is None:
+                self.problem("users", f"gate user {gate} of agent {agent} is missing", "mcp-brokerctl install")
+            elif pwd.getpwnam(gate).pw_gid != _gid(GATE_GROUP):
+                self.problem(
+                    "users",
+                    f"gate user {gate} is not in group {GATE_GROUP} (it cannot read the allowlist)",
+                    f"usermod --gid {GATE_GROUP} {gate}",
+                )
+        accounts = (GATE_USER, BROKER_USER, *gate_users)
+        for user in _unlocked_users(accounts):
             self.problem("users", f"{user} has a usable password (it must be locked)", f"usermod --lock {user}")
-        for user in (GATE_USER, BROKER_USER):
+        for user in accounts:
             pw = pwd.getpwnam(user)
             if pw.pw_shell not in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false"):
                 self.problem(
@@ -203,23 +220,47 @@ class Doctor:
                 )
             if pw.pw_uid == 0:
                 self.problem("users", f"{user} has uid 0", f"give {user} its own system uid")
-        members = grp.getgrnam(GATE_USER).gr_mem
+        if len({_uid(u) for u in gate_users}) != len(gate_users):
+            self.problem("users", "two agents share a gate user's uid", "give each gate user its own uid")
+        members = grp.getgrnam(GATE_GROUP).gr_mem
         if BROKER_USER not in members:
             self.problem(
                 "users",
-                f"{BROKER_USER} is not in group {GATE_USER} (the daemon cannot re-read the allowlist)",
-                f"usermod --append --groups {GATE_USER} {BROKER_USER}",
+                f"{BROKER_USER} is not in group {GATE_GROUP} (the daemon cannot re-read the allowlist)",
+                f"usermod --append --groups {GATE_GROUP} {BROKER_USER}",
             )
         extra = [m for m in members if m != BROKER_USER]
         if extra:
             self.problem(
                 "users",
-                f"group {GATE_USER} has other members ({', '.join(extra)}): they can read the allowlist "
+                f"group {GATE_GROUP} has other members ({', '.join(extra)}): they can read the allowlist "
                 "and connect to gate.sock, bypassing sudo",
-                f"gpasswd --delete USER {GATE_USER}",
+                f"gpasswd --delete USER {GATE_GROUP}",
             )
         if not self.problems:
-            self.ok("users", f"{GATE_USER} and {BROKER_USER} are locked system users")
+            self.ok(
+                "users",
+                f"{BROKER_USER} and {len(gate_users)} agent gate user(s) are locked system users in their groups",
+            )
+        self.check_hidepid()
+
+    def check_hidepid(self) -> None:
+        """Defence in depth: with hidepid, one agent cannot even see another's processes (their command lines)."""
+        try:
+            with open("/proc/mounts", encoding="utf-8", errors="replace") as fh:
+                mounts = [line.split() for line in fh]
+        except OSError:
+            return
+        options = next((m[3] for m in mounts if len(m) > 3 and m[1] == "/proc"), "")
+        if any(o in options.split(",") for o in ("hidepid=invisible", "hidepid=2", "hidepid=noaccess", "hidepid=1")):
+            self.ok("users", f"/proc is mounted with {options}: agents cannot see other users' processes")
+        else:
+            self.warning(
+                "users",
+                "/proc is mounted without hidepid: every user sees every process (call arguments never go on a "
+                "command line, but an agent's own shim shows its argv until it execs)",
+                "mount -o remount,hidepid=invisible /proc (and in /etc/fstab: proc /proc proc hidepid=invisible 0 0)",
+            )
 
     # --- files ----------------------------------------------------------------------
 
@@ -227,7 +268,7 @@ class Doctor:
         """Every path of the layout table that doctor checks here, and what is inside its directories."""
         p = self.paths
         rules = [
-            Rule(e.path(p), e.kind, e.owner, e.group, e.forbid, e.need, e.why, e.mode)
+            Rule(e.path(p), e.kind, e.owner, e.group, e.forbid, e.need, e.why, e.mode, e.made_by)
             for e in layout.PATHS
             if e.kind != "link" and e.attr != "sudoers"  # commands: _check_command_link; sudoers: its own section
         ]
@@ -242,7 +283,8 @@ class Doctor:
                     full = f"{directory}/{name}"
                     is_dir = os.path.isdir(full) and not os.path.islink(full)
                     mode = e.mode | 0o700 if is_dir else e.mode
-                    rules.append(Rule(full, "any", e.owner, e.group, 0o7777 & ~mode, e.need, e.why, mode))
+                    owner = self.gate_user(name) if e.owner == "*" else e.owner
+                    rules.append(Rule(full, "any", owner, e.group, 0o7777 & ~mode, e.need, e.why, mode))
         secret = layout.child("secrets")
         for env_file in self._env_files():
             if not env_file.startswith(p.secrets + "/"):
@@ -262,7 +304,7 @@ class Doctor:
         try:
             st = os.lstat(rule.path)
         except FileNotFoundError:
-            if rule.kind == "sock" or rule.path == self.paths.pidfile:
+            if rule.made_by == "daemon" and rule.path != self.paths.audit_log:
                 return True  # reported by the daemon check when the daemon is down
             if rule.path == self.paths.audit_log:
                 self.warning("files", f"{rule.path} does not exist yet (written on the first decision)")
@@ -303,6 +345,9 @@ class Doctor:
                 words.append("writable by " + "/".join(w for b, w in ((0o020, "group"), (0o002, "other")) if bad & b))
             if bad & 0o044:
                 words.append("readable by " + "/".join(w for b, w in ((0o040, "group"), (0o004, "other")) if bad & b))
+            special = [w for b, w in ((0o4000, "setuid"), (0o2000, "setgid"), (0o1000, "sticky")) if bad & b]
+            if special:
+                words.append("has the " + "/".join(special) + " bit")
             if bad & 0o011 or bad & 0o100 or bad & 0o400 or bad & 0o200:
                 words.append("has extra permission bits")
             if lacking:
@@ -422,8 +467,15 @@ class Doctor:
 
     # --- sudoers ----------------------------------------------------------------------
 
+    def gate_user(self, agent: str) -> str:
+        """The agent's gate user, as the map says (the default name when the map does not list it)."""
+        try:
+            return agent_map.load(self.paths.gate_users).get(agent) or gate_user_for(agent)
+        except ConfigError:
+            return gate_user_for(agent)
+
     def expected_rule(self, agent: str) -> str:
-        return f"{agent} ALL=({GATE_USER}) NOPASSWD: {self.paths.gate}"
+        return f"{agent} ALL=({self.gate_user(agent)}) NOPASSWD: {self.paths.gate}"
 
     def check_sudoers(self) -> list[str]:
         """Check the drop-in; return the agents to check from their side."""
@@ -471,6 +523,14 @@ class Doctor:
             agent = norm.split(" ", 1)[0]
             if norm == self.expected_rule(agent) and names.valid_user_name(agent):
                 seen_rules.add(agent)
+                continue
+            if norm == f"{agent} ALL=({GATE_USER}) NOPASSWD: {self.paths.gate}":
+                self.problem(
+                    "sudoers",
+                    f"{path}:{lineno}: half migrated: {agent} still runs the gate as the shared user {GATE_USER}, "
+                    "which the daemon no longer accepts as a caller",
+                    "mcp-brokerctl install (gives every agent its own gate user and rewrites the rules)",
+                )
                 continue
             self.problem(
                 "sudoers",
@@ -533,7 +593,7 @@ class Doctor:
             tag_set = {t for t in tags.split(":") if t}
             for cmd in (c.strip() for c in cmds.split(",")):
                 fine = (
-                    runas == GATE_USER
+                    runas == self.gate_user(agent)
                     and tag_set <= {"NOPASSWD"}
                     and re.fullmatch(r"/[^\s*?\[\]]*/mcp-gate", cmd) is not None
                 )
@@ -655,7 +715,7 @@ class Doctor:
         for directory in (p.etc, p.allowlist_d, p.servers_d):
             if existing(directory):
                 out.append(("create_in", directory, "the config"))
-        for sock, why in ((p.gate_sock, "gate.sock (only mcp-gate may)"), (p.admin_sock, "admin.sock (root only)")):
+        for sock, why in ((p.gate_sock, "gate.sock (only the gate users may)"), (p.admin_sock, "admin.sock (root only)")):
             if existing(sock):
                 out.append(("connect", sock, why))
         if self.status and self.status.get("pid"):
@@ -779,7 +839,7 @@ def _sudoers_why(line: str) -> str:
 
 def _agent_fix(how: str, path: str, paths: Paths) -> str:
     if how == "connect":
-        return f"chown {BROKER_USER}:{GATE_USER} {paths.run} && chmod 2750 {paths.run}; restart the daemon"
+        return f"chown {BROKER_USER}:{GATE_GROUP} {paths.run} && chmod 2750 {paths.run}; restart the daemon"
     if how == "signal":
         return "the daemon must run as mcp-broker: mcp-brokerctl stop && mcp-brokerd --daemon"
     if how in ("create_in", "write"):

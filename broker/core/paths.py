@@ -8,9 +8,26 @@ environment and the gate accepts no flag that names a path).
 
 from __future__ import annotations
 
-#: Unix users of the contract
-GATE_USER = "mcp-gate"
+#: Unix users and groups of the contract
 BROKER_USER = "mcp-broker"
+#: the group of every agent's gate user: it reads the allowlist and reaches gate.sock
+GATE_GROUP = "mcp-gate"
+#: the one shared gate user of the first version; kept as a user, never a caller once agents have their own
+GATE_USER = "mcp-gate"
+GATE_USER_PREFIX = "mcp-gate-"
+#: Linux (useradd) refuses longer user names
+MAX_USER_NAME = 32
+
+
+def gate_user_for(agent: str) -> str:
+    """The gate user of ``agent``: ``mcp-gate-AGENT``, or, for a name too long, a cut name with a digest."""
+    name = GATE_USER_PREFIX + agent
+    if len(name) <= MAX_USER_NAME:
+        return name
+    import hashlib  # only for long names: the gate never calls this
+
+    digest = hashlib.sha256(agent.encode()).hexdigest()[:8]
+    return f"{GATE_USER_PREFIX}{agent[: MAX_USER_NAME - len(GATE_USER_PREFIX) - 9]}-{digest}"
 
 
 class Paths:
@@ -20,6 +37,7 @@ class Paths:
         "admin_sock",
         "allowlist",
         "allowlist_d",
+        "audit_key",
         "audit_log",
         "bin",
         "broker_toml",
@@ -30,6 +48,7 @@ class Paths:
         "gate",
         "gate_cache",
         "gate_sock",
+        "gate_users",
         "log",
         "mcp",
         "opt",
@@ -55,11 +74,14 @@ class Paths:
         self.allowlist = self.etc + "/allowed-actions.txt"
         self.allowlist_d = self.etc + "/allowed-actions.d"
         self.secrets = self.etc + "/secrets"
+        #: AGENT -> gate user, one per line; root writes it (install --agent), the daemon reads it
+        self.gate_users = self.etc + "/gate-users"
         self.run = p + "/run/mcp-privsep"
         self.gate_sock = self.run + "/gate.sock"
         self.admin_sock = self.run + "/admin.sock"
         self.pidfile = self.run + "/mcp-brokerd.pid"
         self.state = p + "/var/lib/mcp-privsep"
+        self.audit_key = self.state + "/audit.key"
         self.log = p + "/var/log/mcp-privsep"
         self.audit_log = self.log + "/audit.jsonl"
         self.cache = p + "/var/cache/mcp-privsep"
@@ -86,6 +108,10 @@ class Paths:
 
         digest = hashlib.sha256(self.root.encode()).hexdigest()[:12]
         return f"/etc/sudoers.d/mcp-privsep-{digest}"
+
+    def gate_cache_of(self, agent: str) -> str:
+        """The gate's cache directory for one agent (its gate user's own)."""
+        return f"{self.gate_cache}/{agent}"
 
     def user_allowlist(self, user: str) -> str:
         """Per-caller allowlist; the caller name was validated by the caller."""

@@ -37,7 +37,8 @@ if TYPE_CHECKING:  # typing costs milliseconds to import; the gate never needs i
         rpc_error: dict[str, Any]
 
 
-PROTOCOL_VERSION = 1
+#: 2: the caller is the peer's uid, no longer a field of the request
+PROTOCOL_VERSION = 2
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
@@ -93,24 +94,21 @@ _OBJ_OR_NONE = (dict, type(None))
 _LIST = (list,)
 
 #: op -> {key: (allowed types, required)}; "v", "op" are always required.
+#: gate.sock. No request names its caller: the daemon knows it from the peer's uid (SO_PEERCRED).
 OPS: dict[str, Schema] = {
-    "list": {"caller": (_STR, True), "uid": (_INT, True)},
-    "describe": {"caller": (_STR, True), "uid": (_INT, True), "tool": (_STR, True)},
+    "list": {},
+    "describe": {"tool": (_STR, True)},
     "call": {
-        "caller": (_STR, True),
-        "uid": (_INT, True),
         "tool": (_STR, True),
         "kv": (_LIST, True),
         "args": (_OBJ_OR_NONE, True),
         "timeout": (_OPT_NUM, True),
     },
-    "status": {"caller": (_STR, True), "uid": (_INT, True)},
+    "status": {},
     # mcp stdio: the allowed tools with their full pinned definitions
-    "catalog": {"caller": (_STR, True), "uid": (_INT, True)},
-    # the gate's own refusals, forwarded so the daemon can audit them
+    "catalog": {},
+    # the gate's own refusals, forwarded so the daemon can audit them (they count only against their caller)
     "report": {
-        "caller": (_STR, True),
-        "uid": (_INT, True),
         "verb": (_STR, True),
         "tool": (_STR, True),
         "exit": (_INT, True),

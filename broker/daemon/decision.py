@@ -81,6 +81,10 @@ class View(Protocol):
         """Seconds until the rate limit of ``rules`` admits another call (0: now)."""
         ...
 
+    def digest(self, args: dict[str, Any]) -> str:
+        """The keyed digest of the arguments (approvals are bound to it; the audit shows it)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Step:
@@ -100,6 +104,7 @@ class Verdict:
     offer: Offer | None = None
     rules: Effective | None = None
     args: dict[str, Any] | None = None
+    digest: str | None = None
 
     @property
     def admitted(self) -> bool:
@@ -138,8 +143,8 @@ class Verdict:
             out["rule"] = self.allowlist.path
         if self.rules is not None:
             out["mode"] = self.rules.mode
-        if self.args is not None:
-            out.update(argument_fields(self.args))
+        if self.args is not None and self.digest is not None:
+            out.update(argument_fields(self.args, self.digest))
         return out
 
     # --- building -----------------------------------------------------------------------
@@ -210,6 +215,7 @@ def decide(query: Query, view: View) -> Verdict:
     assert rules is not None
     try:
         v.args = build_arguments(query.kv, query.args, offer.spec.input_schema or {})
+        v.digest = view.digest(v.args)
         rules.check_args(v.args)
     except ArgumentsRejected as rejected:
         return v.refuse("arguments", rejected)

@@ -19,20 +19,19 @@ import sys
 
 from broker import __version__
 from broker.core.errors import EX_CONFIG, EX_FAILED, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, PrivsepError
-from broker.core.paths import BROKER_USER, GATE_USER, Paths
+from broker.core.paths import BROKER_USER, Paths
 from broker.daemon import config
 from broker.daemon.service import run_broker
 
 log = logging.getLogger("mcp-brokerd")
 
 
-def drop_privileges() -> tuple[int, int]:
-    """Become mcp-broker when started by root; return (broker uid, gate uid)."""
+def drop_privileges() -> int:
+    """Become mcp-broker when started by root; return its uid."""
     try:
         broker = pwd.getpwnam(BROKER_USER)
-        gate = pwd.getpwnam(GATE_USER)
-    except KeyError as exc:
-        raise ConfigError(f"system user {exc.args[0]} is missing (run 'mcp-brokerctl install')") from None
+    except KeyError:
+        raise ConfigError(f"system user {BROKER_USER} is missing (run 'mcp-brokerctl install')") from None
     if os.geteuid() == 0:
         os.initgroups(BROKER_USER, broker.pw_gid)
         os.setgid(broker.pw_gid)
@@ -41,7 +40,7 @@ def drop_privileges() -> tuple[int, int]:
         raise ConfigError(f"mcp-brokerd must run as {BROKER_USER} (or be started by root)")
     if os.getuid() == 0 or os.geteuid() == 0:
         raise ConfigError("refusing to run with root privileges")
-    return broker.pw_uid, gate.pw_uid
+    return broker.pw_uid
 
 
 def clean_environment(home: str) -> None:
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s mcp-brokerd[%(process)d] %(levelname)s %(message)s",
     )
     try:
-        _broker_uid, gate_uid = drop_privileges()
+        drop_privileges()
         clean_environment(paths.state)
         os.umask(0o077)
         os.chdir(paths.state)
@@ -109,16 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcp-brokerd: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return EX_UNAVAILABLE
     if ns.daemon:
-        return _daemonize(paths, cfg, gate_uid, pid_fd)
+        return _daemonize(paths, cfg, pid_fd)
     write_pid(pid_fd)
     try:
-        return asyncio.run(run_broker(paths, cfg, gate_uid, lambda _x: None))
+        return asyncio.run(run_broker(paths, cfg, lambda _x: None))
     finally:
         with contextlib.suppress(OSError):
             os.unlink(paths.pidfile)
 
 
-def _daemonize(paths: Paths, cfg: config.Config, gate_uid: int, pid_fd: int) -> int:
+def _daemonize(paths: Paths, cfg: config.Config, pid_fd: int) -> int:
     """Detach with python-daemon; report readiness or failure to the launcher."""
     import daemon  # python-daemon
 
@@ -160,7 +159,7 @@ def _daemonize(paths: Paths, cfg: config.Config, gate_uid: int, pid_fd: int) -> 
             os.write(w, f"ready, pid {os.getpid()}\n".encode())
             os.close(w)
 
-        code = asyncio.run(run_broker(paths, cfg, gate_uid, ready))
+        code = asyncio.run(run_broker(paths, cfg, ready))
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.write(w, f"{type(exc).__name__}: {exc}\n".encode())

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, TypedDict
 
 from broker.core import codec
-from broker.daemon.audit.chain import args_digest
 
 #: the audit log's reservation covers records this size (audit.RESERVE_LOW is several of them)
 MAX_AUDIT_TEXT = 4096
@@ -58,10 +57,10 @@ def bounded(text: str) -> str:
     return text[:MAX_AUDIT_TEXT] + f" [... {len(text) - MAX_AUDIT_TEXT} more characters]"
 
 
-def argument_fields(args: dict[str, Any]) -> AuditRecord:
+def argument_fields(args: dict[str, Any], digest: str) -> AuditRecord:
     """``arg_keys`` (bounded; ``arg_keys_total`` says what was cut), ``args_size`` and ``args_digest``."""
     keys = sorted(args)
-    out: AuditRecord = {"args_size": len(codec.dumps(args)), "args_digest": args_digest(args)}
+    out: AuditRecord = {"args_size": len(codec.dumps(args)), "args_digest": digest}
     if len(keys) <= MAX_AUDIT_KEYS and sum(len(k) for k in keys) <= MAX_AUDIT_TEXT:
         out["arg_keys"] = keys
     else:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any
 
 import mcp
 
@@ -39,16 +39,21 @@ class ServerSet:
         self.redact = redact
         self.handles: dict[str, ServerHandle] = {}
 
-    def _handle(self, server: config.Server) -> ServerHandle:
+    def _settings(self) -> dict[str, Any]:
         s = self.cfg.settings
+        return {
+            "connect_timeout": s.connect_timeout,
+            "backoff_max": s.restart_backoff_max,
+            "max_message": s.max_server_message_bytes,
+            "max_tools": s.max_listed_tools,
+        }
+
+    def _handle(self, server: config.Server) -> ServerHandle:
         return ServerHandle(
             server,
-            connect_timeout=s.connect_timeout,
-            backoff_max=s.restart_backoff_max,
             base_env=self.base_env,
             errlog=server_sink(server.name, self.errlog, self.redact),
-            max_message=s.max_server_message_bytes,
-            max_tools=s.max_listed_tools,
+            **self._settings(),
         )
 
     def get(self, name: str) -> ServerHandle | None:
@@ -74,6 +79,7 @@ class ServerSet:
             current = old.get(name)
             if current is not None and current.server.fingerprint() == server.fingerprint():
                 current.server = server
+                current.configure(**self._settings())  # [broker] changes reach running servers too
                 new[name] = current
                 continue
             (changed if current is not None else added).append(name)

@@ -1,7 +1,8 @@
 """The daemon serving: its two sockets, one dispatch table each, and the handler of every op.
 
-``gate.sock`` takes the gate's requests (peers: a gate user or root, by
-SO_PEERCRED) and ``admin.sock`` root's. Each socket has one table
+``gate.sock`` takes the gate's requests (peers: an agent's own gate user,
+by SO_PEERCRED, which names the caller through the gate-users map:
+:mod:`broker.daemon.callers`) and ``admin.sock`` root's. Each socket has one table
 (:data:`GATE_ROUTES`, :data:`ADMIN_ROUTES`, OpenSSH's monitor) binding each
 op of the protocol to its handler and to who may send it; a frame that
 breaks the protocol closes the connection. Every gate request is decided by
@@ -20,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import pwd
 import signal
 import sys
 import time
@@ -53,6 +53,7 @@ from broker.core.names import Action
 from broker.core.paths import Paths
 from broker.daemon import audit, config, logs, policy
 from broker.daemon.approvals import ApprovalDesk
+from broker.daemon.callers import Callers
 from broker.daemon.decision import Offer, Query, Verdict, decide, when
 from broker.daemon.pins import PinBook, PinState
 from broker.daemon.records import AuditRecord, bounded
@@ -70,43 +71,6 @@ READY_WAIT = 10.0
 LIST_WAIT = 2.0
 #: a frame's body must arrive this long after its header
 FRAME_SECONDS = 30.0
-
-
-class UserCache:
-    """Name -> uid from the passwd database, remembered while ``/etc/passwd`` is unchanged.
-
-    Entries also expire after ``TTL`` seconds, for name services that are
-    not the file (NSS); the lookup otherwise parses the file on every call.
-    """
-
-    TTL = 2.0
-
-    def __init__(self, passwd: str = "/etc/passwd") -> None:  # noqa: S107 - the passwd database's path
-        self.passwd = passwd
-        self._key: tuple[int, ...] | None = None
-        self._uids: dict[str, tuple[float, int | None]] = {}
-
-    def uid(self, name: str) -> int | None:
-        try:
-            st = os.stat(self.passwd)
-            key: tuple[int, ...] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        except OSError:
-            key = ()
-        now = time.monotonic()
-        if key != self._key:
-            self._key = key
-            self._uids.clear()
-        hit = self._uids.get(name)
-        if hit is not None and now - hit[0] < self.TTL:
-            return hit[1]
-        try:
-            uid: int | None = pwd.getpwnam(name).pw_uid
-        except (KeyError, ValueError):  # ValueError: a NUL in the name, which no user has
-            uid = None
-        if len(self._uids) > 4096:
-            self._uids.clear()
-        self._uids[name] = (now, uid)
-        return uid
 
 
 class Conn:
@@ -171,13 +135,13 @@ class Route:
 class Broker:
     """The daemon's state, its :class:`broker.daemon.decision.View`, and the op handlers."""
 
-    def __init__(self, paths: Paths, cfg: config.Config, gate_uid: int) -> None:
+    def __init__(self, paths: Paths, cfg: config.Config) -> None:
         self.paths = paths
         self.cfg = cfg
-        self.gate_uid = gate_uid
+        self.callers = Callers(paths.gate_users)
         self.allowlists = allowlist.Cache(paths.allowlist, paths.allowlist_d)
-        self._users = UserCache()
         self.audit = audit.AuditLog(paths.audit_log, **audit.options(cfg.settings))
+        self.digest_key = audit.load_key(paths.audit_key)
         self.state = State(f"{paths.state}/state.db")
         self.pins = PinBook(self.state)
         self.approvals = ApprovalDesk(self.state, self.audit)
@@ -219,6 +183,9 @@ class Broker:
     def rate_retry(self, rules: policy.Effective) -> float:
         assert rules.rate is not None
         return self.state.rate_check(rules.rate_key(), *rules.rate)
+
+    def digest(self, args: dict[str, Any]) -> str:
+        return audit.args_digest(args, self.digest_key)
 
     async def decided(self, query: Query, wait: float) -> Verdict:
         """:func:`decide`, waiting up to ``wait`` once for a server that is (re)starting."""
@@ -288,23 +255,25 @@ class Broker:
         self.audit.close()
         self.state.close()
 
-    def _peer(self, uid: int) -> Peer | None:
-        if uid == 0:
-            return "root"
-        if uid == self.gate_uid:
-            return "gate"
-        return None
+    def _gate_peer(self, uid: int) -> Peer | None:
+        """On gate.sock only an agent's gate user is a peer (never root, the broker or the shared mcp-gate)."""
+        return "gate" if self.callers.lookup(uid) is not None else None
+
+    @staticmethod
+    def _admin_peer(uid: int) -> Peer | None:
+        return "root" if uid == 0 else None
 
     async def _gate_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._conn(reader, writer, protocol.OPS, GATE_ROUTES, self._dispatch_gate)
+        await self._conn(reader, writer, self._gate_peer, protocol.OPS, GATE_ROUTES, self._dispatch_gate)
 
     async def _admin_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._conn(reader, writer, protocol.ADMIN_OPS, ADMIN_ROUTES, self._dispatch_admin)
+        await self._conn(reader, writer, self._admin_peer, protocol.ADMIN_OPS, ADMIN_ROUTES, self._dispatch_admin)
 
     async def _conn(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        who: Callable[[int], Peer | None],
         schemas: dict[str, Any],
         routes: dict[str, Route],
         dispatch: Callable[[Route, dict[str, Any], int, Conn], Awaitable[protocol.Answer]],
@@ -312,7 +281,7 @@ class Broker:
         conn = Conn(reader, writer)
         try:
             peer_uid = wire.peer_uid(writer.get_extra_info("socket"))
-            peer = self._peer(peer_uid)
+            peer = who(peer_uid)
             if peer is None or not any(peer in r.peers for r in routes.values()):
                 log.warning("refused connection from uid %d", peer_uid)
                 return
@@ -343,22 +312,13 @@ class Broker:
 
     # --- gate requests: who, then the one place that records and answers -----------------------
 
-    def _caller(self, req: dict[str, Any], peer_uid: int) -> str:
-        """The calling user named by the gate, checked against the passwd database."""
-        user, uid = req["caller"], req["uid"]
-        known = self._users.uid(user)
-        if known is None:
-            raise ProtocolError(f"unknown caller {user[:64]!r}")
-        if known != uid:
-            raise ProtocolError(f"caller {user[:64]!r} does not have uid {uid}")
-        if peer_uid != 0 and uid == self.gate_uid:
-            raise ProtocolError("the gate user cannot be a caller")
-        return str(user)
-
     async def _dispatch_gate(self, route: Route, req: dict[str, Any], peer_uid: int, conn: Conn) -> protocol.Answer:
-        caller = self._caller(req, peer_uid)
+        known = self.callers.lookup(peer_uid)
+        if known is None:  # the map changed while the connection was open
+            raise ProtocolError(f"uid {peer_uid} is no longer an agent's gate user")
+        caller = known.name
         started = time.monotonic()
-        ctx = Ctx(audit.new_request_id(), caller, req["uid"], req["op"], req.get("tool"))
+        ctx = Ctx(audit.new_request_id(), caller, known.uid, req["op"], req.get("tool"))
         record = ctx.record()
         try:
             self.audit.check()
@@ -388,7 +348,7 @@ class Broker:
         try:
             await self.audit.record(**record)
             if froze is not None:
-                await self._audit_freeze(caller, req["uid"], froze)
+                await self._audit_freeze(caller, ctx.uid, froze)
         except Unavailable as audit_exc:
             return {"ok": False, "exit": audit_exc.exit_code, "error": audit_exc.message}
         if error is not None and not out.reported:
@@ -530,18 +490,28 @@ class Broker:
                 )
             except PrivsepError as exc:
                 return Outcome(rec, error=exc)
+        handle = self.servers.get(action.server)
+        assert handle is not None
+        # the server may have restarted since the decision (say, during an approval), with other definitions:
+        # a call runs only on the definition its decision checked against its pin
+        try:
+            await handle.ready(min(timeout, READY_WAIT))
+        except Unavailable as exc:
+            return Outcome(rec, error=exc)
+        if handle.tools.get(action.tool) is not verdict.spec:
+            verdict = decide(query, self)
+            if not verdict.admitted:
+                return Outcome(rec | verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
         if rules.rate is not None:
             self.state.rate_record(rules.rate_key(), rules.rate[1])
         rec["decision"] = "allow"
         if rules.mode == "notify":
             self._notify(ctx, tool, rec)
-        handle = self.servers.get(action.server)
-        assert handle is not None
         # two-phase audit: the intent is durable before the server is asked; a crash leaves it without an outcome
         await self.audit.record(**(ctx.record() | rec | {"phase": "intent"}))
         rec["phase"] = "outcome"
         try:
-            result = await handle.call(action.tool, args, timeout)
+            result = await handle.call(action.tool, args, timeout, verdict.spec)
         except mcp.MCPError as exc:
             rec["outcome"] = "server_error"
             if exc.code == -32602:
@@ -676,7 +646,7 @@ def _action(tool: str) -> Action:
     return Action(server, name)
 
 
-_GATE: frozenset[Peer] = frozenset({"gate", "root"})
+_GATE: frozenset[Peer] = frozenset({"gate"})
 _ROOT: frozenset[Peer] = frozenset({"root"})
 
 #: gate.sock: op -> handler and who may send it; the keys are exactly :data:`broker.core.protocol.OPS`
@@ -730,9 +700,9 @@ def open_errlog(paths: Paths) -> IO[str]:
         return sys.stderr
 
 
-async def run_broker(paths: Paths, cfg: config.Config, gate_uid: int, ready: Callable[[object], None]) -> int:
+async def run_broker(paths: Paths, cfg: config.Config, ready: Callable[[object], None]) -> int:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads. ``ready`` is called once the sockets listen."""
-    broker = Broker(paths, cfg, gate_uid)
+    broker = Broker(paths, cfg)
     logs.install(broker.redact)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -97,14 +97,12 @@ class Session:
         self,
         paths: Paths,
         user: str,
-        uid: int,
         connect: Callable[[], Any],
         out: BinaryIO,
         err: TextIO,
     ) -> None:
         self.paths = paths
         self.user = user
-        self.uid = uid
         self.connect = connect
         self.out = out
         self.err = err
@@ -229,7 +227,7 @@ class Session:
         except PrivsepError as exc:
             self.error(msg_id, INTERNAL_ERROR, str(exc))
             return
-        message = protocol.request("catalog", caller=self.user, uid=self.uid)
+        message = protocol.request("catalog")
         self.submit(_Job("list", msg_id, protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES), LIST_WAIT))
 
     def call(self, msg_id: Any, params: dict[str, Any]) -> None:
@@ -249,7 +247,7 @@ class Session:
             self.reply(msg_id, _refusal(str(exc), exc.exit_code))
             self.report(name, exc)
             return
-        message = protocol.request("call", caller=self.user, uid=self.uid, tool=name, kv=[], args=args, timeout=None)
+        message = protocol.request("call", tool=name, kv=[], args=args, timeout=None)
         try:
             frame = protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES)
         except ProtocolError as exc:
@@ -261,8 +259,6 @@ class Session:
         """Let the daemon audit a refusal the gate made itself (its answer is not awaited)."""
         message = protocol.request(
             "report",
-            caller=self.user,
-            uid=self.uid,
             verb="stdio",
             tool=tool,
             exit=exc.exit_code,
@@ -500,10 +496,10 @@ def serve(session: Session, fd: int = 0) -> int:
     return 0
 
 
-def run(paths: Paths, user: str, uid: int, connect: Callable[[], Any], err: TextIO) -> int:
+def run(paths: Paths, user: str, connect: Callable[[], Any], err: TextIO) -> int:
     import sys
 
-    session = Session(paths, user, uid, connect, sys.stdout.buffer, err)
+    session = Session(paths, user, connect, sys.stdout.buffer, err)
     try:
         return serve(session)
     except BrokenPipeError:

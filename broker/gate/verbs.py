@@ -213,17 +213,20 @@ def _parse_args_json(value: str, stdin: TextIO | None) -> dict[str, Any]:
 # --- identity and policy ----------------------------------------------------
 
 
-def caller_identity(environ: dict[str, str]) -> tuple[str, int]:
-    """The calling user as sudo reports it, or the real user when not sudo'd."""
+def caller_name(environ: dict[str, str]) -> str:
+    """The calling agent as sudo names it (``SUDO_USER``), or the real user when not run through sudo.
+
+    It picks the allowlist and words the messages; it is never a credential:
+    the daemon names the caller by this process's uid, the agent's gate user.
+    """
     user = environ.get("SUDO_USER")
-    uid = environ.get("SUDO_UID")
-    if user and uid and uid.isdigit():
-        return user, int(uid)
+    if user:
+        return user
     import pwd
 
     real = os.getuid()
     try:
-        return pwd.getpwuid(real).pw_name, real
+        return pwd.getpwuid(real).pw_name
     except KeyError:
         raise ConfigError(f"uid {real} has no user name") from None
 
@@ -235,7 +238,7 @@ def check_allowlist(paths: Paths, user: str, tool: str | None) -> None:
         parsed = allowlist.from_bytes(data, path)
         allowed = tool is None or parsed.allows(tool)
     else:
-        _validate_cached(paths.gate_cache, data, path)
+        _validate_cached(paths.gate_cache_of(user), data, path)
         allowed = tool is None or allowlist.contains_line(data, tool)
     if not allowed:
         raise Denied(f"denied: {tool} is not in the allowlist for {user}")
@@ -261,13 +264,9 @@ def _validate_cached(cache_dir: str, data: bytes, path: str) -> None:
 # --- talking to the daemon --------------------------------------------------
 
 
-def _report(
-    paths: Paths, user: str, uid: int, verb: str, tool: str, exit_code: int, reason: str, broker_uid: int | None
-) -> None:
-    """Best effort: let the daemon audit a refusal the gate made itself."""
-    message = protocol.request(
-        "report", caller=user, uid=uid, verb=verb, tool=tool, exit=exit_code, reason=reason[:1000]
-    )
+def _report(paths: Paths, verb: str, tool: str, exit_code: int, reason: str, broker_uid: int | None) -> None:
+    """Best effort: let the daemon audit a refusal the gate made itself (it knows the caller by this uid)."""
+    message = protocol.request("report", verb=verb, tool=tool, exit=exit_code, reason=reason[:1000])
     try:
         wire.exchange(paths.gate_sock, message, 2.0, broker_uid)
     except PrivsepError:
@@ -367,9 +366,8 @@ def _report_refusal(
     argv: list[str], root: str, broker_uid: int | None, environ: dict[str, str], exc: PrivsepError
 ) -> None:
     try:
-        user, uid = caller_identity(environ)
         verb = argv[0][:64] if argv else ""
-        _report(Paths(root), user, uid, verb, "", exc.exit_code, str(exc), broker_uid)
+        _report(Paths(root), verb, "", exc.exit_code, str(exc), broker_uid)
     except Exception:  # noqa: BLE001, S110 - best effort only; the refusal is already reported
         pass
 
@@ -381,7 +379,7 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
     if req.verb == "version":
         out.write(f"mcp-privsep {__version__}\n")
         return EX_OK
-    user, uid = caller_identity(environ)
+    user = caller_name(environ)
 
     def on_pending(approval_id: str) -> None:
         err.write(f"mcp: pending approval {approval_id}, waiting\n")
@@ -390,7 +388,7 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
     if req.verb == "stdio":
         from broker.gate import endpoint
 
-        return endpoint.run(paths, user, uid, lambda: wire.connect(paths.gate_sock, broker_uid), err)
+        return endpoint.run(paths, user, lambda: wire.connect(paths.gate_sock, broker_uid), err)
     if req.verb in ("list", "describe", "call"):
         try:
             check_allowlist(paths, user, req.tool or None)
@@ -399,9 +397,9 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
             # audited by the daemon, but only once the caller has its answer
             out.flush()
             err.flush()
-            _report(paths, user, uid, req.verb, req.tool, code, str(exc), broker_uid)
+            _report(paths, req.verb, req.tool, code, str(exc), broker_uid)
             return code
-    fields: dict[str, Any] = {"caller": user, "uid": uid}
+    fields: dict[str, Any] = {}
     if req.verb in ("describe", "call"):
         fields["tool"] = req.tool
     if req.verb == "call":
@@ -415,6 +413,89 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
             refused = EX_SOFTWARE
         return _fail(req, PrivsepError(str(answer.get("error", "the broker refused")), refused), out, err)
     return _print_result(req, answer, out, err)
+
+
+#: the first line of the frame the ``mcp`` shim hands the gate on stdin: "mcp-args 1 COUNT STDIN_BYTES"
+FRAME_MAGIC = b"mcp-args"
+FRAME_VERSION = b"1"
+#: how long the gate waits for the shim's frame (it is written before the gate even starts)
+FRAME_WAIT = 5.0
+
+
+def read_frame(fd: int, wait: float = FRAME_WAIT) -> tuple[list[str], str | None]:
+    """The call's arguments from the shim's length-framed payload on ``fd``: (items, the agent's stdin or None).
+
+    Arguments never travel on a command line (``/proc/*/cmdline`` is readable
+    by every local user): the shim sends ``mcp-args 1 N S`` and then N items,
+    each ``\n`` LENGTH SPACE BYTES, and for ``--args -`` one more ``\n`` and S
+    bytes of what it read from the agent's stdin. Exactly that much is read,
+    never "until EOF": an agent's harness may leave stdin open.
+    """
+    import select
+
+    deadline = _monotonic() + wait
+    buf = bytearray()
+    limit = MAX_ARGV_BYTES + MAX_STDIN_BYTES + 64 * (MAX_ARGC + 2)
+
+    def need(n: int) -> None:
+        while len(buf) < n:
+            left = deadline - _monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise UsageError("no argument frame on standard input (run mcp calls through the 'mcp' command)")
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise UsageError("the argument frame on standard input is cut short")
+            buf.extend(chunk)
+            if len(buf) > limit:
+                raise UsageError(f"arguments exceed {limit} bytes")
+
+    def number(start: int, end_byte: bytes) -> tuple[int, int]:
+        i = start
+        while True:
+            need(i + 1)
+            if buf[i : i + 1] == end_byte:
+                break
+            if not buf[i : i + 1].isdigit() or i - start > 9:
+                raise UsageError("malformed argument frame on standard input")
+            i += 1
+        if i == start:
+            raise UsageError("malformed argument frame on standard input")
+        return int(buf[start:i]), i + 1
+
+    need(len(FRAME_MAGIC) + 1)
+    if bytes(buf[: len(FRAME_MAGIC) + 1]) != FRAME_MAGIC + b" ":
+        raise UsageError("no argument frame on standard input (run mcp calls through the 'mcp' command)")
+    pos = len(FRAME_MAGIC) + 1
+    need(pos + 2)
+    if bytes(buf[pos : pos + 2]) != FRAME_VERSION + b" ":
+        raise UsageError("argument frame of another version on standard input")
+    count, pos = number(pos + 2, b" ")
+    size, pos = number(pos, b"\n")
+    if count > MAX_ARGC or size > MAX_STDIN_BYTES:
+        raise UsageError("too many or too large arguments")
+    pos -= 1  # each item begins with the newline that ends what is before it
+    items: list[str] = []
+    for _ in range(count):
+        need(pos + 1)
+        if buf[pos : pos + 1] != b"\n":
+            raise UsageError("malformed argument frame on standard input")
+        length, pos = number(pos + 1, b" ")
+        need(pos + length)
+        items.append(bytes(buf[pos : pos + length]).decode("utf-8", "surrogateescape"))
+        pos += length
+    stdin: str | None = None
+    if size:
+        need(pos + 1 + size)
+        if buf[pos : pos + 1] != b"\n":
+            raise UsageError("malformed argument frame on standard input")
+        stdin = bytes(buf[pos + 1 : pos + 1 + size]).decode("utf-8", "surrogateescape")
+    return items, stdin
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()
 
 
 def _say(message: str) -> None:
@@ -456,15 +537,26 @@ def run(root: str = "/", broker_uid: int | None = None) -> None:
         if argv[:1] == ["stdio"] and (_unusable(0, write=False) or sys.stdin is None):
             _say("mcp stdio: standard input is closed or not readable; nothing was done")
             os._exit(EX_USAGE)
-        environ = {
-            k.decode(): os.environ[k].decode(errors="replace") for k in (b"SUDO_USER", b"SUDO_UID") if k in os.environ
-        }
+        environ = {k.decode(): os.environ[k].decode(errors="replace") for k in (b"SUDO_USER",) if k in os.environ}
+        stdin: Any = None
+        if argv[:1] == ["call"]:
+            # a call's arguments come in the shim's frame on stdin, never on this command line
+            if len(argv) > 2:
+                _say("mcp-gate takes a call's arguments on standard input only: run it through the 'mcp' command")
+                os._exit(EX_USAGE)
+            try:
+                items, piped = read_frame(0)
+            except UsageError as exc:
+                _say(str(exc))
+                os._exit(EX_USAGE)
+            argv = argv + items
+            stdin = _Text(piped) if piped is not None else _Text("")
         # the caller's locale must not make a tool result unprintable
         sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")  # type: ignore[union-attr]
         if sys.stderr is not None:
             sys.stderr.reconfigure(encoding="utf-8", errors="backslashreplace")  # type: ignore[union-attr]
         stderr: TextIO = sys.stderr if sys.stderr is not None else _Discard()  # type: ignore[assignment]
-        code = main(argv, root=root, broker_uid=broker_uid, environ=environ, stderr=stderr)
+        code = main(argv, root=root, broker_uid=broker_uid, environ=environ, stdin=stdin, stderr=stderr)
         sys.stdout.flush()
         stderr.flush()
     except KeyboardInterrupt:
@@ -479,6 +571,17 @@ def run(root: str = "/", broker_uid: int | None = None) -> None:
     # everything is flushed and nothing needs finalising: skipping interpreter
     # teardown saves about 2 ms on every agent call
     os._exit(code)
+
+
+class _Text:
+    """What ``--args -`` reads: the agent's stdin, as the shim put it in the frame."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def read(self, n: int = -1) -> str:
+        out, self.text = (self.text, "") if n < 0 else (self.text[:n], self.text[n:])
+        return out
 
 
 class _Discard:

@@ -278,6 +278,13 @@ env_file = "{p.secrets}/demo.env"
         except FileNotFoundError:
             return ""
 
+    def digest(self, args: object) -> str:
+        """The digest the daemon records for these arguments (keyed with the install's own key)."""
+        from broker.daemon import audit
+
+        with open(self.paths.audit_key, "rb") as fh:
+            return audit.args_digest(args, fh.read())
+
     def records(self) -> list[dict[str, object]]:
         """Every record of the live audit file, in order."""
         import json

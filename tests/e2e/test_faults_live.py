@@ -324,7 +324,8 @@ def flood(inst: Installation) -> Flood:
 
 def test_flood_of_output_leaves_the_daemon_healthy(live: Installation, flood: Flood) -> None:
     r = flood.result
-    assert r.code in (0, 69, 75), r  # a result, or one clear error: never a crash
+    # a result, or one clear error, never a crash: 1 is an answer over max_server_message_bytes, dropped as it was read
+    assert r.code in (0, 1, 69, 75), r
     assert "Traceback" not in r.err + r.out
     if r.code == 0:  # delivered: then capped, and saying so
         result = json.loads(r.out)
@@ -336,8 +337,8 @@ def test_flood_of_output_leaves_the_daemon_healthy(live: Installation, flood: Fl
     # the other server kept answering while 20 MB streamed into the daemon
     assert flood.during and all(code == 0 for code, _ in flood.during), flood.during
     assert max(took for _, took in flood.during) < 10, flood.during
-    # bounded memory: a few copies of 20 MB at most, not a runaway
-    assert flood.rss_peak - flood.rss_before < 400 * 1024, (flood.rss_before, flood.rss_peak)
+    # bounded memory: the answer is dropped while it is read (max_server_message_bytes), never buffered whole
+    assert flood.rss_peak - flood.rss_before < 128 * 1024, (flood.rss_before, flood.rss_peak)
     assert wait_for(lambda: live.mcp("call", "demo.echo", "text=after-flood").code == 0, 45, 1)
     assert live.mcp("call", "web.echo", "text=ok").out == "ok\n"
 

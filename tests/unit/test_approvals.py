@@ -30,7 +30,8 @@ T = TypeVar("T")
 
 CALLER, TOOL = "alice", "pay.send"
 ARGS = {"amount": 5, "note": "token secretvalue123"}
-DIGEST = audit.args_digest(ARGS)
+KEY = b"k" * 32
+DIGEST = audit.args_digest(ARGS, KEY)
 REDACTOR = Redactor({"demo.K": "secretvalue123"})
 
 
@@ -66,7 +67,7 @@ class Desk:
 
     def hold(self, conn: FakeConn, ttl: float = 30.0, args: dict[str, Any] | None = None) -> Awaitable[str]:
         args = ARGS if args is None else args
-        return self.desk.hold(CALLER, TOOL, args, audit.args_digest(args), conn, ttl, REDACTOR)
+        return self.desk.hold(CALLER, TOOL, args, audit.args_digest(args, KEY), conn, ttl, REDACTOR)
 
     def records(self) -> list[dict[str, Any]]:
         with open(self.log.path, encoding="utf-8") as fh:

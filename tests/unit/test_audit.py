@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,10 +98,34 @@ def test_fields_named_like_chain_fields_cannot_overwrite_them(logdir: str) -> No
     assert rec["seq"] == 1 and rec["prev"] == audit.GENESIS and audit.verify(log.path) == []
 
 
+KEY = b"k" * 32
+
+
 def test_args_digest_is_stable_and_depends_on_values() -> None:
-    assert audit.args_digest({"a": 1, "b": 2}) == audit.args_digest({"b": 2, "a": 1})
-    assert audit.args_digest({"a": 1}) != audit.args_digest({"a": "1"})
-    assert re.fullmatch(r"sha256:[0-9a-f]{32}", audit.args_digest({"text": "x"}))
+    assert audit.args_digest({"a": 1, "b": 2}, KEY) == audit.args_digest({"b": 2, "a": 1}, KEY)
+    assert audit.args_digest({"a": 1}, KEY) != audit.args_digest({"a": "1"}, KEY)
+    assert re.fullmatch(r"hmac-sha256:[0-9a-f]{32}", audit.args_digest({"text": "x"}, KEY))
+
+
+def test_args_digest_is_keyed_so_a_guess_cannot_be_confirmed_without_the_key() -> None:
+    """A bare hash of a short value is confirmed by hashing a guess; the keyed digest is not."""
+    import hashlib
+
+    pin = {"pin": "1234"}
+    bare = hashlib.sha256(audit.canonical({"a": pin}).encode()).hexdigest()[:32]
+    assert bare not in audit.args_digest(pin, KEY)
+    assert audit.args_digest(pin, KEY) != audit.args_digest(pin, b"other key" + bytes(23))
+
+
+def test_the_digest_key_is_made_once_private_and_kept(tmp_path: Path) -> None:
+    path = str(tmp_path / "audit.key")
+    key = audit.load_key(path)
+    assert len(key) == 32 and (os.stat(path).st_mode & 0o777) == 0o600
+    assert audit.load_key(path) == key
+    with open(path, "wb") as fh:
+        fh.write(b"short")
+    with pytest.raises(OSError, match="digest key"):
+        audit.load_key(path)
 
 
 def test_an_existing_open_file_is_made_private(logdir: str) -> None:

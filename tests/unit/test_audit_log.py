@@ -113,10 +113,8 @@ def test_a_torn_line_after_blank_lines_recovers_from_the_last_record(path: str) 
     assert rec["dropped_bytes"] == 6
 
 
-# BUG: when the last line of the log is not a valid record (edited), recovery forgets the records before it:
-# it takes the log to end "at record 0" and writes a recover record claiming records 1..N are missing, although
-# only record N is damaged, and the real reason ("the last line ... is not a valid record") is overwritten.
-@pytest.mark.xfail(strict=True, reason="BUG: an invalid last line is recorded as 'records 1..N are missing'")
+# When the last line of the log is not a valid record (edited), recovery keeps the records before it: only
+# record N is damaged, and the recover record says so (it used to claim records 1..N were missing).
 def test_an_edited_last_line_is_recovered_as_such(path: str) -> None:
     log = audit.AuditLog(path)
     fill(log, 5)
@@ -447,10 +445,8 @@ def test_make_encodable_writes_a_placeholder_for_what_still_cannot_be_written() 
     audit.canonical(record)
 
 
-# BUG: write_many() measures every record with canonical() (for the rotation check) before _write_records()
-# makes it encodable, so a record holding NaN/infinity, or one that needs the placeholder, raises there and
-# fails the whole batch (through record(): every waiter gets 69 and the log turns unhealthy).
-@pytest.mark.xfail(strict=True, reason="BUG: write_many calls canonical() before the record is made encodable")
+# write_many() measures every record (for the rotation check) only once it is made encodable: a record holding
+# NaN/infinity, or one that needs the placeholder, must not fail the whole batch (every waiter would get 69).
 @pytest.mark.parametrize("bad", [{"duration_ms": float("nan")}, {"args": {1: "x", "k": "y"}}], ids=["nan", "keys"])
 def test_a_record_that_needs_fixing_does_not_fail_its_batch(path: str, bad: dict[str, Any]) -> None:
     log = audit.AuditLog(path)
@@ -459,9 +455,7 @@ def test_a_record_that_needs_fixing_does_not_fail_its_batch(path: str, bad: dict
     assert audit.verify_set(path).ok
 
 
-# BUG: a value the codec does not know (bytes, a set) makes codec.sanitize() raise TypeError before
-# _make_encodable's own try, so the promised placeholder is never written and the exception escapes.
-@pytest.mark.xfail(strict=True, reason="BUG: _make_encodable lets codec.sanitize's TypeError escape")
+# A value the codec does not know (bytes, a set) becomes the placeholder record, never an exception.
 def test_a_value_of_an_unknown_type_becomes_a_placeholder() -> None:
     record: dict[str, Any] = {"id": "b", "op": "call", "blob": b"\x00"}
     audit_log._make_encodable(record)

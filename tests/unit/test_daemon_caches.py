@@ -18,7 +18,7 @@ import pytest
 from broker.core import allowlist
 from broker.core.errors import ConfigError
 from broker.core.paths import Paths
-from broker.daemon.service import UserCache
+from broker.daemon.callers import Callers
 from broker.daemon.state import State
 from tests.unit.conftest import needs_root, write
 
@@ -80,25 +80,36 @@ def test_stat_key_moves_with_content_owner_and_mode(paths: Paths) -> None:
     assert allowlist.stat_key(paths.allowlist, paths.allowlist_d, "a\0b")[1] is None  # no crash on a NUL
 
 
-def test_user_cache_answers_what_pwd_answers() -> None:
-    users = UserCache()
-    assert users.uid("root") == 0
-    assert users.uid("root") == 0
-    assert users.uid("no-such-user-here") is None
-    assert users.uid("a\0b") is None
+@needs_root
+def test_callers_come_from_the_map_and_follow_its_changes(tmp_path: os.PathLike[str]) -> None:
+    """The caller is the agent the map names for the peer's uid; an edit of the map counts on the next lookup."""
+    import pwd
+
+    path = os.path.join(str(tmp_path), "gate-users")
+    write(path, "daemon nobody\n", 0o640)
+    callers = Callers(path)
+    nobody, daemon = pwd.getpwnam("nobody"), pwd.getpwnam("daemon")
+    assert callers.lookup(nobody.pw_uid) == ("daemon", daemon.pw_uid)
+    assert callers.lookup(daemon.pw_uid) is None  # the agent's own uid is no gate user
+    assert callers.lookup(0) is None
+    write(path, "# nobody serves no agent now\n", 0o640)
+    assert callers.lookup(nobody.pw_uid) is None
 
 
-def test_user_cache_forgets_when_passwd_changes(tmp_path: os.PathLike[str]) -> None:
-    fake = os.path.join(str(tmp_path), "passwd")
-    with open(fake, "w") as fh:
-        fh.write("x\n")
-    users = UserCache(fake)
-    assert users.uid("root") == 0
-    users._uids["root"] = (time.monotonic(), 4242)  # what a stale entry would say
-    assert users.uid("root") == 4242
-    with open(fake, "a") as fh:
-        fh.write("y\n")  # the file changed: nothing remembered survives
-    assert users.uid("root") == 0
+@needs_root
+def test_callers_refuse_root_and_system_accounts_and_a_broken_map(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(str(tmp_path), "gate-users")
+    write(path, "daemon root\nroot nobody\n", 0o640)  # root as a gate user; root as an agent
+    callers = Callers(path)
+    assert callers.lookup(0) is None
+    import pwd
+
+    assert callers.lookup(pwd.getpwnam("nobody").pw_uid) is None
+    write(path, "daemon nobody extra\n", 0o640)
+    assert callers.lookup(pwd.getpwnam("nobody").pw_uid) is None
+    assert callers.problem.endswith("expected AGENT GATE_USER")
+    write(path, "daemon nobody\n", 0o666)  # writable by others: fail closed
+    assert callers.lookup(pwd.getpwnam("nobody").pw_uid) is None and "not writable" in callers.problem
 
 
 def test_state_caches_follow_every_write(tmp_path: os.PathLike[str]) -> None:

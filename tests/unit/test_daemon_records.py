@@ -17,14 +17,14 @@ from broker.daemon.records import MAX_AUDIT_KEYS, MAX_AUDIT_TEXT, argument_field
 
 def test_short_reasons_and_key_lists_are_kept_whole() -> None:
     assert bounded("denied: x") == "denied: x"
-    field = argument_fields({"b": 1, "a": 2})
+    field = argument_fields({"b": 1, "a": 2}, "hmac-sha256:" + "0" * 32)
     assert field["arg_keys"] == ["a", "b"] and "arg_keys_total" not in field
-    assert field["args_size"] == len('{"b":1,"a":2}') and field["args_digest"].startswith("sha256:")
+    assert field["args_size"] == len('{"b":1,"a":2}') and field["args_digest"].startswith("hmac-sha256:")
 
 
 def test_the_worst_key_list_fits_the_reservation() -> None:
     args = {chr(0x10000 + i) * 10_000: i for i in range(1000)}  # long keys of 4-byte characters
-    field = argument_fields(args)
+    field = argument_fields(args, "hmac-sha256:" + "0" * 32)
     assert field["arg_keys_total"] == 1000
     assert len(audit.canonical(field).encode()) < audit.RESERVE_LOW // 2
 
@@ -37,7 +37,7 @@ def test_a_long_reason_is_cut_and_says_how_much() -> None:
 
 @given(st.dictionaries(st.text(max_size=600), st.integers(), max_size=400))
 def test_any_argument_keys_make_a_bounded_field(args: dict[str, int]) -> None:
-    field = argument_fields(args)
+    field = argument_fields(args, "hmac-sha256:" + "0" * 32)
     assert len(field["arg_keys"]) <= MAX_AUDIT_KEYS
     assert len(audit.canonical(field).encode()) < audit.RESERVE_LOW // 2
     if "arg_keys_total" in field:

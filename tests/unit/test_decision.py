@@ -34,6 +34,7 @@ from broker.daemon.decision import MODE_VERDICTS, Offer, Query, Verdict, decide,
 from broker.daemon.pins import PinState
 from broker.daemon.policy import ActionPolicy, ArgRule, Effective, effective
 
+KEY = b"k" * 32
 ALLOWLIST = "/etc/mcp-privsep/allowed-actions.txt"
 ECHO = Action("demo", "echo")
 SCHEMA = {
@@ -78,6 +79,9 @@ class FakeView:
     def rules(self, action: str, caller: str) -> Effective:
         self.asked.append(("rules", action, caller))
         return effective(self.policies, action, caller)
+
+    def digest(self, args: dict[str, Any]) -> str:
+        return args_digest(args, KEY)
 
     def rate_retry(self, rules: Effective) -> float:
         self.asked.append(("rate_retry", rules.action, rules.caller))
@@ -457,7 +461,7 @@ def test_a_policy_rule_rejection_names_the_rule_and_logs_the_shape() -> None:
     assert v.failed_at == "arguments"
     # the arguments were typed before the rule refused them: their shape is audited, not their values
     record = v.record()
-    assert record["arg_keys"] == ["n", "text"] and record["args_digest"] == args_digest({"text": "hi", "n": 1})
+    assert record["arg_keys"] == ["n", "text"] and record["args_digest"] == args_digest({"text": "hi", "n": 1}, KEY)
     assert "rate_retry" not in view.questions()
 
 
@@ -525,7 +529,7 @@ def test_record_of_an_admitted_call_has_rule_mode_and_the_arguments_shape_only()
         "mode": "notify",
         "arg_keys": ["n", "text"],
         "args_size": len(codec.dumps(args)),
-        "args_digest": args_digest(args),
+        "args_digest": args_digest(args, KEY),
     }
     assert "a secret value" not in codec.dumps(v.record())
 

@@ -17,6 +17,7 @@ Read by the writer and by ``mcp-brokerctl audit``.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -44,9 +45,40 @@ def new_request_id() -> str:
     return os.urandom(8).hex()
 
 
-def args_digest(args: Any) -> str:
-    """Digest of argument values, logged instead of the values themselves."""
-    return "sha256:" + hashlib.sha256(canonical({"a": args}).encode()).hexdigest()[:32]
+#: bytes of the per-install key of the argument digests
+KEY_BYTES = 32
+
+
+def args_digest(args: Any, key: bytes) -> str:
+    """Keyed digest of argument values, logged instead of the values themselves.
+
+    An HMAC, not a bare hash: a short value (a PIN, a recipient) would be
+    confirmed by hashing a guess once records leave the box (syslog, a SIEM);
+    only the daemon holds the key (:func:`load_key`).
+    """
+    return "hmac-sha256:" + hmac.new(key, canonical({"a": args}).encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def load_key(path: str) -> bytes:
+    """The install's digest key, made on first use (0600, the daemon's own)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            key = os.read(fd, KEY_BYTES + 1)
+        finally:
+            os.close(fd)
+        if len(key) != KEY_BYTES:
+            raise OSError(0, f"not a {KEY_BYTES}-byte digest key", path) from None
+        return key
+    try:
+        key = os.urandom(KEY_BYTES)
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return key
 
 
 def timestamp(t: float | None = None) -> str:

@@ -98,12 +98,12 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 def _make_encodable(record: dict[str, Any]) -> None:
     """Replace lone surrogates and non-finite numbers in place; a placeholder if it still cannot be written."""
-    clean, fixed = codec.sanitize(record)
-    if fixed:
-        record.clear()
-        record.update(clean)
-        record["sanitized"] = fixed
     try:
+        clean, fixed = codec.sanitize(record)
+        if fixed:
+            record.clear()
+            record.update(clean)
+            record["sanitized"] = fixed
         canonical(record)
     except (TypeError, ValueError) as exc:
         log.error("an audit record could not be serialised (%s); a placeholder is written", type(exc).__name__)
@@ -217,16 +217,17 @@ class AuditLog:
         notes: dict[str, Any] = {}
         size = st.st_size
         last: dict[str, Any] | None = None
+        damaged = False
         if size:
-            last, size, torn = self._cut_torn_tail(fd, size)
+            last, damaged, size, torn = self._cut_torn_tail(fd, size)
             if torn:
                 notes["dropped_bytes"] = len(torn)
                 notes["dropped_sha256"] = hashlib.sha256(torn).hexdigest()
                 notes["reason"] = (
                     "the file ended in a partial line (a write cut by a crash, never acknowledged); it was removed"
                 )
-            if last is None:
-                notes["reason"] = "the last line of the log is not a valid record"
+            if damaged:
+                notes["reason"] = "the last line of the log is not a valid record (edited or damaged)"
         continued_from_rotated = False
         if size == 0:
             previous = rotated(self.path)
@@ -240,11 +241,15 @@ class AuditLog:
         if was_open and self._seq > anchor[0]:
             anchor = (self._seq, self._prev)  # reopening after the file vanished: memory knows best
         if anchor[0] > seq:
-            notes["reason"] = (
-                f"the log ends at record {seq} but record {anchor[0]} was written: "
-                f"records {seq + 1}..{anchor[0]} are missing from {self.path}"
-            )
-            notes["missing"] = [seq + 1, anchor[0]]
+            span = [seq + 1, anchor[0]]
+            if damaged and anchor[0] == seq + 1:
+                notes["damaged"] = span  # record N is there, but unreadable: not missing
+            else:
+                notes["reason"] = (
+                    f"the log ends at record {seq} but record {anchor[0]} was written: "
+                    f"records {seq + 1}..{anchor[0]} are missing from {self.path}"
+                )
+                notes["missing"] = span
             seq, prev = anchor
         self._seq, self._prev, self._size = seq, prev, size
         self._reserved_to = 0
@@ -259,8 +264,13 @@ class AuditLog:
                 {"id": new_request_id(), "op": "rotate", "decision": "rotate", "reason": "continued after a rotation"}
             )
 
-    def _cut_torn_tail(self, fd: int, size: int) -> tuple[dict[str, Any] | None, int, bytes]:
-        """Remove a partial last line; return the last record, the new size and the removed bytes."""
+    def _cut_torn_tail(self, fd: int, size: int) -> tuple[dict[str, Any] | None, bool, int, bytes]:
+        """Remove a partial last line.
+
+        Returns the last valid record, whether the last complete line was not
+        one (edited or damaged: the record before it is returned instead), the
+        new size and the removed bytes.
+        """
         with os.fdopen(os.dup(fd), "rb") as fh:
             lines = reverse_lines(fh, size)
             fh.seek(size - 1)
@@ -268,15 +278,20 @@ class AuditLog:
             if fh.read(1) != b"\n":
                 torn = next(lines)
             last = None
+            damaged = False
             for raw in lines:
                 if raw.strip():
                     last = parse_record(raw)
-                    break
+                    if last is not None:
+                        break
+                    if damaged:  # only the last line is looked past; more damage is verify's to report
+                        break
+                    damaged = True
         if torn:
             size -= len(torn)
             os.ftruncate(fd, size)
             os.fsync(fd)
-        return last, size, torn
+        return last, damaged, size, torn
 
     def _read_anchor(self) -> tuple[int, str]:
         try:
@@ -378,6 +393,7 @@ class AuditLog:
             batch: list[dict[str, Any]] = []
             size = self._size
             for record in records:
+                _make_encodable(record)  # before it is measured: a caller's NaN must not fail the batch
                 line_len = len(canonical(record)) + 200
                 if self.max_bytes and size > 0 and size + line_len > self.max_bytes:
                     if batch:

@@ -85,6 +85,15 @@ class ServerHandle:
         self._background: set[asyncio.Task[None]] = set()
         self.in_flight = 0
 
+    def configure(self, *, connect_timeout: float, backoff_max: float, max_message: int, max_tools: int) -> None:
+        """New ``[broker]`` settings: the next connect uses them; the live session's read cap changes now."""
+        self.connect_timeout = connect_timeout
+        self.backoff_max = backoff_max
+        self.max_message = max_message
+        self.max_tools = max_tools
+        if isinstance(self.client, StdioClient):
+            self.client.max_message = max_message
+
     # --- lifecycle ----------------------------------------------------------
 
     def start(self) -> None:
@@ -236,10 +245,18 @@ class ServerHandle:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def call(self, tool: str, arguments: dict[str, Any], timeout: float) -> mcp.types.CallToolResult:
-        """Call a tool; the daemon's own timeout answers 75, a dead server 69."""
+    async def call(
+        self, tool: str, arguments: dict[str, Any], timeout: float, spec: mcp.types.Tool | None = None
+    ) -> mcp.types.CallToolResult:
+        """Call a tool; the daemon's own timeout answers 75, a dead server 69.
+
+        With ``spec``, the call is made only while the server still offers
+        exactly that definition (the one the decision checked against its pin).
+        """
         deadline = time.monotonic() + timeout
         client = await self.ready(min(timeout, self.connect_timeout))
+        if spec is not None and self.tools.get(tool) is not spec:
+            raise Unavailable(f"server {self.name} restarted with other tool definitions; call again")
         self.in_flight += 1
         remaining = max(0.01, deadline - time.monotonic())
         try:
