@@ -93,10 +93,10 @@ def expand(argv: list[str], stdin: Any) -> tuple[list[str], str | None]:
     """Rewrite ``call`` arguments: @file values move into a JSON object for ``--args -``."""
     if len(argv) < 2 or argv[0] != "call":
         return argv, None
-    out = argv[:2]
+    out = argv[:1]
     from_files: dict[str, str] = {}
     args_json: str | None = None
-    rest = argv[2:]
+    rest = argv[1:]
     i = 0
     only_positional = False
     while i < len(rest):
@@ -132,8 +132,9 @@ def expand(argv: list[str], stdin: Any) -> tuple[list[str], str | None]:
             raise AgentError(f"argument {key!r} given twice")
         from_files[key] = _read_value(value[1:])
     # --args goes right after the tool: after a '--' the gate would read it as two more key=value items
+    at = _after_tool(out)
     if not from_files:
-        return (out if args_json is None else [*out[:2], "--args", args_json, *out[2:]]), None
+        return (out if args_json is None else [*out[:at], "--args", args_json, *out[at:]]), None
     base: dict[str, Any] = {}
     if args_json is not None:
         text = stdin.read() if args_json == "-" else args_json
@@ -147,7 +148,22 @@ def expand(argv: list[str], stdin: Any) -> tuple[list[str], str | None]:
         if key in base:
             raise AgentError(f"argument {key!r} given twice")
         base[key] = value
-    return [*out[:2], "--args", "-", *out[2:]], json.dumps(base)
+    return [*out[:at], "--args", "-", *out[at:]], json.dumps(base)
+
+
+def _after_tool(argv: list[str]) -> int:
+    """Where a flag may still go in a rewritten ``call`` argv: just after the tool (flags may come before it)."""
+    i = 1
+    while i < len(argv):
+        item = argv[i]
+        if item == "--":
+            return i
+        if item.startswith("-") and item != "-":
+            name, eq, _value = item.partition("=")
+            i += 2 if name in FLAGS_WITH_VALUE and not eq else 1
+            continue
+        return i + 1  # the tool
+    return len(argv)
 
 
 def skill(gate: str, gate_user: str) -> str:

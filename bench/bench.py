@@ -4,7 +4,7 @@ Run as root on an installation (``/`` after ``make demo``, or a staging root
 with ``--root R --agent USER``) whose daemon is up and whose allowlist lets
 the agent call ``demo.echo``. It measures, in one run:
 
-- the floor: ``sudo -n -u mcp-gate /usr/bin/python3 -IS -c pass`` (as root);
+- the floor: ``sudo -n -u GATE_USER /usr/bin/python3 -IS -c pass`` (as root, to the agent's own gate user);
 - ``mcp call demo.echo text=hi`` as the agent, end to end (interleaved with
   the floor so drift hits both alike);
 - calls per second over one ``mcp stdio`` session, driven with raw JSON-RPC
@@ -64,7 +64,10 @@ from precedent import Precedent
 from stdio_driver import SessionError, StdioSession, find_tool
 from workers import run_workers
 
-FLOOR_ARGV = ["sudo", "-n", "-u", "mcp-gate", "/usr/bin/python3", "-IS", "-c", "pass"]
+
+def floor_argv(t: Target) -> list[str]:
+    """The floor of one call: sudo to the agent's own gate user, and an interpreter that does nothing."""
+    return ["sudo", "-n", "-u", t.gate_user, "/usr/bin/python3", "-IS", "-c", "pass"]
 
 
 #: pause before each timed run of two commands measured alternately
@@ -111,13 +114,14 @@ def floor_and_call(t: Target, n: int) -> dict[str, Any]:
     floor: list[float] = []
     call: list[float] = []
     errors = 0
+    floor_cmd = floor_argv(t)
     for _ in range(10):  # warm caches
-        spawn_timed(FLOOR_ARGV)
+        spawn_timed(floor_cmd)
         spawn_timed(call_argv, t.agent_pw)
     for _ in range(n):
-        ms, code, _ = spawn_timed(FLOOR_ARGV)
+        ms, code, _ = spawn_timed(floor_cmd)
         if code != 0:
-            raise BenchError(f"the floor command exited {code} (is sudo installed, does mcp-gate exist?)")
+            raise BenchError(f"the floor command exited {code} (is sudo installed, does {t.gate_user} exist?)")
         floor.append(ms)
         ms, code, out = spawn_timed(call_argv, t.agent_pw)
         if code != 0 or out != b"hi\n":
@@ -320,7 +324,7 @@ def _drive_gate_sock(t: Target, tools: list[str], calls: int, connections: int) 
     failures: list[str] = []
 
     def worker(k: int) -> None:
-        conn = GateConnection(t.paths)
+        conn = GateConnection(t)
         try:
             for i in range(k, calls, connections):
                 text = f"m{i}"
@@ -330,7 +334,7 @@ def _drive_gate_sock(t: Target, tools: list[str], calls: int, connections: int) 
                     errors[k] += 1
                     failures.append(str(exc))
                     conn.close()
-                    conn = GateConnection(t.paths)
+                    conn = GateConnection(t)
                     continue
                 result = answer.get("result")
                 if not answer.get("ok") or not isinstance(result, dict) or result.get("text") != text:
@@ -530,7 +534,7 @@ def render(res: dict[str, Any]) -> str:
 
     fc = res.get("floor_and_call")
     if fc:
-        row("floor: sudo -n -u mcp-gate python3 -IS -c pass (root)", fc["floor"])
+        row("floor: sudo -n -u GATE-USER python3 -IS -c pass (root)", fc["floor"])
         row("mcp call demo.echo text=hi (agent, end to end)", fc["mcp_call"], f"errors {fc['mcp_call']['errors']}")
     else:
         lines.append(f"floor / mcp call: {res.get('errors', {}).get('floor_and_call', 'not run')}")

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.core import protocol
-from broker.core.paths import BROKER_USER, GATE_USER, Paths
+from broker.core.paths import BROKER_USER, GATE_USER, Paths, gate_user_for
 
 #: the environment every agent process gets: nothing of ours leaks into it
 AGENT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
@@ -100,6 +100,17 @@ class Target:
             self.agent_pw = pwd.getpwnam(self.agent)
         except KeyError:
             raise BenchError(f"agent user {self.agent!r} does not exist (run 'make demo' first)") from None
+
+    @property
+    def gate_user(self) -> str:
+        """The agent's own gate user (the sudo target of its calls), as the installation's map names it."""
+        from broker.core import agents
+
+        try:
+            found = agents.load(self.paths.gate_users).get(self.agent)
+        except Exception:  # noqa: BLE001 - an unreadable map: the default name is what install writes
+            found = None
+        return found or gate_user_for(self.agent)
 
     @property
     def ctl(self) -> list[str]:
@@ -180,7 +191,10 @@ def run(
 
 
 def spawn_timed(
-    argv: list[str], user: pwd.struct_passwd | None = None, env: dict[str, str] | None = None
+    argv: list[str],
+    user: pwd.struct_passwd | None = None,
+    env: dict[str, str] | None = None,
+    stdin: bytes | None = None,
 ) -> tuple[float, int, bytes]:
     """Spawn, wait, return (ms, exit code, stdout) with as little harness overhead as possible."""
     kwargs: dict[str, Any] = {}
@@ -189,14 +203,14 @@ def spawn_timed(
     started = time.perf_counter()
     proc = subprocess.Popen(
         argv,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=AGENT_ENV if env is None else env,
         cwd="/",
         **kwargs,
     )
-    out, _ = proc.communicate()
+    out, _ = proc.communicate(stdin)
     ms = (time.perf_counter() - started) * 1000
     return ms, proc.returncode, out
 
@@ -262,13 +276,41 @@ def tree_rss(pid: int) -> dict[str, Any]:
 # --- gate.sock as root -----------------------------------------------------------------
 
 
-class GateConnection:
-    """One connection to gate.sock as root (the daemon accepts root and mcp-gate)."""
+_CONNECT = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+socket.send_fds(socket.socket(fileno=int(sys.argv[2])), [b"x"], [s.fileno()])
+"""
 
-    def __init__(self, paths: Paths, timeout: float = 60) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+class GateConnection:
+    """One connection to gate.sock, made by the agent's gate user (the only peer the daemon serves there)."""
+
+    def __init__(self, target: Target, timeout: float = 60) -> None:
+        pw = pwd.getpwnam(target.gate_user)
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            subprocess.run(
+                ["/usr/bin/python3", "-I", "-c", _CONNECT, target.paths.gate_sock, str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                user=pw.pw_uid,
+                group=pw.pw_gid,
+                extra_groups=[],
+                cwd="/",
+                env={"PATH": "/usr/bin:/bin"},
+                check=True,
+                capture_output=True,
+                timeout=timeout,
+            )
+            _msg, fds, _flags, _addr = socket.recv_fds(mine, 1, 1)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BenchError(f"cannot connect to gate.sock as {target.gate_user}: {exc}") from None
+        finally:
+            mine.close()
+            theirs.close()
+        self.sock = socket.socket(fileno=fds[0])
         self.sock.settimeout(timeout)
-        self.sock.connect(paths.gate_sock)
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
         self.sock.sendall(protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES))
@@ -293,8 +335,6 @@ def call_message(target: Target, tool: str, text: str) -> dict[str, Any]:
     """A ``call`` request as the gate would send it for the agent."""
     return protocol.request(
         "call",
-        caller=target.agent,
-        uid=target.agent_pw.pw_uid,
         tool=tool,
         kv=[["text", text]],
         args=None,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import re
 import sys
 import tempfile
@@ -44,12 +45,17 @@ def gate_site(target: Target) -> str:
     return match.group(2)
 
 
+#: what the shim hands the gate on stdin for 'call demo.echo text=hi' (the gate reads its arguments from it)
+CALL_FRAME = b"mcp-args 1 1 0\n7 text=hi\n"
+
+
 def interleaved(commands: dict[str, tuple[list[str], Any, Any]], rounds: int) -> dict[str, list[float]]:
     """Run each command once per round, in turn, so drift hits them all alike; ms samples."""
     samples: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(rounds):
         for name, (argv, user, env) in commands.items():
-            ms, code, _out = spawn_timed(argv, user, env)
+            frame = CALL_FRAME if argv[-2:] == ["call", "demo.echo"] else None
+            ms, code, _out = spawn_timed(argv, user, env, frame)
             if code != 0:
                 raise BenchError(f"{' '.join(argv)} exited {code}")
             samples[name].append(ms)
@@ -111,7 +117,7 @@ def cold_timeline(target: Target, runs: int) -> dict[str, Any]:
         f"SITE = {gate_site(target)!r}; ROOT = {target.paths.root!r}; BROKER_UID = {broker_uid}; "
         f"AGENT = {target.agent!r}; AGENT_UID = {target.agent_pw.pw_uid}\n" + TIMELINE
     )
-    argv = ["sudo", "-n", "-u", "mcp-gate", "/usr/bin/python3", "-IS", "-c", code]
+    argv = ["sudo", "-n", "-u", target.gate_user, "/usr/bin/python3", "-IS", "-c", code]
     keys = (
         "sudo + interpreter start",
         "imports",
@@ -206,7 +212,7 @@ def in_process(target: Target, n: int) -> dict[str, Any]:
     conn_ms: list[float] = []
     for i in range(n):
         s = time.perf_counter()
-        conn = GateConnection(target.paths)
+        conn = GateConnection(target)
         conn_ms.append((time.perf_counter() - s) * 1000)
         answer = conn.request(call_message(target, "demo.echo", f"profile-{i}"))
         t["roundtrip"].append((time.perf_counter() - s) * 1000)
@@ -272,19 +278,21 @@ def profile(target: Target, rounds: int = 40) -> dict[str, Any]:
     py = "/usr/bin/python3"
     agent = target.agent_pw
     call = ("call", "demo.echo", "text=hi")
+    gate_call = ("call", "demo.echo")  # text=hi comes in the frame on stdin, as from the shim
     commands: dict[str, tuple[list[str], Any, Any]] = {
         "spawn_true": (["/bin/true"], None, None),
-        "sudo_true": (["sudo", "-n", "-u", "mcp-gate", "/bin/true"], None, None),
+        "sudo_true": (["sudo", "-n", "-u", target.gate_user, "/bin/true"], None, None),
         "python_pass": ([py, "-IS", "-c", "pass"], None, None),
         "python_import_gate": (
             [py, "-IS", "-c", f"import sys; sys.path.append({site!r}); import broker.gate.verbs"],
             None,
             None,
         ),
-        "gate_call_no_sudo": (gate_argv(target, *call), None, gate_env(target)),
-        "agent_sudo_gate_call": (["sudo", "-n", "-u", "mcp-gate", target.paths.gate, *call], agent, None),
+        # as the gate user without sudo (the daemon serves nobody else on gate.sock)
+        "gate_call_no_sudo": (gate_argv(target, *gate_call), pwd.getpwnam(target.gate_user), gate_env(target)),
+        "agent_sudo_gate_call": (["sudo", "-n", "-u", target.gate_user, target.paths.gate, *gate_call], agent, None),
         "agent_mcp_call": ([target.paths.mcp, *call], agent, None),
-        "floor": (["sudo", "-n", "-u", "mcp-gate", py, "-IS", "-c", "pass"], None, None),
+        "floor": (["sudo", "-n", "-u", target.gate_user, py, "-IS", "-c", "pass"], None, None),
     }
     interleaved(commands, 3)  # warm caches
     raw = interleaved(commands, rounds)
@@ -296,7 +304,7 @@ def profile(target: Target, rounds: int = 40) -> dict[str, Any]:
     fsync = fsync_append_ms(target.paths.log)
     differences = {
         "process spawn (fork+exec+wait of /bin/true)": med["spawn_true"],
-        "sudo as root (sudo -u mcp-gate /bin/true - spawn)": round(med["sudo_true"] - med["spawn_true"], 3),
+        "sudo as root (sudo -u GATE-USER /bin/true - spawn)": round(med["sudo_true"] - med["spawn_true"], 3),
         "interpreter start+exit (python3 -IS -c pass - spawn)": round(med["python_pass"] - med["spawn_true"], 3),
         "gate imports (import broker.gate - python3 -c pass)": round(med["python_import_gate"] - med["python_pass"], 3),
         "gate's work, no sudo (gate call as root - import broker.gate)": round(
@@ -325,7 +333,7 @@ def profile(target: Target, rounds: int = 40) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     med = result["commands_median_ms"]
     lines = ["where one 'mcp call demo.echo text=hi' spends its time (medians, ms)"]
-    lines.append("  one cold gate run as mcp-gate (sudo from root), CLOCK_MONOTONIC stamps inside the process:")
+    lines.append("  one cold gate run as the gate user (sudo from root), CLOCK_MONOTONIC stamps inside the process:")
     for name, value in result["cold_timeline_ms"].items():
         lines.append(f"    {name:<66} {value:8.3f}")
     lines.append(
@@ -340,7 +348,7 @@ def render(result: dict[str, Any]) -> str:
     for name, value in result["differences_ms"].items():
         lines.append(f"    {name:<66} {value:8.3f}")
     lines.append(f"    {'total: mcp call as the agent':<66} {med['agent_mcp_call']:8.3f}")
-    lines.append(f"    {'floor: sudo -u mcp-gate python3 -IS -c pass':<66} {med['floor']:8.3f}")
+    lines.append(f"    {'floor: sudo -u GATE-USER python3 -IS -c pass':<66} {med['floor']:8.3f}")
     warm = result["in_process_warm_ms"]
     lines.append(
         "  warm, in-process: parse {parse_argv:.3f}, allowlist {allowlist:.3f}, connect {connect:.3f}, "

@@ -3,9 +3,11 @@
 :class:`FakeDaemon` listens on a path (``gate.sock`` of a staged root) and
 speaks the real frame protocol: each connection is served by its own
 thread and stays open for as many requests as the client sends. It records
-every frame it reads (``frames``, raw payloads, decodable or not) and every
-decoded request (``requests``), counts connections and requests in flight,
-and answers with ``answer``:
+every frame it reads (``frames``, raw payloads, decodable or not), every
+decoded request (``requests``) and the uid the kernel names as the peer of
+each connection (``peer_uids``, SO_PEERCRED: what the real daemon names the
+caller by, since protocol v2 requests carry no caller), counts connections
+and requests in flight, and answers with ``answer``:
 
 * a dict: that frame for every request;
 * a callable ``answer(request)`` returning what to do with this request:
@@ -19,8 +21,9 @@ and answers with ``answer``:
 ``delay`` seconds are slept before each answer. With ``validate`` (the
 default) a request must pass :func:`broker.core.protocol.validate_request`
 before it is recorded and answered; otherwise the connection is closed, as
-the daemon does. Without it every decoded request is recorded, so a test
-can check what the client sent. :func:`by_op` answers like a daemon would.
+the daemon does (so a request naming a ``caller`` or ``uid``, as the first
+version's gate did, is refused: unexpected key). Without it every decoded
+request is recorded, so a test can check what the client sent. :func:`by_op` answers like a daemon would.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Union
 
-from broker.core import protocol
+from broker.core import protocol, wire
 
 #: what an answer function returns (see the module docstring)
 Reply = Union[dict[str, Any], list[dict[str, Any]], bytes, None]  # noqa: UP007 - a runtime alias
@@ -79,6 +82,7 @@ class FakeDaemon:
         self.lock = threading.Lock()
         self.frames: list[bytes] = []
         self.requests: list[dict[str, Any]] = []
+        self.peer_uids: list[int] = []
         self.connections = 0
         self.active = 0
         self.max_active = 0
@@ -98,6 +102,7 @@ class FakeDaemon:
         with self.lock:
             self.frames.clear()
             self.requests.clear()
+            self.peer_uids.clear()
             self.answer = self.default_answer
 
     def ops(self, op: str) -> list[dict[str, Any]]:
@@ -131,9 +136,14 @@ class FakeDaemon:
                 conn, _ = self.sock.accept()
             except (TimeoutError, OSError):
                 continue
+            try:
+                uid = wire.peer_uid(conn)
+            except OSError:
+                uid = -1
             with self.lock:
                 self.connections += 1
                 self.conns.append(conn)
+                self.peer_uids.append(uid)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -193,3 +203,35 @@ def _exact(conn: socket.socket, n: int) -> bytes | None:
             return None
         data += chunk
     return data
+
+
+def unframe(data: bytes, wait: float = 5.0) -> tuple[list[str], str | None]:
+    """What the gate's ``read_frame`` makes of ``data`` arriving on a real pipe (the gate's stdin).
+
+    A thread writes ``data`` and then closes the write end, so a frame larger
+    than the pipe's buffer arrives in pieces, as it does from the shim.
+    """
+    from broker.gate.verbs import read_frame
+
+    r, w = os.pipe()
+
+    def feed() -> None:
+        try:
+            with contextlib.suppress(OSError):  # the reader stopped early (a refused frame): EPIPE
+                _write_all(w, data)
+        finally:
+            os.close(w)
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        return read_frame(r, wait)
+    finally:
+        os.close(r)  # a writer still blocked on a full pipe gets EPIPE and ends
+        writer.join(5)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -715,7 +715,8 @@ class Doctor:
         for directory in (p.etc, p.allowlist_d, p.servers_d):
             if existing(directory):
                 out.append(("create_in", directory, "the config"))
-        for sock, why in ((p.gate_sock, "gate.sock (only the gate users may)"), (p.admin_sock, "admin.sock (root only)")):
+        sockets = ((p.gate_sock, "gate.sock (only the gate users may)"), (p.admin_sock, "admin.sock (root only)"))
+        for sock, why in sockets:
             if existing(sock):
                 out.append(("connect", sock, why))
         if self.status and self.status.get("pid"):

@@ -6,9 +6,11 @@ by SO_PEERCRED, which names the caller through the gate-users map:
 (:data:`GATE_ROUTES`, :data:`ADMIN_ROUTES`, OpenSSH's monitor) binding each
 op of the protocol to its handler and to who may send it; a frame that
 breaks the protocol closes the connection. Every gate request is decided by
-:func:`broker.daemon.decision.decide` and leaves exactly one audit record,
-built here from what the handler returns (:class:`Outcome`). The daemon
-trusts no decision the gate made (Postfix's rule).
+:func:`broker.daemon.decision.decide` and leaves exactly one final audit
+record, built in one place (:meth:`Broker._dispatch_gate`) from what the
+handler returns (:class:`Outcome`), whatever the handler raised; a call that
+reaches its server has an intent record before it (two-phase audit). The
+daemon trusts no decision the gate made (Postfix's rule).
 
 This module holds no decision logic of its own and no process set-up
 (:mod:`broker.daemon.main`).

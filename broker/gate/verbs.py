@@ -440,9 +440,13 @@ def read_frame(fd: int, wait: float = FRAME_WAIT) -> tuple[list[str], str | None
     def need(n: int) -> None:
         while len(buf) < n:
             left = deadline - _monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            try:
+                ready = left > 0 and select.select([fd], [], [], left)[0]
+                chunk = os.read(fd, 1 << 16) if ready else None
+            except OSError as exc:
+                raise UsageError(f"standard input is closed or not readable ({exc.strerror or exc})") from None
+            if chunk is None:
                 raise UsageError("no argument frame on standard input (run mcp calls through the 'mcp' command)")
-            chunk = os.read(fd, 1 << 16)
             if not chunk:
                 raise UsageError("the argument frame on standard input is cut short")
             buf.extend(chunk)
@@ -488,7 +492,10 @@ def read_frame(fd: int, wait: float = FRAME_WAIT) -> tuple[list[str], str | None
         need(pos + 1 + size)
         if buf[pos : pos + 1] != b"\n":
             raise UsageError("malformed argument frame on standard input")
-        stdin = bytes(buf[pos + 1 : pos + 1 + size]).decode("utf-8", "surrogateescape")
+        try:
+            stdin = bytes(buf[pos + 1 : pos + 1 + size]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError("--args -: standard input is not valid UTF-8") from None
     return items, stdin
 
 

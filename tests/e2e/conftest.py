@@ -35,6 +35,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 
+def _drop_stale_sudoers() -> None:
+    """A test run that was killed leaves its staging root's sudoers drop-in behind: sudo -l would show its rules."""
+    import glob
+    import re
+
+    for path in glob.glob("/etc/sudoers.d/mcp-privsep-*"):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                roots = set(re.findall(r"(/tmp/mcp-privsep-[A-Za-z0-9_-]+)/", fh.read()))
+        except OSError:
+            continue
+        if roots and not any(os.path.isdir(r) for r in roots):
+            os.unlink(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_machine() -> None:
+    if os.geteuid() == 0:
+        _drop_stale_sudoers()
+
+
 @pytest.fixture(scope="session")
 def inst() -> Iterator[Installation]:
     """One staging installation with a running daemon, shared by the session."""

@@ -355,6 +355,64 @@ env_file = "{p.secrets}/demo.env"
         return found
 
 
+# --- speaking gate.sock as a gate user -------------------------------------------------------------
+
+_CONNECT = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+socket.send_fds(socket.socket(fileno=int(sys.argv[2])), [b"x"], [s.fileno()])
+"""
+
+
+def connect_as(user: str, path: str, timeout: float = 10.0) -> socket.socket:
+    """A socket connected to ``path`` by a process running as ``user`` (its SO_PEERCRED), handed back here.
+
+    What a compromised gate process of that user could do: the daemon sees exactly that uid.
+    """
+    pw = pwd.getpwnam(user)
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        subprocess.run(
+            ["/usr/bin/python3", "-I", "-c", _CONNECT, path, str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            user=pw.pw_uid,
+            group=pw.pw_gid,
+            extra_groups=[],
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin"},
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        _msg, fds, _flags, _addr = socket.recv_fds(mine, 1, 1)
+    finally:
+        mine.close()
+        theirs.close()
+    sock = socket.socket(fileno=fds[0])
+    sock.settimeout(timeout)
+    return sock
+
+
+def gate_exchange(user: str, path: str, request: dict[str, object]) -> dict[str, Any] | None:
+    """One request on gate.sock as ``user``; the answer, or None when the daemon closed the connection."""
+    from broker.core import protocol
+
+    with connect_as(user, path) as sock:
+        sock.sendall(protocol.encode_frame(request, protocol.MAX_REQUEST_BYTES))
+        header = sock.recv(4, socket.MSG_WAITALL)
+        if len(header) < 4:
+            return None
+        payload = sock.recv(protocol.frame_length(header, protocol.MAX_RESPONSE_BYTES), socket.MSG_WAITALL)
+    return protocol.decode_payload(payload)
+
+
+def gate_user(agent: str) -> str:
+    from broker.core.paths import gate_user_for
+
+    return gate_user_for(agent)
+
+
 # --- helpers the robustness tests and the fuzzers share ------------------------------------------
 
 HOSTILE = Path(__file__).parent / "servers" / "hostile.py"

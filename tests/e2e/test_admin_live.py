@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AGENT1, AGENT2, PYTHON, Installation
+from tests.e2e.harness import AGENT1, AGENT2, PYTHON, Installation, gate_user
 
 ANNOTATED_SERVER = """
 from mcp.server import MCPServer
@@ -366,7 +366,7 @@ def test_uninstall_keeps_config_and_purge_removes_it(own: Installation) -> None:
     assert os.path.exists(p.broker_toml) and os.path.exists(f"{p.secrets}/demo.env")
     assert os.path.exists(p.audit_log)
     # the agent is cut off: no sudo rule, no command
-    assert own.as_user(AGENT1, "sudo", "-n", "-u", "mcp-gate", p.gate, "list").code != 0
+    assert own.as_user(AGENT1, "sudo", "-n", "-u", gate_user(AGENT1), p.gate, "list").code != 0
     refused = own.ctl("uninstall", "--purge")
     assert refused.code == 64 and "--yes" in refused.err
     purged = own.ctl("uninstall", "--purge", "--yes")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 
-from tests.e2e.harness import AGENT2, Installation
+from tests.e2e.harness import AGENT1, AGENT2, Installation
 
 
 def test_edit_takes_effect_without_restart(live: Installation) -> None:
@@ -67,29 +67,16 @@ def test_per_user_file_replaces_the_global_one(live: Installation) -> None:
 
 
 def test_daemon_rechecks_even_if_the_gate_were_bypassed(live: Installation) -> None:
-    # speak the protocol directly (as root, which gate.sock admits) for a tool the caller may not use
-    import socket
-
+    # speak the protocol directly, as the agent's gate user (what a compromised gate could), for a tool it may not use
     from broker.core import protocol
+    from tests.e2e.harness import gate_exchange, gate_user
 
     live.set_allowlist("demo.whoami\n")
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(live.paths.gate_sock)
-    uid = pwd.getpwnam("mcpt-agent1").pw_uid
-    s.sendall(
-        protocol.encode_frame(
-            protocol.request(
-                "call", caller="mcpt-agent1", uid=uid, tool="demo.echo", kv=[["text", "x"]], args=None, timeout=None
-            )
-        )
-    )
-    s.settimeout(10)
-    n = protocol.frame_length(s.recv(4), protocol.MAX_RESPONSE_BYTES)
-    answer = protocol.decode_payload(s.recv(n))
-    assert answer["ok"] is False and answer["exit"] == 77
-    # and a caller name that does not match its uid is dropped outright
-    s2 = socket.socket(socket.AF_UNIX)
-    s2.connect(live.paths.gate_sock)
-    s2.sendall(protocol.encode_frame(protocol.request("list", caller="mcpt-agent1", uid=0)))
-    s2.settimeout(10)
-    assert s2.recv(10) == b""
+    answer = gate_exchange(
+        gate_user(AGENT1), live.paths.gate_sock, protocol.request("call", tool="demo.echo", kv=[["text", "x"]],
+                                                                     args=None, timeout=None)
+    )  # fmt: skip
+    assert answer is not None and answer["ok"] is False and answer["exit"] == 77
+    # and a frame naming a caller (protocol 1) is dropped outright: the caller is the peer's uid, nothing else
+    answer = gate_exchange(gate_user(AGENT1), live.paths.gate_sock, protocol.request("list", caller=AGENT2, uid=0))
+    assert answer is None

@@ -32,7 +32,7 @@ import pytest
 from broker.core import protocol
 from broker.core.paths import Paths
 from broker.daemon import audit
-from tests.e2e.harness import AGENT1, AGENT2, CTL, Installation, Result
+from tests.e2e.harness import AGENT1, AGENT2, CTL, Installation, Result, gate_exchange, gate_user
 
 CALL_OPS = ("call", "report", "list", "describe", "status")
 
@@ -60,14 +60,10 @@ def uid(user: str) -> int:
 
 
 def as_gate(paths: Paths, request: dict[str, Any]) -> dict[str, Any]:
-    """Speak gate.sock as root would (the daemon accepts root there), bypassing the gate's own check."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(paths.gate_sock)
-        sock.sendall(protocol.encode_frame(request, protocol.MAX_REQUEST_BYTES))
-        header = sock.recv(4, socket.MSG_WAITALL)
-        payload = sock.recv(protocol.frame_length(header, protocol.MAX_RESPONSE_BYTES), socket.MSG_WAITALL)
-    return protocol.decode_payload(payload)
+    """Speak gate.sock as agent1's gate user would, bypassing the gate's own check."""
+    answer = gate_exchange(gate_user(AGENT1), paths.gate_sock, request)
+    assert answer is not None, "the daemon closed the connection"
+    return answer
 
 
 def fingerprint(paths: Paths) -> dict[str, tuple[str, int, int, int]]:
@@ -130,8 +126,7 @@ def test_mixed_run_leaves_exactly_one_record_per_call_and_verifies(live: Install
     call(AGENT1, "call", "demo.echo", "--bogus", code=64, op="report", verb="call", decision="usage", source="gate")
     call(AGENT2, "list", code=0, op="list", decision="allow", rule=agent2_list)
     # the daemon re-checks the allowlist itself (a request that did not come through the gate's check)
-    answer = as_gate(p, protocol.request("call", caller=AGENT1, uid=a1, tool="demo.secret", kv=[], args=None,
-                                         timeout=None))  # fmt: skip
+    answer = as_gate(p, protocol.request("call", tool="demo.secret", kv=[], args=None, timeout=None))
     assert answer["ok"] is False and answer["exit"] == 77
     expected.append({"caller": AGENT1, "uid": a1, "op": "call", "tool": "demo.secret", "decision": "deny",
                      "exit": 77, "rule": global_list})  # fmt: skip

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import socket
 
 import pytest
 
-from tests.e2e.harness import AGENT1, AGENT2, OUTSIDER, PYTHON, Installation
+from tests.e2e.harness import AGENT1, AGENT2, OUTSIDER, PYTHON, Installation, connect_as, gate_user
 
 
 def test_whoami_runs_as_the_broker_user(live: Installation) -> None:
@@ -132,26 +131,30 @@ def test_agent_cannot_connect_to_broker_sockets(live: Installation) -> None:
 
 
 def test_gate_user_is_refused_on_admin_socket(live: Installation) -> None:
-    # even code running as mcp-gate (the sudo target) cannot reach admin.sock
+    # even code running as a gate user (the sudo target) or the old shared one cannot reach admin.sock
     code = (
         "import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
         'try:\n    s.connect(sys.argv[1]); s.sendall(b\'\\x00\\x00\\x00\\x17{"v":1,"op":"reload"}  \')\n'
         "    print('DATA', s.recv(10))\nexcept OSError as e:\n    print('refused', e.errno)\n"
     )
-    r = live.as_user("mcp-gate", PYTHON, "-c", code, live.paths.admin_sock)
-    assert "refused" in r.out or "DATA b''" in r.out, r
+    for user in (gate_user(AGENT1), "mcp-gate"):
+        r = live.as_user(user, PYTHON, "-c", code, live.paths.admin_sock)
+        assert "refused" in r.out or "DATA b''" in r.out, r
 
 
 def test_sudo_grants_nothing_but_the_gate(live: Installation) -> None:
+    mine, theirs = gate_user(AGENT1), gate_user(AGENT2)
     for argv in [
-        ["sudo", "-n", "-u", "mcp-gate", "/bin/sh", "-c", "id"],
-        ["sudo", "-n", "-u", "mcp-gate", PYTHON, "-c", "print(1)"],
+        ["sudo", "-n", "-u", mine, "/bin/sh", "-c", "id"],
+        ["sudo", "-n", "-u", mine, PYTHON, "-c", "print(1)"],
         ["sudo", "-n", "-u", "mcp-broker", live.paths.gate, "list"],
         ["sudo", "-n", "-u", "root", live.paths.gate, "list"],
-        ["sudo", "-n", "-E", "-u", "mcp-gate", live.paths.gate, "list"],
-        ["sudo", "-n", "-u", "mcp-gate", "env", "X=1", live.paths.gate, "list"],
-        ["sudo", "-n", "-u", "mcp-gate", "-g", "root", live.paths.gate, "list"],
-        ["sudo", "-n", "-i", "-u", "mcp-gate"],
+        ["sudo", "-n", "-E", "-u", mine, live.paths.gate, "list"],
+        ["sudo", "-n", "-u", mine, "env", "X=1", live.paths.gate, "list"],
+        ["sudo", "-n", "-u", mine, "-g", "root", live.paths.gate, "list"],
+        ["sudo", "-n", "-i", "-u", mine],
+        ["sudo", "-n", "-u", theirs, live.paths.gate, "list"],  # another agent's gate user
+        ["sudo", "-n", "-u", "mcp-gate", live.paths.gate, "list"],  # the first version's shared gate user
     ]:
         r = live.as_user(AGENT1, *argv)
         assert r.code != 0 and "uid=" not in r.out, argv
@@ -195,15 +198,14 @@ def test_agent_cannot_signal_or_trace_broker_processes(live: Installation) -> No
 
 
 def test_forged_frames_on_gate_socket_close_the_connection(live: Installation) -> None:
-    # root may connect (as the gate's SO_PEERCRED peer); malformed frames are dropped, daemon lives on
+    # as the agent's own gate user (a compromised gate): malformed frames are dropped, the daemon lives on
     for payload in (
         b"\xff\xff\xff\xff",
         b"\x00\x00\x00\x05hello",
         b'\x00\x00\x00\x0c{"op":"zzz"}',
         b'\x00\x00\x00\x1f{"v":1,"op":"list","caller":"x"}',
     ):
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(live.paths.gate_sock)
+        s = connect_as(gate_user(AGENT1), live.paths.gate_sock)
         s.sendall(payload)
         s.settimeout(5)
         assert s.recv(100) == b""
@@ -219,7 +221,7 @@ def test_agent_cannot_pose_as_another_agent(live: Installation) -> None:
         "sudo",
         "-n",
         "-u",
-        "mcp-gate",
+        gate_user(AGENT1),
         f"SUDO_USER={AGENT2}",
         f"SUDO_UID={agent2.pw_uid}",
         live.paths.gate,

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.harness import AGENT1, AGENT2, CTL, PYTHON, Installation
+from tests.e2e.harness import AGENT1, AGENT2, CTL, PYTHON, Installation, gate_user
 
 POLICY_ALLOWLIST = """\
 demo.echo
@@ -208,7 +208,7 @@ def test_the_agent_cannot_approve_itself(pol: Installation) -> None:
         pol.as_user(AGENT1, "sqlite3", f"{pol.paths.state}/state.db", "update approvals set status='approved'"),
         pol.as_user(AGENT1, PYTHON, "-c", f"open('{pol.paths.state}/state.db','r+b')"),
         pol.as_user(AGENT1, "sudo", "-n", "-u", "mcp-broker", CTL, "approve", approval),
-        pol.as_user(AGENT1, "sudo", "-n", "-u", "mcp-gate", CTL, "--root", pol.root, "approve", approval),
+        pol.as_user(AGENT1, "sudo", "-n", "-u", gate_user(AGENT1), CTL, "--root", pol.root, "approve", approval),
     ]
     for r in attempts:
         assert r.code != 0, r

@@ -1,12 +1,15 @@
 """Unit tests for ``agent/helper.py``: ``key=@path`` expansion and ``mcp skill``, run as the agent.
 
 ``expand()`` moves file contents (read as the agent) into one JSON object
-for ``--args -`` and leaves everything else to the gate, which judges
-every flag; what it produces is fed to the gate's own parser to check
-that the gate reads what the agent meant. ``skill()`` and ``main()`` run
-against a fake gate: a small executable script that answers ``list`` and
-``describe`` from a table and logs its argv and stdin, with
-``agent.helper._gate_argv`` patched so no sudo is ever run.
+for ``--args -`` (put right after the tool) and leaves everything else to
+the gate, which judges every flag; what it produces goes the whole way the
+gate sees it (:func:`agent.helper.gate_command`'s command line and its
+length-framed stdin, read back by the gate's own ``read_frame`` on a pipe,
+then the gate's parser) to check that the gate reads what the agent meant.
+``skill()`` and ``main()`` run against a fake gate: a small executable
+script that answers ``list`` and ``describe`` from a table and logs its
+argv and stdin, with ``agent.helper._gate_argv`` patched so no sudo is ever
+run (it records the gate user each command would run as).
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ import pytest
 from agent import helper
 from agent.helper import DATA_EXIT, MAX_FILE_BYTES, USAGE_EXIT, AgentError, expand, skill
 from broker.gate import verbs as gate
+from tests.fakes import unframe
+
+#: the agent's own gate user, as the shim passes it to the helper
+GATE_USER = "mcp-gate-alice"
 
 
 @pytest.fixture
@@ -34,8 +41,19 @@ def files(tmp_path: Path) -> Path:
 
 
 def gate_reads(argv: list[str], payload: str | None) -> gate.Request:
-    """What the gate makes of the helper's output (the payload arrives on its stdin)."""
-    return gate.parse_argv(argv, io.StringIO(payload if payload is not None else ""))
+    """What the gate makes of the helper's output, the way ``mcp-gate``'s ``run()`` gets it.
+
+    The sudo command line holds only the verb and the tool; the other
+    arguments and the payload come in the frame on the gate's stdin.
+    """
+    command, data = helper.gate_command("/GATE", GATE_USER, argv, payload)
+    assert command[:5] == ["sudo", "-n", "-u", GATE_USER, "/GATE"]
+    gate_argv = command[5:]
+    if data is None:
+        return gate.parse_argv(gate_argv, io.StringIO(""))
+    assert len(gate_argv) <= 2  # 'call' and at most the tool: never an argument value
+    items, piped = unframe(data)
+    return gate.parse_argv(gate_argv + items, io.StringIO(piped if piped is not None else ""))
 
 
 # --- expand: what is left alone ---------------------------------------------------------------------
@@ -69,13 +87,15 @@ def test_a_double_at_sends_the_literal_at() -> None:
     assert out[2] == "text=@@triple"  # one '@' taken off, no more
 
 
-def test_args_without_files_are_passed_on_after_the_arguments() -> None:
-    out, payload = expand(["call", "demo.echo", "--args", '{"a": 1}', "b=@@c"], None)
-    assert (out, payload) == (["call", "demo.echo", "b=@c", "--args", '{"a": 1}'], None)
+def test_args_without_files_go_right_after_the_tool() -> None:
+    out, payload = expand(["call", "demo.echo", "b=@@c", "--args", '{"a": 1}'], None)
+    assert (out, payload) == (["call", "demo.echo", "--args", '{"a": 1}', "b=@c"], None)
     req = gate_reads(out, payload)
     assert req.args == {"a": 1} and req.kv == [["b", "@c"]]
     out, payload = expand(["call", "demo.echo", "--args=-"], None)
-    assert (out, payload) == (["call", "demo.echo", "--args", "-"], None)  # stdin is left for the gate
+    # stdin is not read here: main() reads it and sends it in the frame
+    assert (out, payload) == (["call", "demo.echo", "--args", "-"], None)
+    assert gate_reads(out, '{"s": 1}').args == {"s": 1}
 
 
 def test_flags_with_values_keep_their_values() -> None:
@@ -89,9 +109,10 @@ def test_flags_with_values_keep_their_values() -> None:
 
 def test_a_file_value_moves_into_the_json_payload(files: Path) -> None:
     out, payload = expand(["call", "demo.echo", f"text=@{files}/note.txt", "n=5", "--json"], None)
-    assert out == ["call", "demo.echo", "n=5", "--json", "--args", "-"]
+    assert out == ["call", "demo.echo", "--args", "-", "n=5", "--json"]
     assert payload is not None and json.loads(payload) == {"text": "hello\nworld\n"}
-    assert str(files) not in out[-1]  # the path is never sent: the gate cannot read the agent's files
+    assert not any(str(files) in a for a in out)  # the path is never sent: the gate cannot read the agent's files
+    assert str(files) not in payload
     req = gate_reads(out, payload)
     assert req.args == {"text": "hello\nworld\n"} and req.kv == [["n", "5"]] and req.json
 
@@ -121,13 +142,12 @@ def test_files_merge_with_args_from_stdin(files: Path) -> None:
 def test_after_a_double_dash_dashed_words_are_arguments(files: Path) -> None:
     out, payload = expand(["call", "demo.echo", "--", f"-x=@{files}/other.txt", "--json=1"], None)
     assert json.loads(payload or "") == {"-x": "second"}
-    assert out[:4] == ["call", "demo.echo", "--", "--json=1"]
+    assert out == ["call", "demo.echo", "--args", "-", "--", "--json=1"]
+    req = gate_reads(out, payload)
+    assert req.args == {"-x": "second"} and req.kv == [["--json", "1"]] and not req.json
 
 
-# BUG: the helper appends '--args -' (or the agent's '--args JSON') at the end, after a '--' the agent wrote;
-# the gate then takes '--args' and its value as two more key=value items and fails with a usage error, so
-# 'mcp call T -- k=@file' and 'mcp call T --args JSON -- k=@@v' can never work.
-@pytest.mark.xfail(strict=True, reason="BUG: '--args' is appended after '--', where the gate reads no flags")
+# fixed: '--args' used to be appended after a '--' the agent wrote, where the gate reads no flags
 @pytest.mark.parametrize(
     ("argv", "args", "kv"),
     [
@@ -140,6 +160,8 @@ def test_arguments_after_a_double_dash_reach_the_gate(
     files: Path, argv: list[str], args: dict[str, Any], kv: list[list[str]]
 ) -> None:
     out, payload = expand([a.replace("{files}", str(files)) for a in argv], None)
+    assert out[2:4] == ["--args", "-" if payload is not None else '{"a": 1}']
+    assert out.index("--args") < out.index("--")
     req = gate_reads(out, payload)
     assert (req.args, req.kv) == (args, kv)
 
@@ -150,13 +172,44 @@ def test_a_literal_at_value_after_a_double_dash_reaches_the_gate() -> None:
     assert req.kv == [["k", "@v"], ["--json", "1"]] and req.args is None and not req.json
 
 
-# BUG: a second '--args' silently replaces the first in the helper (the gate itself refuses 'given twice'),
-# so the agent's first JSON object is dropped without a word.
-@pytest.mark.xfail(strict=True, reason="BUG: a repeated --args is silently dropped instead of refused")
-def test_args_given_twice_is_refused(files: Path) -> None:
-    with pytest.raises(AgentError, match="given twice") as caught:
-        expand(["call", "demo.echo", "--args", '{"a": 1}', "--args", '{"b": 2}', f"t=@{files}/other.txt"], None)
+# fixed: a second '--args' used to replace the first silently (the gate itself refuses 'given twice')
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--args", '{"a": 1}', "--args", '{"b": 2}'],
+        ['--args={"a": 1}', "--args", "-"],
+        ["--args", "-", "--args=-"],
+    ],
+    ids=["two objects", "object and stdin", "stdin twice"],
+)
+@pytest.mark.parametrize("with_file", [True, False], ids=["with a file", "no file"])
+def test_args_given_twice_is_refused(files: Path, flags: list[str], with_file: bool) -> None:
+    tail = [f"t=@{files}/other.txt"] if with_file else []
+    with pytest.raises(AgentError, match=r"^--args given twice$") as caught:
+        expand(["call", "demo.echo", *flags, *tail], io.StringIO('{"c": 3}'))
     assert caught.value.code == USAGE_EXIT
+
+
+# expand() puts '--args' right after the tool, wherever the tool stands; the gate accepts flags before the
+# tool ('mcp call --timeout 5 T k=v' works without a file value), but with a key=@file the helper makes
+# 'call --timeout --args - 5 T' and the gate refuses it (--timeout takes seconds, got '--args'); the same for
+# a leading '--args JSON', whose value becomes the next '--args' flag's JSON.
+@pytest.mark.parametrize(
+    ("argv", "args", "timeout"),
+    [
+        (["call", "--timeout", "5", "demo.echo", "t=@{files}/other.txt"], {"t": "second"}, 5.0),
+        (["call", "--args", '{"a": 1}', "demo.echo", "t=@{files}/other.txt"], {"a": 1, "t": "second"}, None),
+    ],
+    ids=["--timeout first", "--args first"],
+)
+def test_flags_before_the_tool_work_with_a_file_value(
+    files: Path, argv: list[str], args: dict[str, Any], timeout: float | None
+) -> None:
+    plain = [a for a in argv if "@" not in a]
+    assert gate.parse_argv(plain, io.StringIO("")).tool == "demo.echo"  # the gate takes this order
+    out, payload = expand([a.replace("{files}", str(files)) for a in argv], None)
+    req = gate_reads(out, payload)
+    assert (req.tool, req.args, req.timeout) == ("demo.echo", args, timeout)
 
 
 # --- expand: errors ------------------------------------------------------------------------------------
@@ -229,7 +282,7 @@ FAKE_GATE = """#!{python}
 import json, sys
 here = {here!r}
 with open(here + "/calls.jsonl", "a") as log:
-    log.write(json.dumps({{"argv": sys.argv[1:], "stdin": sys.stdin.read()}}) + "\\n")
+    log.write(json.dumps({{"argv": sys.argv[1:], "stdin": sys.stdin.buffer.read().hex()}}) + "\\n")
 table = json.load(open(here + "/table.json"))
 argv = sys.argv[1:]
 key = argv[0] if argv[0] != "describe" else "describe " + argv[1]
@@ -241,7 +294,11 @@ sys.exit(answer.get("code", 0))
 
 
 class FakeGate:
-    """An executable that answers from ``table.json`` and logs each run to ``calls.jsonl``."""
+    """An executable that answers from ``table.json`` and logs each run to ``calls.jsonl``.
+
+    ``users`` is the gate user of every command the helper built (``_gate_argv`` is patched to run the
+    fake directly instead of through sudo).
+    """
 
     def __init__(self, where: Path) -> None:
         self.dir = where
@@ -250,6 +307,11 @@ class FakeGate:
             fh.write(FAKE_GATE.format(python=sys.executable, here=str(where)))
         os.chmod(self.path, stat.S_IRWXU)
         self.table: dict[str, dict[str, Any]] = {}
+        self.users: list[str] = []
+
+    def argv(self, gate_path: str, gate_user: str, argv: list[str]) -> list[str]:
+        self.users.append(gate_user)
+        return [gate_path, *argv]
 
     def answer(self, key: str, code: int = 0, stdout: Any = "", stderr: str = "") -> None:
         text = stdout if isinstance(stdout, str) else json.dumps(stdout)
@@ -260,14 +322,17 @@ class FakeGate:
         log = self.dir / "calls.jsonl"
         if not log.exists():
             return []
-        return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+        runs = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+        for run in runs:
+            run["stdin"] = bytes.fromhex(run["stdin"])
+        return runs
 
 
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeGate:
     g = FakeGate(tmp_path)
     g.answer("list", stdout={"tools": []})
-    monkeypatch.setattr(helper, "_gate_argv", lambda gate_path, argv: [gate_path, *argv])
+    monkeypatch.setattr(helper, "_gate_argv", g.argv)
     return g
 
 
@@ -278,16 +343,18 @@ ECHO_SCHEMA = {
 }
 
 
-def test_the_real_gate_argv_is_sudo_to_the_gate_user() -> None:
-    assert helper._gate_argv("/usr/local/sbin/mcp-gate", ["list", "--json"]) == [
+def test_the_real_gate_argv_is_sudo_to_the_agent_s_own_gate_user() -> None:
+    assert helper._gate_argv("/usr/local/sbin/mcp-gate", GATE_USER, ["list", "--json"]) == [
         "sudo",
         "-n",
         "-u",
-        "mcp-gate",
+        GATE_USER,
         "/usr/local/sbin/mcp-gate",
         "list",
         "--json",
     ]
+    assert helper._gate_argv("/G", "mcp-gate-bob", [])[3] == "mcp-gate-bob"
+    assert not hasattr(helper, "GATE_USER")  # no shared gate user any more: the shim names the agent's own
 
 
 def test_skill_lists_each_tool_with_its_arguments(fake: FakeGate) -> None:
@@ -297,7 +364,7 @@ def test_skill_lists_each_tool_with_its_arguments(fake: FakeGate) -> None:
     )
     fake.answer("describe demo.echo", stdout={"name": "demo.echo", "input_schema": ECHO_SCHEMA})
     fake.answer("describe demo.ping", stdout={"name": "demo.ping", "input_schema": {"type": "object"}})
-    text = skill(fake.path)
+    text = skill(fake.path, GATE_USER)
     assert text.startswith("# Tools through mcp-privsep\n")
     assert text.endswith("\n") and "No tools are allowed" not in text
     echo = text[text.index("### demo.echo") : text.index("### demo.ping")]
@@ -320,16 +387,17 @@ def test_skill_lists_each_tool_with_its_arguments(fake: FakeGate) -> None:
         ["describe", "demo.echo", "--json"],
         ["describe", "demo.ping", "--json"],
     ]
+    assert fake.users == [GATE_USER] * 3
 
 
 def test_skill_tells_the_exit_codes_and_how_to_call(fake: FakeGate) -> None:
-    text = skill(fake.path)
+    text = skill(fake.path, GATE_USER)
     for needle in ("key=@path", "key=@@text", "--args -", "77", "65", "75", "misspelt names are never corrected"):
         assert needle in text, needle
 
 
 def test_skill_with_no_tools_says_so(fake: FakeGate) -> None:
-    text = skill(fake.path)
+    text = skill(fake.path, GATE_USER)
     assert text.endswith("## Tools\n\nNo tools are allowed for you at the moment.\n")
     assert [c["argv"] for c in fake.calls()] == [["list", "--json"]]
 
@@ -337,7 +405,7 @@ def test_skill_with_no_tools_says_so(fake: FakeGate) -> None:
 def test_a_tool_that_cannot_be_described_is_listed_without_arguments(fake: FakeGate) -> None:
     fake.answer("list", stdout={"tools": [{"name": "demo.echo", "description": "Echo"}]})
     fake.answer("describe demo.echo", code=77, stderr="mcp: denied\n")
-    text = skill(fake.path)
+    text = skill(fake.path, GATE_USER)
     assert text.endswith("### demo.echo\n\nEcho\n")
     assert "Example" not in text
 
@@ -345,11 +413,11 @@ def test_a_tool_that_cannot_be_described_is_listed_without_arguments(fake: FakeG
 def test_a_failed_listing_is_an_error_with_the_gate_s_code_and_words(fake: FakeGate) -> None:
     fake.answer("list", code=69, stderr="mcp: broker unavailable: connection refused\n")
     with pytest.raises(AgentError) as caught:
-        skill(fake.path)
+        skill(fake.path, GATE_USER)
     assert (caught.value.code, str(caught.value)) == (69, "mcp: broker unavailable: connection refused")
     fake.answer("list", code=78)
     with pytest.raises(AgentError) as caught:
-        skill(fake.path)
+        skill(fake.path, GATE_USER)
     assert (caught.value.code, str(caught.value)) == (78, "mcp list failed")
 
 
@@ -357,12 +425,12 @@ def test_a_failed_listing_is_an_error_with_the_gate_s_code_and_words(fake: FakeG
 
 
 def test_main_skill_prints_the_skill(fake: FakeGate, capsys: pytest.CaptureFixture[str]) -> None:
-    assert helper.main(fake.path, ["skill"]) == 0
-    assert capsys.readouterr().out == skill(fake.path)
+    assert helper.main(fake.path, GATE_USER, ["skill"]) == 0
+    assert capsys.readouterr().out == skill(fake.path, GATE_USER)
 
 
 def test_main_skill_takes_no_arguments(fake: FakeGate, capsys: pytest.CaptureFixture[str]) -> None:
-    assert helper.main(fake.path, ["skill", "--json"]) == 64
+    assert helper.main(fake.path, GATE_USER, ["skill", "--json"]) == 64
     assert capsys.readouterr().err == "mcp: 'skill' takes no arguments\n"
     assert fake.calls() == []
 
@@ -370,7 +438,7 @@ def test_main_skill_takes_no_arguments(fake: FakeGate, capsys: pytest.CaptureFix
 def test_main_reports_an_expansion_error_as_one_line(
     fake: FakeGate, files: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert helper.main(fake.path, ["call", "demo.echo", f"t=@{files}/nope"]) == 65
+    assert helper.main(fake.path, GATE_USER, ["call", "demo.echo", f"t=@{files}/nope"]) == 65
     err = capsys.readouterr().err
     assert err == f"mcp: cannot read {files}/nope: No such file or directory\n"
     assert fake.calls() == []  # nothing reached the gate
@@ -378,14 +446,31 @@ def test_main_reports_an_expansion_error_as_one_line(
 
 def test_main_sends_the_payload_on_stdin_and_returns_the_gate_s_code(fake: FakeGate, files: Path) -> None:
     fake.answer("call", code=1, stdout="it broke\n")
-    code = helper.main(fake.path, ["call", "demo.echo", f"text=@{files}/other.txt", "n=2"])
+    code = helper.main(fake.path, GATE_USER, ["call", "demo.echo", f"text=@{files}/other.txt", "n=2"])
     assert code == 1
     (run,) = fake.calls()
-    assert run["argv"] == ["call", "demo.echo", "n=2", "--args", "-"]
-    assert json.loads(run["stdin"]) == {"text": "second"}
+    assert run["argv"] == ["call", "demo.echo"]  # no argument on the command line
+    assert fake.users == [GATE_USER]
+    items, piped = unframe(run["stdin"])
+    assert items == ["--args", "-", "n=2"]
+    assert json.loads(piped or "") == {"text": "second"}
+    assert run["stdin"] == helper.frame(items, piped)
 
 
-def test_main_execs_sudo_when_nothing_was_expanded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_main_puts_the_agent_s_stdin_in_the_frame_for_args_dash(
+    fake: FakeGate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'--args -' with no file value: main() reads what the agent piped in and sends it in the frame."""
+    fake.answer("call", stdout="ok\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"text": "from stdin\n"}'))
+    assert helper.main(fake.path, GATE_USER, ["call", "demo.echo", "k=@@v", "--args=-"]) == 0
+    (run,) = fake.calls()
+    assert run["argv"] == ["call", "demo.echo"]
+    items, piped = unframe(run["stdin"])
+    assert items == ["--args", "-", "k=@v"] and piped == '{"text": "from stdin\n"}'
+
+
+def test_main_execs_sudo_for_a_verb_that_is_not_a_call(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[str, list[str]]] = []
 
     def fake_exec(file: str, args: list[str]) -> None:
@@ -394,7 +479,94 @@ def test_main_execs_sudo_when_nothing_was_expanded(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(os, "execvp", fake_exec)
     with pytest.raises(SystemExit):
-        helper.main("/usr/local/sbin/mcp-gate", ["call", "demo.echo", "text=@@x"])
+        helper.main("/usr/local/sbin/mcp-gate", GATE_USER, ["describe", "demo.echo", "--json"])
     assert seen == [
-        ("sudo", ["sudo", "-n", "-u", "mcp-gate", "/usr/local/sbin/mcp-gate", "call", "demo.echo", "text=@x"])
+        ("sudo", ["sudo", "-n", "-u", GATE_USER, "/usr/local/sbin/mcp-gate", "describe", "demo.echo", "--json"])
     ]
+
+
+def test_main_sends_a_call_s_arguments_in_the_frame_even_when_nothing_was_expanded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[tuple[list[str], bytes]] = []
+
+    def fake_run(command: list[str], input: bytes, check: bool) -> Any:
+        seen.append((command, input))
+        return type("Done", (), {"returncode": 3})()
+
+    def no_exec(file: str, args: list[str]) -> None:
+        raise AssertionError(f"a call must not exec with its arguments on the command line: {args}")
+
+    monkeypatch.setattr(os, "execvp", no_exec)
+    monkeypatch.setattr(helper.subprocess, "run", fake_run)
+    assert helper.main("/usr/local/sbin/mcp-gate", GATE_USER, ["call", "demo.echo", "text=@@secret"]) == 3
+    ((command, data),) = seen
+    assert command == ["sudo", "-n", "-u", GATE_USER, "/usr/local/sbin/mcp-gate", "call", "demo.echo"]
+    assert not any("secret" in a for a in command)
+    assert unframe(data) == (["text=@secret"], None)
+
+
+# --- the frame, the gate command and what may stand on a command line ----------------------------------
+
+
+def test_frame_layout_is_exact() -> None:
+    assert helper.frame([], None) == b"mcp-args 1 0 0\n"
+    assert helper.frame(["a=1", "b c", ""], None) == b"mcp-args 1 3 0\n3 a=1\n3 b c\n0 \n"
+    assert helper.frame(["\u00e9"], None) == b"mcp-args 1 1 0\n2 \xc3\xa9\n"  # lengths count bytes
+    assert helper.frame(["--args", "-"], '{"x": 1}') == b'mcp-args 1 2 8\n6 --args\n1 -\n{"x": 1}\n'
+    assert helper.frame(["x\ny"], "") == b"mcp-args 1 1 0\n3 x\ny\n"  # empty stdin: none sent
+    assert helper.frame(["\udcff"], None) == b"mcp-args 1 1 0\n1 \xff\n"  # undecodable argv bytes survive
+
+
+@pytest.mark.parametrize(
+    ("word", "ok"),
+    [
+        ("demo.echo", True),
+        ("a", True),
+        ("my-srv_2.tool-x", True),
+        ("", False),
+        ("-", False),
+        ("--json", False),
+        ("-demo.echo", False),
+        ("text=secret", False),
+        ("k:v", False),
+        ("demo echo", False),
+        ("demo.echo\n", False),
+        ("a/b", False),
+        ("$f", False),
+        ("`id`", False),
+        ("d\u00e9mo.echo", False),
+        ("\u0663", False),  # an Arabic-Indic digit: isalnum(), but not ASCII
+        ("demo.echo;", False),
+    ],
+)
+def test_names_a_tool_is_the_shim_s_test(word: str, ok: bool) -> None:
+    assert helper.names_a_tool(word) is ok
+
+
+@pytest.mark.parametrize(
+    ("argv", "head", "items"),
+    [
+        (["call", "demo.echo", "text=hi", "--json"], ["call", "demo.echo"], ["text=hi", "--json"]),
+        (["call", "demo.echo"], ["call", "demo.echo"], []),
+        (["call"], ["call"], []),
+        (["call", "text=secret", "demo.echo"], ["call"], ["text=secret", "demo.echo"]),
+        (["call", "--timeout", "5", "demo.echo"], ["call"], ["--timeout", "5", "demo.echo"]),
+        (["call", "bad name", "x=1"], ["call"], ["bad name", "x=1"]),
+    ],
+)
+def test_gate_command_keeps_every_call_argument_off_the_command_line(
+    argv: list[str], head: list[str], items: list[str]
+) -> None:
+    command, data = helper.gate_command("/GATE", GATE_USER, argv, None)
+    assert command == ["sudo", "-n", "-u", GATE_USER, "/GATE", *head]
+    assert data == helper.frame(items, None)
+    assert unframe(data) == (items, None)
+
+
+@pytest.mark.parametrize("argv", [["list", "--json"], ["describe", "demo.echo"], ["status"], ["stdio"], ["help"]])
+def test_gate_command_passes_other_verbs_as_they_are(argv: list[str]) -> None:
+    assert helper.gate_command("/GATE", GATE_USER, argv, None) == (
+        ["sudo", "-n", "-u", GATE_USER, "/GATE", *argv],
+        None,
+    )

@@ -4,8 +4,10 @@
 (``broker.core.layout``) for a staged root under a temporary directory,
 with the files found inside its directories and env files kept elsewhere;
 ``check_path()`` on files with the wrong owner, group, mode or type, a
-symlink and missing paths; ``_sudoers_why()`` and ``expected_rule()``.
-Nothing here runs sudo, runuser or a daemon.
+symlink and missing paths; ``_sudoers_why()``, ``expected_rule()`` (each
+agent's own gate user, from the gate-users map) and ``check_sudoers()`` on a
+drop-in kept in the staged tree (for agents that do not exist, so ``sudo -l``
+is never asked). Nothing here runs sudo, runuser or a daemon.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 from broker.admin import doctor
 from broker.admin.doctor import Doctor, Finding, Rule, _sudoers_why
 from broker.core import layout
-from broker.core.paths import GATE_USER, Paths
+from broker.core.paths import GATE_USER, Paths, gate_user_for
 from tests.unit.conftest import NOBODY_UID, needs_root, write
 
 #: the layout entries doctor checks with a rule of their own (commands and sudoers have their own checks)
@@ -332,8 +334,111 @@ def test_a_setuid_bit_is_named(doc: Doctor, tmp_root: str) -> None:
 
 
 def test_expected_rule_names_the_gate_of_the_staged_root(paths: Paths, doc: Doctor) -> None:
-    assert doc.expected_rule("moltbot") == f"moltbot ALL=(mcp-gate) NOPASSWD: {paths.root}/usr/local/sbin/mcp-gate"
-    assert Doctor(Paths("/")).expected_rule("bot") == "bot ALL=(mcp-gate) NOPASSWD: /usr/local/sbin/mcp-gate"
+    """Without a map line, each agent's rule runs the gate as its default gate user, mcp-gate-AGENT."""
+    assert doc.expected_rule("moltbot") == (
+        f"moltbot ALL=(mcp-gate-moltbot) NOPASSWD: {paths.root}/usr/local/sbin/mcp-gate"
+    )
+    assert doc.expected_rule("openclaw") == (
+        f"openclaw ALL=(mcp-gate-openclaw) NOPASSWD: {paths.root}/usr/local/sbin/mcp-gate"
+    )
+    assert Doctor(Paths("/")).expected_rule("bot") == "bot ALL=(mcp-gate-bot) NOPASSWD: /usr/local/sbin/mcp-gate"
+    assert f"({GATE_USER})" not in doc.expected_rule("moltbot")  # never the first version's shared user
+
+
+def test_expected_rule_for_a_long_agent_name_uses_the_cut_gate_user(doc: Doctor) -> None:
+    agent = "a-very-long-agent-name-over-the-limit"
+    gate = gate_user_for(agent)
+    assert len(gate) <= 32 and gate.startswith("mcp-gate-a-very") and gate != f"mcp-gate-{agent}"
+    assert doc.expected_rule(agent).startswith(f"{agent} ALL=({gate}) NOPASSWD: ")
+
+
+@needs_root
+def test_expected_rule_follows_the_gate_users_map(paths: Paths, doc: Doctor) -> None:
+    write(paths.gate_users, "# agents\nmoltbot mcp-gate-custom\nopenclaw mcp-gate-claw  # trailing\n", 0o640)
+    gate = f"{paths.root}/usr/local/sbin/mcp-gate"
+    assert doc.gate_user("moltbot") == "mcp-gate-custom"
+    assert doc.expected_rule("moltbot") == f"moltbot ALL=(mcp-gate-custom) NOPASSWD: {gate}"
+    assert doc.expected_rule("openclaw") == f"openclaw ALL=(mcp-gate-claw) NOPASSWD: {gate}"
+    assert doc.expected_rule("other") == f"other ALL=(mcp-gate-other) NOPASSWD: {gate}"  # not in the map
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("text", "mode"),
+    [("moltbot mcp-gate-custom extra\n", 0o640), ("moltbot mcp-gate-custom\n", 0o666)],
+    ids=["bad line", "writable by others"],
+)
+def test_expected_rule_with_an_unusable_map_falls_back_to_the_default(
+    paths: Paths, doc: Doctor, text: str, mode: int
+) -> None:
+    write(paths.gate_users, text, mode)
+    assert doc.gate_user("moltbot") == "mcp-gate-moltbot"
+    assert "(mcp-gate-moltbot)" in doc.expected_rule("moltbot")
+
+
+class StagedSudoers(Paths):
+    """A staged root whose sudoers drop-in lies in the staged tree too (never under the real /etc/sudoers.d)."""
+
+    @property
+    def sudoers(self) -> str:
+        return f"{self.root}/sudoers-drop-in"
+
+
+#: agents that exist nowhere: check_sudoers reports them missing and never runs 'sudo -l -U' for them
+GHOST, GHOST2 = "mcpunit-ghost1", "mcpunit-ghost2"
+
+
+def _sudoers_findings(tmp_root: str, lines: list[str]) -> list[tuple[str, str, str, str]]:
+    if doctor.shutil.which("visudo") is None and not os.path.exists("/usr/sbin/visudo"):
+        pytest.skip("visudo is not installed")
+    paths = StagedSudoers(tmp_root)
+    text = "".join(line.replace("@GATE@", paths.gate) + "\n" for line in lines)
+    path = write(paths.sudoers, text, 0o440)
+    os.chown(path, 0, 0)
+    d = Doctor(paths)
+    assert d.check_sudoers() == []  # none of these agents exists
+    return [f for f in findings(d) if "does not exist" not in f[2]]
+
+
+@needs_root
+def test_check_sudoers_accepts_each_agent_s_own_gate_user(tmp_root: str) -> None:
+    found = _sudoers_findings(
+        tmp_root,
+        [
+            f"# mcp-privsep agent: {GHOST}",
+            f"{GHOST} ALL=(mcp-gate-{GHOST}) NOPASSWD: @GATE@",
+            f"# mcp-privsep agent: {GHOST2}",
+            f"{GHOST2}  ALL=(mcp-gate-{GHOST2})  NOPASSWD: @GATE@",
+        ],
+    )
+    assert [f for f in found if f[0] == "problem"] == []
+
+
+@needs_root
+def test_check_sudoers_calls_the_shared_gate_user_half_migrated(tmp_root: str) -> None:
+    found = _sudoers_findings(tmp_root, [f"# mcp-privsep agent: {GHOST}", f"{GHOST} ALL=(mcp-gate) NOPASSWD: @GATE@"])
+    problems = [f for f in found if f[0] == "problem"]
+    assert any(
+        "half migrated" in f[2] and f"{GHOST} still runs the gate as the shared user mcp-gate" in f[2] for f in problems
+    )
+    assert any(f"agent {GHOST} has a marker but not the exact rule" in f[2] for f in problems)
+    assert all("mcp-brokerctl install" in f[3] for f in problems)
+
+
+@needs_root
+def test_check_sudoers_refuses_another_agent_s_gate_user(tmp_root: str) -> None:
+    """An agent running the gate as another agent's gate user would call as that agent: not the expected rule."""
+    found = _sudoers_findings(
+        tmp_root,
+        [
+            f"# mcp-privsep agent: {GHOST}",
+            f"{GHOST} ALL=(mcp-gate-{GHOST2}) NOPASSWD: @GATE@",
+        ],
+    )
+    problems = [f for f in found if f[0] == "problem"]
+    assert any(f"not the one expected rule: {GHOST} ALL=(mcp-gate-{GHOST2})" in f[2] for f in problems), problems
+    assert not any("half migrated" in f[2] for f in problems)
+    assert any(f"agent {GHOST} has a marker but not the exact rule" in f[2] for f in problems)
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,14 @@
 
 Each behaviour is checked through the real client (``broker.core.wire``):
 canned and per-request answers, an interim frame before the answer, a
-dropped request, garbage, validation on or off, persistent connections,
-the counters and recordings, ``reset()`` and ``close_all()``.
+dropped request, garbage, validation on or off (protocol v2: a request
+naming its caller is refused), persistent connections, the counters and
+recordings (the peer's uid too), ``reset()`` and ``close_all()``.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -40,7 +42,7 @@ def start(made: list[FakeDaemon], path: str, *args: Any, **kwargs: Any) -> FakeD
 
 
 def ask(path: str, op: str = "list", on_pending: Any = None, **fields: Any) -> Any:
-    message = protocol.request(op, caller="alice", uid=1000, **fields)
+    message = protocol.request(op, **fields)
     return wire.exchange(path, message, 5.0, None, on_pending)
 
 
@@ -51,7 +53,20 @@ def test_the_default_answers_like_a_daemon(made: list[FakeDaemon], sock_path: st
     assert by_op({"op": "call"}, refuse=75) == {"ok": False, "exit": 75, "error": "refused with 75"}
     assert by_op({"op": "report"}, refuse=75) == {"ok": True, "result": None}
     assert [r["op"] for r in d.requests] == ["list", "status"]
+    assert d.requests[0] == {"v": protocol.PROTOCOL_VERSION, "op": "list"}
     assert d.connections == 2 and len(d.frames) == 2
+    assert d.peer_uids == [os.getuid(), os.getuid()]  # the kernel's word, as the real daemon reads it
+
+
+@pytest.mark.parametrize("fields", [{"caller": "alice"}, {"uid": 1000}, {"caller": "alice", "uid": 1000}])
+def test_a_request_naming_its_caller_is_refused_like_the_daemon_does(
+    made: list[FakeDaemon], sock_path: str, fields: dict[str, Any]
+) -> None:
+    d = start(made, sock_path)
+    with pytest.raises(Unavailable):
+        wire.exchange(sock_path, protocol.request("list", **fields), 5.0, None)
+    assert d.requests == [] and len(d.frames) == 1
+    assert ask(sock_path) == by_op({"op": "list"})  # the listener lives on
 
 
 def test_a_canned_answer_and_what_was_asked(made: list[FakeDaemon], sock_path: str) -> None:
@@ -84,10 +99,12 @@ def test_an_invalid_request_is_recorded_only_without_validation(made: list[FakeD
     strict = start(made, f"{tmp_root}/a/gate.sock")
     loose = start(made, f"{tmp_root}/b/gate.sock", validate=False)
     with pytest.raises(Unavailable):
-        wire.exchange(strict.path, {"v": 1, "op": "bogus"}, 5.0, None)
+        wire.exchange(strict.path, {"v": protocol.PROTOCOL_VERSION, "op": "bogus"}, 5.0, None)
     assert strict.requests == [] and len(strict.frames) == 1  # read, refused, the connection closed
-    assert wire.exchange(loose.path, {"v": 1, "op": "bogus"}, 5.0, None)["ok"] is True
-    assert loose.requests == [{"v": 1, "op": "bogus"}]
+    old = protocol.request("list", caller="alice", uid=1000)
+    assert wire.exchange(loose.path, {"v": protocol.PROTOCOL_VERSION, "op": "bogus"}, 5.0, None)["ok"] is True
+    assert wire.exchange(loose.path, old, 5.0, None)["ok"] is True
+    assert loose.requests == [{"v": protocol.PROTOCOL_VERSION, "op": "bogus"}, old]
 
 
 def test_connections_persist_and_are_counted(made: list[FakeDaemon], sock_path: str) -> None:
@@ -95,7 +112,7 @@ def test_connections_persist_and_are_counted(made: list[FakeDaemon], sock_path: 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(sock_path)
         for _ in range(3):
-            s.sendall(protocol.encode_frame(protocol.request("status", caller="a", uid=1)))
+            s.sendall(protocol.encode_frame(protocol.request("status")))
             n = protocol.frame_length(wire.recv_exact(s, 4), protocol.MAX_RESPONSE_BYTES)
             assert protocol.decode_payload(wire.recv_exact(s, n))["ok"] is True
     assert d.connections == 1 and len(d.requests) == 3 and d.max_active == 1
@@ -106,7 +123,7 @@ def test_reset_forgets_and_restores_the_answer(made: list[FakeDaemon], sock_path
     d.answer = {"ok": False, "exit": 77, "error": "no"}
     assert ask(sock_path)["exit"] == 77
     d.reset()
-    assert d.requests == [] and d.frames == []
+    assert d.requests == [] and d.frames == [] and d.peer_uids == []
     assert ask(sock_path) == by_op({"op": "list"})
 
 

@@ -10,7 +10,10 @@ every input:
 - nothing on stderr or stdout is a traceback, and a failure is exactly one
   ``mcp: `` line on stderr;
 - no ``call`` or ``describe`` request ever reaches the daemon for a tool that
-  is not in the caller's allowlist (whole-string match, nothing fuzzy).
+  is not in the caller's allowlist (whole-string match, nothing fuzzy);
+- no request names a caller or a uid (protocol v2: the daemon knows the
+  caller by the peer's uid), whatever ``SUDO_UID`` says: only ``SUDO_USER``
+  picks the allowlist.
 
 A second property feeds the gate random daemon answers.
 """
@@ -243,13 +246,15 @@ def test_gate_never_escapes_the_contract(
     forwarded = [r for r in requests if r.get("op") in ("call", "describe")]
     event(f"exit {code}")
     event("forwarded a call/describe" if forwarded else "nothing forwarded")
-    # when SUDO_UID is unusable the gate names the real user (root here)
-    caller = user if uid.isdigit() and user else "root"
+    # SUDO_UID means nothing any more; without a SUDO_USER the gate names the real user (root here)
+    caller = user or "root"
     for req in forwarded:
         assert req["tool"] in allowed_for(caller), (argv, user, uid, req)
-        assert req["caller"] == caller, req
     for req in requests:
+        assert not {"caller", "uid"} & set(req), req
         protocol.validate_request(req, protocol.OPS)  # the gate only ever sends well-formed requests
+    with fake.lock:
+        assert set(fake.peer_uids) <= {os.getuid()}  # who calls is the socket's word
     if code == 0 and argv and argv[0] in ("call", "describe"):
         assert len(forwarded) == 1  # success for a tool means the daemon, not the gate, answered
 

@@ -7,6 +7,11 @@ set of verbs and flags, ``k=v``/``k:v`` splitting, ``--args`` (inline or
 ``-`` on stdin as bytes), ``--timeout`` bounds, argv caps, sysexits codes,
 one ``mcp: `` line on stderr and never a traceback, JSON errors with
 ``--json``, and the allowlist check made before the daemon is contacted.
+Protocol v2: what the gate sends names no caller (the daemon knows it by the
+peer's uid); ``SUDO_USER`` only picks the allowlist and words the messages,
+and ``SUDO_UID`` means nothing any more. The entry point ``run()`` is run in
+a subprocess: a call's arguments come in the shim's frame on stdin, never on
+its command line.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import io
 import json
 import os
 import pwd
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,15 +31,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.helper import frame
 from broker import __version__
-from broker.core import codec
-from broker.core.errors import CONTRACT_EXIT_CODES, UsageError
+from broker.core import codec, protocol
+from broker.core.errors import CONTRACT_EXIT_CODES, ConfigError, UsageError
 from broker.core.paths import Paths
 from broker.gate import verbs as gate
+from tests.conftest import ROOT as REPO
 from tests.fakes import FakeDaemon
 from tests.unit.conftest import needs_root, write
 
-ENV = {"SUDO_USER": "alice", "SUDO_UID": "1000"}
+ENV = {"SUDO_USER": "alice"}
 #: an install root where nothing exists (never created): no allowlist, no gate.sock
 ABSENT_ROOT = os.path.join(tempfile.gettempdir(), f"mcp-privsep-unit-absent-{os.getpid()}-{uuid.uuid4().hex}")
 
@@ -387,19 +396,38 @@ def test_status_without_daemon_is_unavailable() -> None:
 
 
 def test_invalid_caller_name_is_a_config_error() -> None:
-    r = run(["list"], environ={"SUDO_USER": "../../etc/x", "SUDO_UID": "1000"})
+    r = run(["list"], environ={"SUDO_USER": "../../etc/x"})
     assert r.code == 78
     assert "cannot name an allowlist" in r.one_error_line()
 
 
-def test_caller_identity() -> None:
-    assert gate.caller_identity({"SUDO_USER": "alice", "SUDO_UID": "1001"}) == ("alice", 1001)
-    me = (pwd.getpwuid(os.getuid()).pw_name, os.getuid())
-    assert gate.caller_identity({}) == me
-    assert gate.caller_identity({"SUDO_USER": "alice"}) == me
-    assert gate.caller_identity({"SUDO_USER": "alice", "SUDO_UID": "-1"}) == me
-    assert gate.caller_identity({"SUDO_USER": "alice", "SUDO_UID": "x"}) == me
-    assert gate.caller_identity({"SUDO_USER": "", "SUDO_UID": "5"}) == me
+def test_caller_name() -> None:
+    """SUDO_USER names the caller (it picks the allowlist); SUDO_UID means nothing any more."""
+    assert not hasattr(gate, "caller_identity")
+    me = pwd.getpwuid(os.getuid()).pw_name
+    assert gate.caller_name({"SUDO_USER": "alice"}) == "alice"
+    for uid in ("1001", "0", "-1", "x", ""):
+        assert gate.caller_name({"SUDO_USER": "alice", "SUDO_UID": uid}) == "alice"
+        assert gate.caller_name({"SUDO_UID": uid}) == me
+    assert gate.caller_name({}) == me
+    assert gate.caller_name({"SUDO_USER": ""}) == me
+
+
+def test_a_real_uid_without_a_name_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    unnamed = next(u for u in range(2**31 - 100, 2**31 - 1) if not _has_name(u))
+    monkeypatch.setattr(gate.os, "getuid", lambda: unnamed)
+    with pytest.raises(ConfigError, match=f"uid {unnamed} has no user name"):
+        gate.caller_name({})
+    r = run(["list"], environ={})
+    assert r.code == 78 and f"uid {unnamed} has no user name" in r.one_error_line()
+
+
+def _has_name(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("extra", [["--json"], ["x"], ["--config", "/tmp/x"]])
@@ -465,7 +493,7 @@ USERS = st.sampled_from(["alice", "bob", "", "../x", "a b", "root"])
 @settings(max_examples=300, deadline=None)
 @given(st.lists(TOKENS, max_size=7), st.binary(max_size=24), USERS)
 def test_fuzz_argv_never_escapes_the_contract(argv: list[str], stdin: bytes, user: str) -> None:
-    r = run(argv, stdin=bytes_stdin(stdin), environ={"SUDO_USER": user, "SUDO_UID": "1000"})
+    r = run(argv, stdin=bytes_stdin(stdin), environ={"SUDO_USER": user})
     assert r.code in CONTRACT_EXIT_CODES, (argv, r.code, r.err)
     assert "Traceback" not in r.err and "Traceback" not in r.out
     if r.code == 0:
@@ -513,9 +541,12 @@ def test_user_file_replaces_global_for_that_caller(root: str) -> None:
     os.makedirs(paths.allowlist_d)
     os.chmod(paths.allowlist_d, 0o755)
     write(paths.user_allowlist("bob"), "bob.only\n")
-    assert run(["call", "demo.echo"], root=root, environ={"SUDO_USER": "bob", "SUDO_UID": "1001"}).code == 77
-    assert run(["call", "bob.only"], root=root, environ={"SUDO_USER": "bob", "SUDO_UID": "1001"}).code == 69
+    assert run(["call", "demo.echo"], root=root, environ={"SUDO_USER": "bob"}).code == 77
+    assert run(["call", "bob.only"], root=root, environ={"SUDO_USER": "bob"}).code == 69
     assert run(["call", "bob.only"], root=root).code == 77  # alice still uses the global file
+    # SUDO_UID names nobody: not bob's uid, not root's
+    assert run(["call", "bob.only"], root=root, environ={"SUDO_USER": "alice", "SUDO_UID": "0"}).code == 77
+    assert run(["call", "demo.echo"], root=root, environ={"SUDO_USER": "bob", "SUDO_UID": "1000"}).code == 77
 
 
 @needs_root
@@ -553,22 +584,62 @@ def test_large_allowlist_uses_the_line_scan_and_agrees(root: str) -> None:
         assert run(["call", tool], root=root).code == 77, tool
 
 
-@needs_root
-def test_large_allowlist_validation_is_cached_only_when_valid(root: str) -> None:
+def _marker(directory: str, text: str) -> str:
     import hashlib
 
+    return f"{directory}/valid-{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+@needs_root
+def test_large_allowlist_validation_is_cached_only_when_valid(root: str) -> None:
     paths = Paths(root)
-    os.makedirs(paths.gate_cache)
+    mine = paths.gate_cache_of("alice")
+    assert mine == f"{paths.gate_cache}/alice"
+    os.makedirs(mine)
     good = _big_allowlist("")
     write(paths.allowlist, good)
     assert run(["call", "demo.echo"], root=root).code == 69
-    assert os.path.exists(f"{paths.gate_cache}/valid-{hashlib.sha256(good.encode()).hexdigest()}")
+    assert os.path.exists(_marker(mine, good))
+    assert os.listdir(paths.gate_cache) == ["alice"]  # nothing in the shared directory
     bad = _big_allowlist("files.*\n")
     write(paths.allowlist, bad)
     r = run(["call", "demo.echo"], root=root)
     assert r.code == 78 and "wildcard" in r.one_error_line()
-    assert not os.path.exists(f"{paths.gate_cache}/valid-{hashlib.sha256(bad.encode()).hexdigest()}")
+    assert not os.path.exists(_marker(mine, bad))
     assert run(["call", "demo.echo"], root=root).code == 78  # still invalid on the next call
+
+
+@needs_root
+def test_large_allowlist_markers_are_per_agent(root: str) -> None:
+    """One agent's gate user can write only its own cache: its markers never vouch for another agent's calls."""
+    paths = Paths(root)
+    for agent in ("alice", "bob"):
+        os.makedirs(paths.gate_cache_of(agent))
+    bad = _big_allowlist("files.*\n")
+    write(paths.allowlist, bad)
+    # a marker for the invalid content, planted in bob's directory and in the first version's shared one
+    for planted in (_marker(paths.gate_cache_of("bob"), bad), _marker(paths.gate_cache, bad)):
+        write(planted, b"", 0o600)
+    r = run(["call", "demo.echo"], root=root)  # alice
+    assert r.code == 78 and "wildcard" in r.one_error_line()
+    assert not os.path.exists(_marker(paths.gate_cache_of("alice"), bad))
+    assert run(["call", "demo.echo"], root=root, environ={"SUDO_USER": "bob"}).code == 69  # bob's own marker
+    good = _big_allowlist("")
+    write(paths.allowlist, good)
+    assert run(["call", "demo.echo"], root=root, environ={"SUDO_USER": "bob"}).code == 69
+    assert os.path.exists(_marker(paths.gate_cache_of("bob"), good))
+    assert not os.path.exists(_marker(paths.gate_cache_of("alice"), good))
+
+
+@needs_root
+def test_large_allowlist_without_a_cache_directory_is_validated_every_time(root: str) -> None:
+    paths = Paths(root)
+    good = _big_allowlist("")
+    write(paths.allowlist, good)
+    assert run(["call", "demo.echo"], root=root).code == 69
+    assert not os.path.exists(paths.gate_cache_of("alice"))
+    write(paths.allowlist, _big_allowlist("files.*\n"))
+    assert run(["call", "demo.echo"], root=root).code == 78
 
 
 # --- with a fake daemon on gate.sock ----------------------------------------------------------
@@ -598,16 +669,34 @@ def test_call_is_forwarded_with_exact_fields(root: str, daemon: StartDaemon) -> 
     assert (r.code, r.out, r.err) == (0, "hello\n", "")
     assert d.requests == [
         {
-            "v": 1,
+            "v": protocol.PROTOCOL_VERSION,
             "op": "call",
-            "caller": "alice",
-            "uid": 1000,
             "tool": "demo.echo",
             "kv": [["url", "http://x:1"], ["n", "5"]],
             "args": {"o": {"p": 1}},
             "timeout": 2.5,
         }
     ]
+    assert d.peer_uids == [os.getuid()]  # who calls is the socket's word, not the request's
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("argv", "sent"),
+    [
+        (["list", "--json"], {"op": "list"}),
+        (["status"], {"op": "status"}),
+        (["describe", "demo.add"], {"op": "describe", "tool": "demo.add"}),
+        (["call", "demo.echo"], {"op": "call", "tool": "demo.echo", "kv": [], "args": None, "timeout": None}),
+    ],
+)
+@pytest.mark.parametrize("environ", [ENV, {"SUDO_USER": "alice", "SUDO_UID": "0"}, {}], ids=["sudo", "uid 0", "none"])
+def test_no_request_names_a_caller(
+    root: str, daemon: StartDaemon, argv: list[str], sent: dict, environ: dict[str, str]
+) -> None:
+    d = daemon({"ok": True, "result": {}})
+    assert run(argv, root=root, environ=environ).code == 0
+    assert d.requests == [{"v": protocol.PROTOCOL_VERSION, **sent}]
 
 
 @needs_root
@@ -631,7 +720,7 @@ def test_list_is_forwarded_and_printed(root: str, daemon: StartDaemon) -> None:
     d = daemon({"ok": True, "result": {"tools": [{"name": "demo.echo", "description": "Echo"}, {"name": "demo.add"}]}})
     r = run(["list"], root=root)
     assert (r.code, r.out) == (0, "demo.echo  Echo\ndemo.add\n")
-    assert d.requests == [{"v": 1, "op": "list", "caller": "alice", "uid": 1000}]
+    assert d.requests == [{"v": protocol.PROTOCOL_VERSION, "op": "list"}]
 
 
 @needs_root
@@ -640,13 +729,31 @@ def test_denial_is_reported_to_the_daemon_for_audit(root: str, daemon: StartDaem
     assert run(["call", "demo.secret"], root=root).code == 77
     assert len(d.requests) == 1
     rep = d.requests[0]
-    assert (rep["op"], rep["verb"], rep["tool"], rep["exit"], rep["caller"]) == (
-        "report",
-        "call",
-        "demo.secret",
-        77,
-        "alice",
-    )
+    assert rep == {
+        "v": protocol.PROTOCOL_VERSION,
+        "op": "report",
+        "verb": "call",
+        "tool": "demo.secret",
+        "exit": 77,
+        "reason": "denied: demo.secret is not in the allowlist for alice",
+    }
+    assert d.peer_uids == [os.getuid()]
+
+
+@needs_root
+def test_a_usage_error_is_reported_without_a_caller(root: str, daemon: StartDaemon) -> None:
+    d = daemon({"ok": True, "result": None})
+    assert run(["call", "demo.echo", "--bogus"], root=root).code == 64
+    assert d.requests == [
+        {
+            "v": protocol.PROTOCOL_VERSION,
+            "op": "report",
+            "verb": "call",
+            "tool": "",
+            "exit": 64,
+            "reason": "unknown option '--bogus' for 'call' (try 'mcp help')",
+        }
+    ]
 
 
 @needs_root
@@ -682,3 +789,175 @@ def test_usage_error_with_json_is_also_json_on_stdout(argv: list[str]) -> None:
     assert r.code == 64
     r.one_error_line()
     assert codec.loads(r.out)["exit"] == 64
+
+
+# --- the entry point run(): a call's arguments come in the frame on stdin -----------------------------
+
+#: runs ``broker.gate.verbs.run`` as ``mcp-gate`` does, with the frame wait cut to WAIT seconds
+ENTRY = """
+import sys
+from broker.gate import verbs
+verbs.read_frame.__defaults__ = (float(sys.argv[2]),)
+root = sys.argv[1]
+sys.argv = ["mcp-gate", *sys.argv[3:]]
+verbs.run(root=root)
+"""
+WAIT = 0.3
+
+
+def entry(
+    argv: list[str],
+    stdin: bytes | None = b"",
+    root: str = ABSENT_ROOT,
+    env: dict[str, str] | None = None,
+    wait: float = WAIT,
+) -> subprocess.CompletedProcess[bytes]:
+    """The gate's entry point in a fresh interpreter; ``stdin=None``: a pipe that stays open and silent."""
+    environ = {"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin", **(ENV if env is None else env)}
+    command = [sys.executable, "-c", ENTRY, root, str(wait), *argv]
+    if stdin is not None:
+        return subprocess.run(command, input=stdin, capture_output=True, env=environ, timeout=30, check=False)
+    r, w = os.pipe()
+    try:
+        return subprocess.run(command, stdin=r, capture_output=True, env=environ, timeout=30, check=False)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def one_line(done: subprocess.CompletedProcess[bytes]) -> str:
+    err = done.stderr.decode()
+    assert "Traceback" not in err and err.endswith("\n") and len(err.splitlines()) == 1, err
+    assert err.startswith("mcp: "), err
+    return err[:-1]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["call", "demo.echo", "text=hi"],
+        ["call", "demo.echo", "--json"],
+        ["call", "demo.echo", "--args", "-"],
+        ["call", "text=secret", "demo.echo"],
+    ],
+)
+def test_run_refuses_a_call_s_arguments_on_its_command_line(argv: list[str]) -> None:
+    done = entry(argv, frame([], None))
+    assert done.returncode == 64
+    assert "arguments on standard input only" in one_line(done)
+    assert done.stdout == b""
+
+
+@pytest.mark.parametrize(
+    ("stdin", "words"),
+    [
+        (b"", "cut short"),
+        (b"text=hi there\n", "no argument frame"),
+        (b"mcp-args 2 0 0\n", "another version"),
+        (b"mcp-args 1 1 0\n5 ab", "cut short"),
+        (b"mcp-args 1 x 0\n", "malformed"),
+        (None, "no argument frame"),
+    ],
+    ids=["empty", "not a frame", "version 2", "short item", "bad count", "silent open pipe"],
+)
+def test_run_refuses_a_call_without_a_good_frame(stdin: bytes | None, words: str) -> None:
+    done = entry(["call", "demo.echo"], stdin)
+    assert done.returncode == 64
+    assert words in one_line(done)
+    assert done.stdout == b""
+
+
+def test_run_waits_for_a_silent_frame_only_as_long_as_it_may() -> None:
+    import time
+
+    start = time.monotonic()
+    done = entry(["call", "demo.echo"], None, wait=0.5)
+    took = time.monotonic() - start
+    assert done.returncode == 64 and "no argument frame" in one_line(done)
+    assert 0.5 <= took < 10
+
+
+def test_run_reads_no_frame_for_other_verbs() -> None:
+    done = entry(["status"], None)  # stdin open and silent: status never waits for it
+    assert done.returncode == 69 and "broker unavailable" in one_line(done)
+    done = entry(["list", "extra"], None)
+    assert done.returncode == 64 and "unexpected argument 'extra'" in one_line(done)
+
+
+def test_run_parses_the_frame_s_items_like_command_line_arguments() -> None:
+    done = entry(["call", "demo.echo"], frame(["--bogus"], None))
+    assert done.returncode == 64 and "unknown option '--bogus'" in one_line(done)
+    done = entry(["call"], frame(["demo.echo", "text=hi"], None))  # the tool in the frame too
+    assert done.returncode == 78 and "denying every call" in one_line(done)  # no allowlist in the absent root
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("argv", "items", "piped", "kv", "args"),
+    [
+        (["call", "demo.echo"], ["text=hi", "n:5"], None, [["text", "hi"], ["n", "5"]], None),
+        (["call"], ["demo.echo", "text=a\nb c"], None, [["text", "a\nb c"]], None),
+        (["call", "demo.echo"], ["--args", "-", "k=v"], '{"o": "p\\u00e9"}', [["k", "v"]], {"o": "p\u00e9"}),
+        (["call", "demo.echo"], ["--args=-"], '{"o": 1}', [], {"o": 1}),
+        (["call", "demo.echo"], ["--", "--json=1", "$f=`id`"], None, [["--json", "1"], ["$f", "`id`"]], None),
+    ],
+    ids=["kv", "tool in the frame", "--args - with stdin", "--args=-", "after --"],
+)
+def test_run_forwards_what_the_frame_holds(
+    root: str,
+    daemon: StartDaemon,
+    argv: list[str],
+    items: list[str],
+    piped: str | None,
+    kv: list[list[str]],
+    args: dict | None,
+) -> None:
+    d = daemon({"ok": True, "result": {"text": "done", "is_error": False}})
+    done = entry(argv, frame(items, piped), root=root, env={"SUDO_USER": "alice", "SUDO_UID": "0", "HOME": "/x"})
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"done\n", b"")
+    assert d.requests == [
+        {"v": protocol.PROTOCOL_VERSION, "op": "call", "tool": "demo.echo", "kv": kv, "args": args, "timeout": None}
+    ]
+
+
+@needs_root
+def test_run_with_args_dash_and_nothing_piped_is_a_usage_error(root: str, daemon: StartDaemon) -> None:
+    d = daemon({"ok": True, "result": {}})
+    done = entry(["call", "demo.echo"], frame(["--args", "-"], None), root=root)
+    assert done.returncode == 64 and "--args" in one_line(done)
+    assert d.ops("call") == []
+
+
+def test_run_refuses_an_argument_that_is_not_utf8() -> None:
+    done = entry(["call", "demo.echo"], b"mcp-args 1 1 0\n6 text=\xff")
+    assert done.returncode == 64 and "not valid UTF-8" in one_line(done)
+
+
+# Fixed: the --args - text in the frame used to be decoded with surrogateescape and handed on as text, so
+# stdin that is not UTF-8 is no longer refused (64, as main() with a byte stream does: see
+# test_args_from_stdin_rejected): a lone surrogate gets into the arguments and reaches the daemon, which then
+# sees U+FFFD in place of the agent's bytes (the frame encoder replaces it), silently changing the value.
+@needs_root
+@pytest.mark.parametrize("data", [b'{"a": "\xc3"}', b'{"a": "\xff\xfe"}'], ids=["cut sequence", "invalid bytes"])
+def test_run_refuses_args_stdin_that_is_not_utf8(root: str, daemon: StartDaemon, data: bytes) -> None:
+    d = daemon({"ok": True, "result": {"text": "done"}})
+    payload = b"mcp-args 1 2 %d\n6 --args\n1 -\n" % len(data) + data
+    done = entry(["call", "demo.echo"], payload, root=root)
+    assert d.ops("call") == [], d.ops("call")
+    assert done.returncode == 64 and "--args" in one_line(done)
+
+
+# Fixed: a call whose stdin is closed ('mcp-gate call T <&-') is refused with 64; the one line used to read
+# "cannot write the answer: Bad file descriptor": read_frame's OSError is taken for a broken stdout.
+def test_run_with_a_closed_stdin_says_so() -> None:
+    environ = {"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin", **ENV}
+    done = subprocess.run(
+        ["/bin/sh", "-c", 'exec "$0" -c "$1" "$2" "$3" call demo.echo <&-', sys.executable, ENTRY, ABSENT_ROOT, "0.3"],
+        capture_output=True,
+        env=environ,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 64
+    line = one_line(done)
+    assert "standard input" in line and "cannot write the answer" not in line

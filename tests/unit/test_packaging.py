@@ -5,8 +5,10 @@ These are the security-relevant examples and units the README points at:
 * the sudoers template (``packaging/sudoers.in``), the rendered example
   (``etc/sudoers.d/mcp-privsep``) and what ``mcp-brokerctl install`` writes
   (``broker.install.sudoers_text``) must pass ``visudo -cf`` and grant exactly
-  ``AGENT ALL=(mcp-gate) NOPASSWD: /usr/local/sbin/mcp-gate``: no SETENV, no
-  env_keep, no Defaults, no wildcard, no ALL as the command;
+  ``AGENT ALL=(mcp-gate-AGENT) NOPASSWD: /usr/local/sbin/mcp-gate``, each
+  agent as its own gate user (never the first version's shared ``mcp-gate``,
+  never another agent's): no SETENV, no env_keep, no Defaults, no wildcard,
+  no ALL as the command;
 * the systemd unit carries the hardening the README promises, and
   ``systemd-analyze verify`` accepts it when that tool works on the machine;
 * the OpenRC script is valid shell and does not share its pid file with the
@@ -31,7 +33,7 @@ import pytest
 
 from broker.admin import install
 from broker.core import allowlist
-from broker.core.paths import GATE_USER, Paths
+from broker.core.paths import GATE_USER, Paths, gate_user_for
 from broker.daemon.config import BrokerSettings, FileModel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,17 +83,19 @@ def sudoers_rules(text: str) -> list[re.Match[str]]:
         if not stripped or stripped.startswith("#"):
             continue
         match = RULE_RE.match(stripped)
-        assert match is not None, f"not a plain 'USER ALL=(mcp-gate) NOPASSWD: CMD' rule: {line!r}"
+        assert match is not None, f"not a plain 'USER ALL=(GATE_USER) NOPASSWD: CMD' rule: {line!r}"
         rules.append(match)
     return rules
 
 
-def assert_minimal_grant(text: str, agents: list[str]) -> None:
-    """Exactly one rule per agent: one absolute command, as mcp-gate, nothing else."""
+def assert_minimal_grant(text: str, agents: dict[str, str]) -> None:
+    """Exactly one rule per agent: one absolute command, as that agent's own gate user, nothing else."""
     rules = sudoers_rules(text)
-    assert [m["user"] for m in rules] == agents
+    assert [m["user"] for m in rules] == list(agents)
+    assert len(set(agents.values())) == len(agents), "two agents share a gate user"
     for m in rules:
-        assert m["runas"].strip() == GATE_USER, m.group(0)
+        assert m["runas"].strip() == agents[m["user"]], m.group(0)
+        assert m["runas"].strip() != GATE_USER, f"the first version's shared gate user: {m.group(0)}"
         assert m["tags"].replace(" ", "") == "NOPASSWD:", f"only the NOPASSWD tag is allowed: {m.group(0)}"
         assert m["cmd"].strip() == GATE, f"the command must be exactly {GATE}: {m.group(0)}"
     for line in text.splitlines():
@@ -103,22 +107,29 @@ def assert_minimal_grant(text: str, agents: list[str]) -> None:
         assert line.count("ALL") <= 1, f"ALL beyond the host position: {line!r}"
 
 
-def render_template(agent: str) -> str:
-    return SUDOERS_TEMPLATE.read_text(encoding="utf-8").replace("@AGENT@", agent)
+def render_template(agent: str, gate_user: str | None = None) -> str:
+    text = SUDOERS_TEMPLATE.read_text(encoding="utf-8")
+    return text.replace("@GATE_USER@", gate_user or gate_user_for(agent)).replace("@AGENT@", agent)
 
 
 def test_sudoers_template_has_one_placeholder_rule() -> None:
     text = SUDOERS_TEMPLATE.read_text(encoding="utf-8")
     assert text.startswith("#"), "the template starts with a comment header"
-    assert f"@AGENT@ ALL=(mcp-gate) NOPASSWD: {GATE}\n" in text
-    assert_minimal_grant(text.replace("@AGENT@", "agent"), ["agent"])
+    assert f"@AGENT@ ALL=(@GATE_USER@) NOPASSWD: {GATE}\n" in text
+    assert_minimal_grant(
+        text.replace("@GATE_USER@", "mcp-gate-agent").replace("@AGENT@", "agent"), {"agent": "mcp-gate-agent"}
+    )
+    assert "/etc/mcp-privsep/gate-users" in text  # the by-hand install must write the map too
 
 
-@pytest.mark.parametrize("agent", [AGENT, "openclaw", "svc_agent-2"])
+LONG_AGENT = "a-very-long-agent-name-over-the-limit"
+
+
+@pytest.mark.parametrize("agent", [AGENT, "openclaw", "svc_agent-2", LONG_AGENT])
 def test_sudoers_template_rendered_passes_visudo(agent: str, tmp_path: Path) -> None:
     text = render_template(agent)
-    assert "@AGENT@" not in text
-    assert_minimal_grant(text, [agent])
+    assert "@AGENT@" not in text and "@GATE_USER@" not in text
+    assert_minimal_grant(text, {agent: gate_user_for(agent)})
     visudo_check(text, tmp_path)
 
 
@@ -131,7 +142,7 @@ def test_sudoers_template_keeps_the_install_marker() -> None:
 
 def test_sudoers_example_passes_visudo_and_matches_template(tmp_path: Path) -> None:
     text = SUDOERS_EXAMPLE.read_text(encoding="utf-8")
-    assert_minimal_grant(text, [AGENT])
+    assert_minimal_grant(text, {AGENT: "mcp-gate-moltbot"})
     visudo_check(text, tmp_path)
     rendered = [m.group(0) for m in sudoers_rules(render_template(AGENT))]
     assert [m.group(0) for m in sudoers_rules(text)] == rendered
@@ -143,22 +154,53 @@ def test_sudoers_example_name_is_read_by_sudo() -> None:
     assert "." not in SUDOERS_EXAMPLE.name and not SUDOERS_EXAMPLE.name.endswith("~")
 
 
-@pytest.mark.parametrize("agents", [[AGENT], [AGENT, "openclaw"]])
-def test_install_sudoers_text_passes_visudo(agents: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "agents",
+    [
+        {AGENT: "mcp-gate-moltbot"},
+        {AGENT: "mcp-gate-moltbot", "openclaw": "mcp-gate-openclaw"},
+        {LONG_AGENT: gate_user_for(LONG_AGENT), "svc_agent-2": "mcp-gate-svc_agent-2"},
+    ],
+)
+def test_install_sudoers_text_passes_visudo(agents: dict[str, str], tmp_path: Path) -> None:
     text = install.sudoers_text(Paths("/"), agents)
     assert_minimal_grant(text, agents)
     visudo_check(text, tmp_path)
+    assert install.sudoers_agents(str(tmp_path / "mcp-privsep")) == list(agents)  # install reads its markers back
 
 
-def test_install_and_template_grant_the_same(tmp_path: Path) -> None:
-    generated = [m.group(0) for m in sudoers_rules(install.sudoers_text(Paths("/"), [AGENT]))]
-    assert generated == [m.group(0) for m in sudoers_rules(render_template(AGENT))]
+def test_install_sudoers_text_keeps_a_marker_above_each_rule() -> None:
+    agents = {AGENT: "mcp-gate-moltbot", "openclaw": "mcp-gate-openclaw"}
+    lines = install.sudoers_text(Paths("/"), agents).splitlines()
+    for agent, gate in agents.items():
+        i = lines.index(f"{install.SUDOERS_MARK}{agent}")
+        assert lines[i + 1] == f"{agent} ALL=({gate}) NOPASSWD: {GATE}"
+
+
+def test_sudoers_rule_is_the_one_contract_rule() -> None:
+    assert install.sudoers_rule(Paths("/"), AGENT, "mcp-gate-moltbot") == (
+        f"moltbot ALL=(mcp-gate-moltbot) NOPASSWD: {GATE}"
+    )
+    staged = Paths("/srv/stage")
+    assert install.sudoers_rule(staged, "bot", "mcp-gate-bot") == f"bot ALL=(mcp-gate-bot) NOPASSWD: {staged.gate}"
+
+
+@pytest.mark.parametrize("agent", [AGENT, LONG_AGENT])
+def test_install_and_template_grant_the_same(agent: str) -> None:
+    generated = [m.group(0) for m in sudoers_rules(install.sudoers_text(Paths("/"), {agent: gate_user_for(agent)}))]
+    assert generated == [m.group(0) for m in sudoers_rules(render_template(agent))]
+
+
+def test_the_example_is_the_template_rendered_for_moltbot() -> None:
+    example = [m.group(0) for m in sudoers_rules(SUDOERS_EXAMPLE.read_text(encoding="utf-8"))]
+    assert example == [f"moltbot ALL=(mcp-gate-moltbot) NOPASSWD: {GATE}"]
+    assert gate_user_for(AGENT) == "mcp-gate-moltbot"
 
 
 def test_visudo_rejects_a_broken_rule(tmp_path: Path) -> None:
     """The visudo check above is real: a missing ':' after NOPASSWD is caught."""
     path = tmp_path / "broken"
-    path.write_text(f"{AGENT} ALL=(mcp-gate) NOPASSWD {GATE}\n", encoding="utf-8")
+    path.write_text(f"{AGENT} ALL=(mcp-gate-moltbot) NOPASSWD {GATE}\n", encoding="utf-8")
     proc = subprocess.run([visudo(), "-cf", str(path)], capture_output=True, text=True, check=False)
     assert proc.returncode != 0
 
@@ -444,4 +486,3 @@ def test_unit_directories_match_the_layout_table() -> None:
         assert "/" + {"run": "run", "state": "var/lib", "log": "var/log"}[attr] + "/" + svc[key] == e.path(Paths("/"))
         assert int(svc[f"{key}Mode"], 8) == e.mode, key
         assert e.owner == svc["User"]
-

@@ -234,25 +234,25 @@ def test_decode_payload_random_bytes(payload: bytes) -> None:
 
 # --- validate_request -------------------------------------------------------------
 
+V = PROTOCOL_VERSION
+
+#: protocol v2: no gate request names its caller (the daemon knows it from the peer's uid)
 VALID: dict[str, dict] = {
-    "list": {"v": 1, "op": "list", "caller": "alice", "uid": 1000},
-    "describe": {"v": 1, "op": "describe", "caller": "alice", "uid": 1000, "tool": "demo.echo"},
+    "list": {"v": V, "op": "list"},
+    "describe": {"v": V, "op": "describe", "tool": "demo.echo"},
     "call": {
-        "v": 1,
+        "v": V,
         "op": "call",
-        "caller": "alice",
-        "uid": 1000,
         "tool": "demo.echo",
         "kv": [["text", "hi"], ["n", "1"]],
         "args": {"x": [1, 2]},
         "timeout": 5,
     },
-    "status": {"v": 1, "op": "status", "caller": "alice", "uid": 1000},
+    "status": {"v": V, "op": "status"},
+    "catalog": {"v": V, "op": "catalog"},
     "report": {
-        "v": 1,
+        "v": V,
         "op": "report",
-        "caller": "alice",
-        "uid": 1000,
         "verb": "call",
         "tool": "demo.echo",
         "exit": 77,
@@ -260,9 +260,11 @@ VALID: dict[str, dict] = {
     },
 }
 ADMIN_VALID: dict[str, dict] = {
-    "status": {"v": 1, "op": "status"},
-    "reload": {"v": 1, "op": "reload"},
-    "tools": {"v": 1, "op": "tools", "server": None},
+    "status": {"v": V, "op": "status"},
+    "reload": {"v": V, "op": "reload"},
+    "tools": {"v": V, "op": "tools", "server": None},
+    "unfreeze": {"v": V, "op": "unfreeze", "caller": "alice"},
+    "explain": {"v": V, "op": "explain", "caller": "alice", "tool": "demo.echo", "kv": [["a", "b"]]},
 }
 
 _SAMPLES: dict[type, object] = {str: "x", int: 1, float: 1.5, list: [], dict: {}, type(None): None}
@@ -330,10 +332,53 @@ def test_each_admin_op_accepts_its_exact_keys(op: str) -> None:
 
 
 def test_request_builder_produces_valid_requests() -> None:
-    assert validate_request(protocol.request("list", caller="a", uid=0), OPS) == "list"
-    msg = protocol.request("call", caller="a", uid=1, tool="d.e", kv=[], args=None, timeout=None)
+    assert PROTOCOL_VERSION == 2
+    assert protocol.request("list") == {"v": 2, "op": "list"}
+    assert validate_request(protocol.request("list"), OPS) == "list"
+    msg = protocol.request("call", tool="d.e", kv=[], args=None, timeout=None)
     assert msg["v"] == PROTOCOL_VERSION
     assert validate_request(msg, OPS) == "call"
+    report = protocol.request("report", verb="call", tool="", exit=77, reason="denied")
+    assert validate_request(report, OPS) == "report"
+
+
+def test_request_builder_with_caller_fields_makes_an_invalid_request() -> None:
+    """What the first version's gate sent is refused now: the daemon takes no name from the gate."""
+    assert "unexpected key 'caller'" in _rejected(protocol.request("list", caller="a"))
+    assert "unexpected key 'uid'" in _rejected(protocol.request("status", uid=0))
+
+
+#: the keys the first version's gate sent with every request (now the peer's uid says who calls)
+CALLER_KEYS = ("caller", "uid")
+CALLER_VALUES: list[object] = ["alice", "root", "", 0, 1000, None, True, [], {}]
+
+
+@pytest.mark.parametrize(
+    ("op", "key", "value"), [(op, key, v) for op in sorted(OPS) for key in CALLER_KEYS for v in CALLER_VALUES]
+)
+def test_caller_and_uid_are_unexpected_keys_on_every_gate_op(op: str, key: str, value: object) -> None:
+    """A gate request naming a caller or a uid, of any type, is a protocol error: never a hint to the daemon."""
+    obj = copy.deepcopy(VALID[op])
+    obj[key] = value
+    assert f"unexpected key {key!r}" in _rejected(obj)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_first_version_requests_are_refused(op: str) -> None:
+    """A request as the v1 gate sent it (v 1, caller and uid) is refused for its version and for its keys."""
+    v1 = {**copy.deepcopy(VALID[op]), "v": 1, "caller": "alice", "uid": 1000}
+    assert "version" in _rejected(v1)
+    assert "unexpected key" in _rejected({**v1, "v": PROTOCOL_VERSION})
+    assert "version" in _rejected({**copy.deepcopy(VALID[op]), "v": 1})
+
+
+def test_no_gate_op_has_a_caller_key() -> None:
+    for op, spec in OPS.items():
+        assert not set(spec) & {"caller", "uid", "user", "gid", "pid"}, op
+    assert set(OPS["list"]) == set(OPS["status"]) == set(OPS["catalog"]) == set()
+    assert set(OPS["describe"]) == {"tool"}
+    assert set(OPS["call"]) == {"tool", "kv", "args", "timeout"}
+    assert set(OPS["report"]) == {"verb", "tool", "exit", "reason"}
 
 
 @pytest.mark.parametrize(
@@ -364,11 +409,10 @@ def test_missing_key_rejected(op: str, key: str) -> None:
 
 
 WRONG: dict[str, list[object]] = {
-    "caller": [1, None, True, [], {}, b"x"],
+    "caller": [1, None, True, [], {}, b"x"],  # admin ops (unfreeze, explain)
     "tool": [1, None, False, ["demo.echo"]],
     "verb": [0, None, ["call"]],
     "reason": [None, 1, {}],
-    "uid": [True, False, 1.0, "1000", None, [1000]],
     "exit": [True, 77.0, "77", None],
     "kv": [{}, "a=b", None, (("a", "b"),), 1],
     "args": [[], "{}", 1, True],
@@ -377,16 +421,23 @@ WRONG: dict[str, list[object]] = {
 
 
 @pytest.mark.parametrize(
-    ("op", "key", "value"),
-    [(op, key, v) for op in sorted(VALID) for key in VALID[op] if key in WRONG for v in WRONG[key]],
+    ("table", "op", "key", "value"),
+    [("gate", op, key, v) for op in sorted(VALID) for key in VALID[op] if key in WRONG for v in WRONG[key]]
+    + [
+        ("admin", op, key, v)
+        for op in sorted(ADMIN_VALID)
+        for key in ADMIN_VALID[op]
+        if key in WRONG
+        for v in WRONG[key]
+    ],
 )
-def test_wrong_type_rejected(op: str, key: str, value: object) -> None:
-    obj = copy.deepcopy(VALID[op])
+def test_wrong_type_rejected(table: str, op: str, key: str, value: object) -> None:
+    obj = copy.deepcopy((VALID if table == "gate" else ADMIN_VALID)[op])
     obj[key] = value
-    assert "wrong type" in _rejected(obj)
+    assert "wrong type" in _rejected(obj, TABLES[table])
 
 
-@pytest.mark.parametrize("v", [None, 0, 2, -1, True, 1.0, "1", [1]])
+@pytest.mark.parametrize("v", [None, 0, 1, 3, -1, -2, True, 1.0, 2.0, "1", "2", [2]])
 def test_wrong_version_rejected(v: object) -> None:
     for op in VALID:
         obj = copy.deepcopy(VALID[op])
@@ -415,22 +466,30 @@ def test_gate_ops_are_not_admin_ops_and_vice_versa() -> None:
 
 
 def test_admin_ops_closed_keys_and_types() -> None:
-    assert "unexpected key" in _rejected({"v": 1, "op": "status", "caller": "root"}, ADMIN_OPS)
-    assert "missing key" in _rejected({"v": 1, "op": "tools"}, ADMIN_OPS)
-    assert "wrong type" in _rejected({"v": 1, "op": "tools", "server": 1}, ADMIN_OPS)
-    assert validate_request({"v": 1, "op": "tools", "server": "demo"}, ADMIN_OPS) == "tools"
-    assert "too long" in _rejected({"v": 1, "op": "tools", "server": "s" * (MAX_STRING + 1)}, ADMIN_OPS)
+    assert "unexpected key" in _rejected({"v": V, "op": "status", "caller": "root"}, ADMIN_OPS)
+    assert "unexpected key" in _rejected({"v": V, "op": "status", "uid": 0}, ADMIN_OPS)
+    assert "missing key" in _rejected({"v": V, "op": "tools"}, ADMIN_OPS)
+    assert "wrong type" in _rejected({"v": V, "op": "tools", "server": 1}, ADMIN_OPS)
+    assert validate_request({"v": V, "op": "tools", "server": "demo"}, ADMIN_OPS) == "tools"
+    assert "too long" in _rejected({"v": V, "op": "tools", "server": "s" * (MAX_STRING + 1)}, ADMIN_OPS)
+    assert "version" in _rejected({"v": 1, "op": "tools", "server": "demo"}, ADMIN_OPS)
+    assert "missing key 'caller'" in _rejected({"v": V, "op": "unfreeze"}, ADMIN_OPS)
+    assert "wrong type" in _rejected({"v": V, "op": "unfreeze", "caller": 1000}, ADMIN_OPS)
 
 
 @pytest.mark.parametrize(
-    ("op", "key"), [(op, k) for op in sorted(VALID) for k in ("caller", "tool", "verb", "reason") if k in VALID[op]]
+    ("table", "op", "key"),
+    [("gate", op, k) for op in sorted(VALID) for k in ("tool", "verb", "reason") if k in VALID[op]]
+    + [("admin", op, k) for op in sorted(ADMIN_VALID) for k in ("caller", "tool", "server") if k in ADMIN_VALID[op]],
 )
-def test_string_length_cap(op: str, key: str) -> None:
-    obj = copy.deepcopy(VALID[op])
+def test_string_length_cap(table: str, op: str, key: str) -> None:
+    ops = TABLES[table]
+    valid = VALID if table == "gate" else ADMIN_VALID
+    obj = copy.deepcopy(valid[op])
     obj[key] = "x" * MAX_STRING
-    assert validate_request(obj, OPS) == op
+    assert validate_request(obj, ops) == op
     obj[key] = "x" * (MAX_STRING + 1)
-    assert "too long" in _rejected(obj)
+    assert "too long" in _rejected(obj, ops)
 
 
 def test_kv_count_cap() -> None:

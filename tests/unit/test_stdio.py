@@ -9,6 +9,8 @@ pipelined calls answered with their own ids over a bounded set of reused
 connections, back-pressure at ``MAX_IN_FLIGHT``, a broken connection failing
 only its own request (69) and never re-sending one the daemon read, a
 denied tool never forwarded, and every answer out before the session ends.
+The session names no caller to the daemon (protocol v2: the daemon knows
+it from the peer's uid); its user only picks the allowlist.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from broker.core import wire
+from broker.core import protocol, wire
 from broker.core.paths import Paths
 from broker.gate import endpoint as stdio
 from tests.fakes import FakeDaemon, Reply
@@ -34,7 +36,7 @@ from tests.unit.conftest import needs_root, write
 
 pytestmark = needs_root
 
-USER, UID = "alice", 1000
+USER = "alice"
 
 
 class Behaviour:
@@ -95,7 +97,7 @@ class Run:
         self.paths = Paths(root)
         self.out = io.BytesIO()
         self.err = io.StringIO()
-        self.session = stdio.Session(self.paths, USER, UID, self._connect, self.out, self.err)
+        self.session = stdio.Session(self.paths, USER, self._connect, self.out, self.err)
         self.r, self.w = os.pipe()
         self.code: int | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -119,8 +121,14 @@ class Run:
         return self.code
 
     def answers(self) -> dict[Any, dict[str, Any]]:
-        lines = self.out.getvalue().decode().splitlines()
+        lines = out_lines(self.out.getvalue())
         return {m.get("id"): m for m in map(json.loads, lines)}
+
+
+def out_lines(data: bytes) -> list[str]:
+    """The session's JSON-RPC lines: split at b"\\n" only (str.splitlines also splits at U+0085, U+2028...)."""
+    assert data == b"" or data.endswith(b"\n"), data[-80:]
+    return data.decode().split("\n")[:-1]
 
 
 def call(i: int, text: str, tool: str = "demo.echo") -> dict[str, Any]:
@@ -158,6 +166,41 @@ def test_denied_tool_is_refused_by_the_gate_and_never_forwarded(root: str, daemo
     assert daemon.calls() == ["ok"]
     reports = [r for r in daemon.requests if r["op"] == "report"]
     assert [(r["tool"], r["exit"], r["verb"]) for r in reports] == [("demo.secret", 77, "stdio")]
+    assert set(reports[0]) == {"v", "op", "verb", "tool", "exit", "reason"}  # no caller, no uid
+
+
+def test_requests_name_no_caller_the_daemon_knows_it_by_the_peer_uid(root: str, daemon: FakeDaemon) -> None:
+    run = Run(root)
+    run.send({"jsonrpc": "2.0", "id": "l", "method": "tools/list"}, call(1, "hi"), call(2, "x", tool="demo.secret"))
+    assert run.finish() == 0
+    assert text_of(run.answers()[1]) == "hi"
+    v = protocol.PROTOCOL_VERSION
+    by_op = {r["op"]: r for r in daemon.requests}
+    assert by_op["catalog"] == {"v": v, "op": "catalog"}
+    assert by_op["call"] == {
+        "v": v,
+        "op": "call",
+        "tool": "demo.echo",
+        "kv": [],
+        "args": {"text": "hi"},
+        "timeout": None,
+    }
+    assert by_op["report"]["tool"] == "demo.secret"
+    for req in daemon.requests:
+        assert not {"caller", "uid"} & set(req), req
+    assert daemon.peer_uids and set(daemon.peer_uids) == {os.getuid()}
+
+
+def test_the_session_s_user_picks_its_own_allowlist(root: str, daemon: FakeDaemon) -> None:
+    """allowed-actions.d/USER.txt replaces the global file for that user (the name the gate got from sudo)."""
+    write(Paths(root).user_allowlist(USER), "demo.other\n")
+    run = Run(root)
+    run.send(call(1, "x"))
+    assert run.finish() == 0
+    answer = run.answers()[1]
+    assert answer["result"]["isError"] is True and "exit 77" in text_of(answer)
+    assert f"for {USER}" in text_of(answer)
+    assert daemon.calls() == []
 
 
 def test_idle_connections_closed_by_a_restart_are_replaced_not_failed(root: str, daemon: FakeDaemon) -> None:
@@ -202,7 +245,7 @@ def test_tools_list_goes_to_the_daemon_catalog(root: str, daemon: FakeDaemon) ->
     run.send({"jsonrpc": "2.0", "id": "l", "method": "tools/list"})
     assert run.finish() == 0
     assert run.answers()["l"]["result"] == {"tools": [{"name": "demo.echo"}]}
-    assert [r["op"] for r in daemon.requests] == ["catalog"]
+    assert daemon.requests == [{"v": protocol.PROTOCOL_VERSION, "op": "catalog"}]
 
 
 def test_no_daemon_answers_69_for_each_call(root: str) -> None:
@@ -280,6 +323,8 @@ _line = st.one_of(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(_line, max_size=25))
+@example(lines=[b'{"jsonrpc": "2.0", "method": "initialize", "id": "\\u0085"}'])  # NEL: not a line break here
+@example(lines=[b'{"jsonrpc": "2.0", "method": "ping", "id": "a\\u2028b"}'])
 def test_random_input_gets_well_formed_answers_and_a_clean_end(
     root: str, daemon: FakeDaemon, lines: list[bytes]
 ) -> None:
@@ -287,7 +332,7 @@ def test_random_input_gets_well_formed_answers_and_a_clean_end(
     run = Run(root)
     os.write(run.w, b"".join(line + b"\n" for line in lines))
     assert run.finish() == 0
-    out = [json.loads(raw) for raw in run.out.getvalue().decode().splitlines()]
+    out = [json.loads(raw) for raw in out_lines(run.out.getvalue())]
     for message in out:
         assert message["jsonrpc"] == "2.0"
         assert ("result" in message) != ("error" in message) or message.get("method")
