@@ -32,8 +32,9 @@ install: venv
 
 demo: install
 	$(CTL) check
-	@# restart, so a re-run of the demo serves the code just installed
-	@! $(CTL) status >/dev/null 2>&1 || $(CTL) stop
+	@# restart, so a re-run of the demo serves the code just installed (stop reads the pid file: it also
+	@# stops a daemon of an older version, which may not speak this version's protocol)
+	@$(CTL) stop 2>/dev/null || true
 	/usr/local/sbin/mcp-brokerd --daemon
 	@echo; echo "== as $(AGENT): mcp list"
 	runuser -u $(AGENT) -- /usr/local/bin/mcp list

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.core import protocol
+from broker.core import wire
 from broker.core.paths import BROKER_USER, GATE_USER, Paths, gate_user_for
 
 #: the environment every agent process gets: nothing of ours leaks into it
@@ -313,9 +313,9 @@ class GateConnection:
         self.sock.settimeout(timeout)
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        self.sock.sendall(protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES))
+        self.sock.sendall(wire.encode_frame(message, wire.MAX_REQUEST_BYTES))
         header = self._exact(4)
-        return protocol.decode_payload(self._exact(protocol.frame_length(header, protocol.MAX_RESPONSE_BYTES)))
+        return wire.decode_payload(self._exact(wire.frame_length(header, wire.MAX_RESPONSE_BYTES)))
 
     def _exact(self, n: int) -> bytes:
         chunks = []
@@ -333,7 +333,7 @@ class GateConnection:
 
 def call_message(target: Target, tool: str, text: str) -> dict[str, Any]:
     """A ``call`` request as the gate would send it for the agent."""
-    return protocol.request(
+    return wire.request(
         "call",
         tool=tool,
         kv=[["text", text]],

@@ -19,7 +19,7 @@ and requests in flight, and answers with ``answer``:
   - None: close the connection without answering (a dropped request).
 
 ``delay`` seconds are slept before each answer. With ``validate`` (the
-default) a request must pass :func:`broker.core.protocol.validate_request`
+default) a request must pass :func:`broker.core.wire.validate_request`
 before it is recorded and answered; otherwise the connection is closed, as
 the daemon does (so a request naming a ``caller`` or ``uid``, as the first
 version's gate did, is refused: unexpected key). Without it every decoded
@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Union
 
-from broker.core import protocol, wire
+from broker.core import wire
 
 #: what an answer function returns (see the module docstring)
 Reply = Union[dict[str, Any], list[dict[str, Any]], bytes, None]  # noqa: UP007 - a runtime alias
@@ -152,14 +152,14 @@ class FakeDaemon:
                 header = _exact(conn, 4)
                 if header is None:
                     return
-                payload = _exact(conn, protocol.frame_length(header, protocol.MAX_REQUEST_BYTES))
+                payload = _exact(conn, wire.frame_length(header, wire.MAX_REQUEST_BYTES))
                 if payload is None:
                     return
                 with self.lock:
                     self.frames.append(payload)
-                req = protocol.decode_payload(payload)
+                req = wire.decode_payload(payload)
                 if self.validate:
-                    protocol.validate_request(req, protocol.OPS)
+                    wire.validate_request(req, wire.OPS)
                 with self.lock:
                     self.requests.append(req)
                     self.active += 1
@@ -170,7 +170,7 @@ class FakeDaemon:
                 finally:
                     with self.lock:
                         self.active -= 1
-        except (OSError, ValueError, TypeError, protocol.ProtocolError):
+        except (OSError, ValueError, TypeError, wire.ProtocolError):
             return  # this connection only: every other one, and the listener, live on
         finally:
             with self.lock:
@@ -190,7 +190,7 @@ class FakeDaemon:
             conn.sendall(reply)
             return False
         for frame in reply if isinstance(reply, list) else [reply]:
-            conn.sendall(protocol.encode_frame(frame))
+            conn.sendall(wire.encode_frame(frame))
         return True
 
 

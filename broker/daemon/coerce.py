@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from broker.core.codec import loads
 from broker.core.errors import ArgumentsRejected
+from broker.core.wire import loads
 
 _NUMBER_CHARS = frozenset("0123456789+-.eE")
 

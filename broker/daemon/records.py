@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-from broker.core import codec
+from broker.core import wire
 
 #: the audit log's reservation covers records this size (audit.RESERVE_LOW is several of them)
 MAX_AUDIT_TEXT = 4096
@@ -60,7 +60,7 @@ def bounded(text: str) -> str:
 def argument_fields(args: dict[str, Any], digest: str) -> AuditRecord:
     """``arg_keys`` (bounded; ``arg_keys_total`` says what was cut), ``args_size`` and ``args_digest``."""
     keys = sorted(args)
-    out: AuditRecord = {"args_size": len(codec.dumps(args)), "args_digest": digest}
+    out: AuditRecord = {"args_size": len(wire.dumps(args)), "args_digest": digest}
     if len(keys) <= MAX_AUDIT_KEYS and sum(len(k) for k in keys) <= MAX_AUDIT_TEXT:
         out["arg_keys"] = keys
     else:

@@ -13,7 +13,7 @@ from typing import Any
 
 import mcp
 
-from broker.core import codec
+from broker.core import wire
 from broker.daemon.redact import Redactor
 
 
@@ -68,7 +68,7 @@ def render_result(result: mcp.types.CallToolResult, cap: int, redactor: Redactor
     replaced, and ``sanitized`` says how much of each.
     """
     raw_blocks = [block.model_dump(mode="json", exclude_none=True) for block in result.content]
-    (raw_blocks, structured), fixed = codec.sanitize([raw_blocks, result.structured_content])
+    (raw_blocks, structured), fixed = wire.sanitize([raw_blocks, result.structured_content])
     texts: list[str] = []
     blocks: list[dict[str, Any]] = []
     for raw in raw_blocks:
@@ -87,15 +87,15 @@ def render_result(result: mcp.types.CallToolResult, cap: int, redactor: Redactor
     text = "\n".join(texts)
     structured = redactor.deep(structured)
     if not text and structured is not None:
-        text = codec.dumps(structured)
+        text = wire.dumps(structured)
     out: dict[str, Any] = {"is_error": bool(result.is_error), "text": text, "content": blocks}
     if structured is not None:
         out["structured_content"] = structured
     if fixed:
         out["sanitized"] = fixed
-    size = max(len(codec.to_utf8(text)), len(codec.dumps(blocks)), len(codec.dumps(structured)))
+    size = max(len(wire.to_utf8(text)), len(wire.dumps(blocks)), len(wire.dumps(structured)))
     if size > cap:
-        cut = codec.to_utf8(text)[:cap].decode("utf-8", "ignore")
+        cut = wire.to_utf8(text)[:cap].decode("utf-8", "ignore")
         out["text"] = cut + f"\n[output truncated: the result was {size} bytes, over the {cap}-byte cap]"
         out["truncated"] = True
         out["content"] = []

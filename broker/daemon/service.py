@@ -33,7 +33,7 @@ from typing import IO, Any, Literal
 import mcp
 
 from broker import __version__
-from broker.core import allowlist, names, protocol, wire
+from broker.core import allowlist, names, wire
 from broker.core.allowlist import Allowlist
 from broker.core.errors import (
     EX_DATAERR,
@@ -83,7 +83,7 @@ class Conn:
         self.writer = writer
 
     async def send(self, obj: dict[str, Any]) -> None:
-        self.writer.write(protocol.encode_frame(obj))
+        self.writer.write(wire.encode_frame(obj))
         await self.writer.drain()
 
     async def closed(self) -> None:
@@ -266,10 +266,10 @@ class Broker:
         return "root" if uid == 0 else None
 
     async def _gate_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._conn(reader, writer, self._gate_peer, protocol.OPS, GATE_ROUTES, self._dispatch_gate)
+        await self._conn(reader, writer, self._gate_peer, wire.OPS, GATE_ROUTES, self._dispatch_gate)
 
     async def _admin_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._conn(reader, writer, self._admin_peer, protocol.ADMIN_OPS, ADMIN_ROUTES, self._dispatch_admin)
+        await self._conn(reader, writer, self._admin_peer, wire.ADMIN_OPS, ADMIN_ROUTES, self._dispatch_admin)
 
     async def _conn(
         self,
@@ -278,7 +278,7 @@ class Broker:
         who: Callable[[int], Peer | None],
         schemas: dict[str, Any],
         routes: dict[str, Route],
-        dispatch: Callable[[Route, dict[str, Any], int, Conn], Awaitable[protocol.Answer]],
+        dispatch: Callable[[Route, dict[str, Any], int, Conn], Awaitable[wire.Answer]],
     ) -> None:
         conn = Conn(reader, writer)
         try:
@@ -292,11 +292,11 @@ class Broker:
                     header = await reader.readexactly(4)
                 except asyncio.IncompleteReadError:
                     return
-                n = protocol.frame_length(header, protocol.MAX_REQUEST_BYTES)
+                n = wire.frame_length(header, wire.MAX_REQUEST_BYTES)
                 async with asyncio.timeout(FRAME_SECONDS):  # not wait_for: that costs a task per request
                     payload = await reader.readexactly(n)
-                req = protocol.decode_payload(payload)
-                route = routes[protocol.validate_request(req, schemas)]
+                req = wire.decode_payload(payload)
+                route = routes[wire.validate_request(req, schemas)]
                 if peer not in route.peers:
                     raise ProtocolError(f"op {req['op']} is not for a {peer} peer")
                 answer = await dispatch(route, req, peer_uid, conn)
@@ -314,7 +314,7 @@ class Broker:
 
     # --- gate requests: who, then the one place that records and answers -----------------------
 
-    async def _dispatch_gate(self, route: Route, req: dict[str, Any], peer_uid: int, conn: Conn) -> protocol.Answer:
+    async def _dispatch_gate(self, route: Route, req: dict[str, Any], peer_uid: int, conn: Conn) -> wire.Answer:
         known = self.callers.lookup(peer_uid)
         if known is None:  # the map changed while the connection was open
             raise ProtocolError(f"uid {peer_uid} is no longer an agent's gate user")
@@ -354,7 +354,7 @@ class Broker:
         except Unavailable as audit_exc:
             return {"ok": False, "exit": audit_exc.exit_code, "error": audit_exc.message}
         if error is not None and not out.reported:
-            answer: protocol.Answer = {"ok": False, "exit": error.exit_code, "error": self.redactor.text(error.message)}
+            answer: wire.Answer = {"ok": False, "exit": error.exit_code, "error": self.redactor.text(error.message)}
             if isinstance(error, ServerError):  # for an MCP client, relayed as the JSON-RPC error it was
                 answer["rpc_error"] = {"code": error.code, "message": answer["error"]}
             return answer
@@ -545,7 +545,7 @@ class Broker:
 
     # --- admin requests ---------------------------------------------------------------------
 
-    async def _dispatch_admin(self, route: Route, req: dict[str, Any], peer_uid: int, conn: Conn) -> protocol.Answer:
+    async def _dispatch_admin(self, route: Route, req: dict[str, Any], peer_uid: int, conn: Conn) -> wire.Answer:
         try:
             result = await route.handler(self, req)
         except PrivsepError as exc:
@@ -651,7 +651,7 @@ def _action(tool: str) -> Action:
 _GATE: frozenset[Peer] = frozenset({"gate"})
 _ROOT: frozenset[Peer] = frozenset({"root"})
 
-#: gate.sock: op -> handler and who may send it; the keys are exactly :data:`broker.core.protocol.OPS`
+#: gate.sock: op -> handler and who may send it; the keys are exactly :data:`broker.core.wire.OPS`
 GATE_ROUTES: dict[str, Route] = {
     "list": Route(Broker.op_list, _GATE),
     "describe": Route(Broker.op_describe, _GATE),
@@ -661,7 +661,7 @@ GATE_ROUTES: dict[str, Route] = {
     "report": Route(Broker.op_report, _GATE),
 }
 
-#: admin.sock: op -> handler, root only; the keys are exactly :data:`broker.core.protocol.ADMIN_OPS`
+#: admin.sock: op -> handler, root only; the keys are exactly :data:`broker.core.wire.ADMIN_OPS`
 ADMIN_ROUTES: dict[str, Route] = {
     "status": Route(Broker.admin_status, _ROOT),
     "reload": Route(Broker.admin_reload, _ROOT),

@@ -30,7 +30,7 @@ import time
 from collections import deque
 
 from broker import __version__
-from broker.core import allowlist, codec, names, protocol
+from broker.core import allowlist, names, wire
 from broker.core.errors import EX_DATAERR, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, Denied, PrivsepError, ProtocolError
 
 TYPE_CHECKING = False
@@ -118,7 +118,7 @@ class Session:
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue one message; :meth:`flush` writes everything queued at once."""
-        self._out.append((codec.dumps(message) + "\n").encode("utf-8", "replace"))
+        self._out.append((wire.dumps(message) + "\n").encode("utf-8", "replace"))
 
     def flush(self) -> None:
         if self._out:
@@ -166,7 +166,7 @@ class Session:
 
     def _handle_line(self, line: bytes) -> None:
         try:
-            msg = codec.loads(line.decode("utf-8"), out_of_range="mark")
+            msg = wire.loads(line.decode("utf-8"), out_of_range="mark")
         except (UnicodeDecodeError, ValueError):
             self.error(None, PARSE_ERROR, "parse error")
             return
@@ -186,7 +186,7 @@ class Session:
         if type(msg_id) not in (int, str) or not isinstance(params, dict):
             self.error(msg_id if type(msg_id) in (int, str) else None, INVALID_REQUEST, "invalid request")
             return
-        if codec.contains(params, codec.OUT_OF_RANGE):
+        if wire.contains(params, wire.OUT_OF_RANGE):
             why = "arguments rejected: a number exceeds a double's range"
             if method == "tools/call":
                 self.reply(msg_id, _refusal(why, EX_DATAERR))
@@ -227,8 +227,8 @@ class Session:
         except PrivsepError as exc:
             self.error(msg_id, INTERNAL_ERROR, str(exc))
             return
-        message = protocol.request("catalog")
-        self.submit(_Job("list", msg_id, protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES), LIST_WAIT))
+        message = wire.request("catalog")
+        self.submit(_Job("list", msg_id, wire.encode_frame(message, wire.MAX_REQUEST_BYTES), LIST_WAIT))
 
     def call(self, msg_id: Any, params: dict[str, Any]) -> None:
         name = params.get("name")
@@ -247,9 +247,9 @@ class Session:
             self.reply(msg_id, _refusal(str(exc), exc.exit_code))
             self.report(name, exc)
             return
-        message = protocol.request("call", tool=name, kv=[], args=args, timeout=None)
+        message = wire.request("call", tool=name, kv=[], args=args, timeout=None)
         try:
-            frame = protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES)
+            frame = wire.encode_frame(message, wire.MAX_REQUEST_BYTES)
         except ProtocolError as exc:
             self.reply(msg_id, _refusal(f"request too large or malformed: {exc}", 64))
             return
@@ -257,14 +257,14 @@ class Session:
 
     def report(self, tool: str, exc: PrivsepError) -> None:
         """Let the daemon audit a refusal the gate made itself (its answer is not awaited)."""
-        message = protocol.request(
+        message = wire.request(
             "report",
             verb="stdio",
             tool=tool,
             exit=exc.exit_code,
             reason=str(exc)[:1000],
         )
-        self.submit(_Job("report", None, protocol.encode_frame(message, protocol.MAX_REQUEST_BYTES), REPORT_WAIT))
+        self.submit(_Job("report", None, wire.encode_frame(message, wire.MAX_REQUEST_BYTES), REPORT_WAIT))
 
     # --- the links to the daemon ----------------------------------------------------
 
@@ -328,7 +328,7 @@ class Session:
         link.buf += chunk
         while len(link.buf) >= 4 and link.job is not None:
             try:
-                n = protocol.frame_length(link.buf[:4], protocol.MAX_RESPONSE_BYTES)
+                n = wire.frame_length(link.buf[:4], wire.MAX_RESPONSE_BYTES)
             except ProtocolError as exc:
                 self._drop(link, f"broker unavailable: {exc}")
                 return
@@ -336,7 +336,7 @@ class Session:
                 return
             payload, link.buf = link.buf[4 : 4 + n], link.buf[4 + n :]
             try:
-                answer = protocol.decode_payload(payload)
+                answer = wire.decode_payload(payload)
             except ProtocolError as exc:
                 self._drop(link, f"broker unavailable: {exc}")
                 return

@@ -14,11 +14,12 @@ library only and cheap to import (no ``json``, ``socket``, ``argparse``,
 
 from __future__ import annotations
 
+import io  # loaded by the interpreter already: free
 import posix as os  # not os: see allowlist.py
 import sys
 
 from broker import __version__
-from broker.core import allowlist, codec, names, protocol, wire
+from broker.core import allowlist, names, wire
 from broker.core.errors import (
     EX_INTERRUPTED,
     EX_OK,
@@ -39,7 +40,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, TextIO
 
-    from broker.core.protocol import Answer
+    from broker.core.wire import Answer
 
 MAX_ARGV_BYTES = 256 * 1024
 MAX_ARGC = 1024
@@ -200,7 +201,7 @@ def _parse_args_json(value: str, stdin: TextIO | None) -> dict[str, Any]:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"--args -: cannot read standard input: {exc}") from None
     try:
-        obj = codec.loads(value)
+        obj = wire.loads(value)
     except NonFiniteNumber as exc:
         raise ArgumentsRejected(f"--args: {exc}: no JSON number may exceed a double's range") from None
     except ValueError as exc:
@@ -266,7 +267,7 @@ def _validate_cached(cache_dir: str, data: bytes, path: str) -> None:
 
 def _report(paths: Paths, verb: str, tool: str, exit_code: int, reason: str, broker_uid: int | None) -> None:
     """Best effort: let the daemon audit a refusal the gate made itself (it knows the caller by this uid)."""
-    message = protocol.request("report", verb=verb, tool=tool, exit=exit_code, reason=reason[:1000])
+    message = wire.request("report", verb=verb, tool=tool, exit=exit_code, reason=reason[:1000])
     try:
         wire.exchange(paths.gate_sock, message, 2.0, broker_uid)
     except PrivsepError:
@@ -279,7 +280,7 @@ def _report(paths: Paths, verb: str, tool: str, exit_code: int, reason: str, bro
 def _print_result(req: Request, answer: Answer, out: TextIO, err: TextIO) -> int:
     result = answer.get("result")
     if req.json:
-        out.write(codec.dumps(result) + "\n")
+        out.write(wire.dumps(result) + "\n")
     elif req.verb == "list":
         tools = result.get("tools", []) if isinstance(result, dict) else []
         width = max((len(t.get("name", "")) for t in tools), default=0)
@@ -320,7 +321,7 @@ def _fail(req: Request | None, exc: PrivsepError, out: TextIO, err: TextIO) -> i
     message = " ".join(str(exc).split()) or "error"
     err.write(f"mcp: {message}\n")
     if req is not None and req.json:
-        out.write(codec.dumps({"error": message, "exit": exc.exit_code}) + "\n")
+        out.write(wire.dumps({"error": message, "exit": exc.exit_code}) + "\n")
     return exc.exit_code
 
 
@@ -406,7 +407,7 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
         fields.update(kv=req.kv, args=req.args, timeout=req.timeout)
     wait = (req.timeout + 10.0) if req.timeout is not None else DEFAULT_WAIT
 
-    answer = wire.exchange(paths.gate_sock, protocol.request(req.verb, **fields), wait, broker_uid, on_pending)
+    answer = wire.exchange(paths.gate_sock, wire.request(req.verb, **fields), wait, broker_uid, on_pending)
     if not answer.get("ok"):
         refused = answer.get("exit")
         if type(refused) is not int or refused not in REFUSAL_EXIT_CODES:
@@ -420,6 +421,7 @@ FRAME_MAGIC = b"mcp-args"
 FRAME_VERSION = b"1"
 #: how long the gate waits for the shim's frame (it is written before the gate even starts)
 FRAME_WAIT = 5.0
+NO_FRAME = "no argument frame on standard input (run mcp calls through the 'mcp' command)"
 
 
 def read_frame(fd: int, wait: float = FRAME_WAIT) -> tuple[list[str], str | None]:
@@ -427,82 +429,91 @@ def read_frame(fd: int, wait: float = FRAME_WAIT) -> tuple[list[str], str | None
 
     Arguments never travel on a command line (``/proc/*/cmdline`` is readable
     by every local user): the shim sends ``mcp-args 1 N S`` and then N items,
-    each ``\n`` LENGTH SPACE BYTES, and for ``--args -`` one more ``\n`` and S
-    bytes of what it read from the agent's stdin. Exactly that much is read,
-    never "until EOF": an agent's harness may leave stdin open.
+    each ``\\n`` LENGTH SPACE BYTES, and for ``--args -`` one more ``\\n`` and S
+    bytes of what it read from the agent's stdin (UTF-8). Exactly that much is
+    read, never "until EOF": an agent's harness may leave stdin open. Any
+    problem, a wait over ``wait`` seconds included, is a UsageError. (Closures,
+    not a class, and ``time``, not ``select``: this runs on every call, and
+    a class or a shared library costs the gate more than the whole parse.)
     """
-    import select
+    import time
 
-    deadline = _monotonic() + wait
+    deadline = time.monotonic() + wait
     buf = bytearray()
     limit = MAX_ARGV_BYTES + MAX_STDIN_BYTES + 64 * (MAX_ARGC + 2)
+    malformed = "malformed argument frame on standard input"
 
     def need(n: int) -> None:
         while len(buf) < n:
-            left = deadline - _monotonic()
             try:
-                ready = left > 0 and select.select([fd], [], [], left)[0]
-                chunk = os.read(fd, 1 << 16) if ready else None
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:  # the shim writes the frame before the gate starts: this is rare
+                if time.monotonic() >= deadline:
+                    raise UsageError(NO_FRAME) from None
+                time.sleep(0.002)
+                continue
             except OSError as exc:
                 raise UsageError(f"standard input is closed or not readable ({exc.strerror or exc})") from None
-            if chunk is None:
-                raise UsageError("no argument frame on standard input (run mcp calls through the 'mcp' command)")
             if not chunk:
                 raise UsageError("the argument frame on standard input is cut short")
             buf.extend(chunk)
             if len(buf) > limit:
                 raise UsageError(f"arguments exceed {limit} bytes")
 
-    def number(start: int, end_byte: bytes) -> tuple[int, int]:
+    def expect(pos: int, what: bytes, problem: str) -> None:
+        need(pos + len(what))
+        if bytes(buf[pos : pos + len(what)]) != what:
+            raise UsageError(problem)
+
+    def number(start: int, end: bytes) -> tuple[int, int]:
         i = start
         while True:
             need(i + 1)
-            if buf[i : i + 1] == end_byte:
+            if buf[i : i + 1] == end:
                 break
             if not buf[i : i + 1].isdigit() or i - start > 9:
-                raise UsageError("malformed argument frame on standard input")
+                raise UsageError(malformed)
             i += 1
         if i == start:
-            raise UsageError("malformed argument frame on standard input")
+            raise UsageError(malformed)
         return int(buf[start:i]), i + 1
 
-    need(len(FRAME_MAGIC) + 1)
-    if bytes(buf[: len(FRAME_MAGIC) + 1]) != FRAME_MAGIC + b" ":
-        raise UsageError("no argument frame on standard input (run mcp calls through the 'mcp' command)")
-    pos = len(FRAME_MAGIC) + 1
-    need(pos + 2)
-    if bytes(buf[pos : pos + 2]) != FRAME_VERSION + b" ":
-        raise UsageError("argument frame of another version on standard input")
-    count, pos = number(pos + 2, b" ")
-    size, pos = number(pos, b"\n")
-    if count > MAX_ARGC or size > MAX_STDIN_BYTES:
-        raise UsageError("too many or too large arguments")
-    pos -= 1  # each item begins with the newline that ends what is before it
-    items: list[str] = []
-    for _ in range(count):
-        need(pos + 1)
-        if buf[pos : pos + 1] != b"\n":
-            raise UsageError("malformed argument frame on standard input")
-        length, pos = number(pos + 1, b" ")
-        need(pos + length)
-        items.append(bytes(buf[pos : pos + length]).decode("utf-8", "surrogateescape"))
-        pos += length
-    stdin: str | None = None
-    if size:
-        need(pos + 1 + size)
-        if buf[pos : pos + 1] != b"\n":
-            raise UsageError("malformed argument frame on standard input")
-        try:
-            stdin = bytes(buf[pos + 1 : pos + 1 + size]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError("--args -: standard input is not valid UTF-8") from None
-    return items, stdin
-
-
-def _monotonic() -> float:
-    import time
-
-    return time.monotonic()
+    try:
+        was_blocking = os.get_blocking(fd)
+        os.set_blocking(fd, False)  # so a missing frame times out
+    except OSError as exc:
+        raise UsageError(f"standard input is closed or not readable ({exc.strerror or exc})") from None
+    try:
+        expect(0, FRAME_MAGIC + b" ", NO_FRAME)
+        pos = len(FRAME_MAGIC) + 1
+        expect(pos, FRAME_VERSION + b" ", "argument frame of another version on standard input")
+        count, pos = number(pos + 2, b" ")
+        size, pos = number(pos, b"\n")
+        if count > MAX_ARGC or size > MAX_STDIN_BYTES:
+            raise UsageError("too many or too large arguments")
+        pos -= 1  # each item begins with the newline that ends what is before it
+        items: list[str] = []
+        for _ in range(count):
+            expect(pos, b"\n", malformed)
+            length, pos = number(pos + 1, b" ")
+            need(pos + length)
+            items.append(bytes(buf[pos : pos + length]).decode("utf-8", "surrogateescape"))
+            pos += length
+        stdin: str | None = None
+        if size:
+            expect(pos, b"\n", malformed)
+            need(pos + 1 + size)
+            try:
+                stdin = bytes(buf[pos + 1 : pos + 1 + size]).decode("utf-8")
+            except UnicodeDecodeError:
+                raise UsageError("--args -: standard input is not valid UTF-8") from None
+        return items, stdin
+    finally:
+        if was_blocking:
+            try:
+                os.set_blocking(fd, True)
+            except OSError:
+                pass
 
 
 def _say(message: str) -> None:
@@ -557,12 +568,12 @@ def run(root: str = "/", broker_uid: int | None = None) -> None:
                 _say(str(exc))
                 os._exit(EX_USAGE)
             argv = argv + items
-            stdin = _Text(piped) if piped is not None else _Text("")
+            stdin = io.StringIO(piped or "")
         # the caller's locale must not make a tool result unprintable
         sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")  # type: ignore[union-attr]
         if sys.stderr is not None:
             sys.stderr.reconfigure(encoding="utf-8", errors="backslashreplace")  # type: ignore[union-attr]
-        stderr: TextIO = sys.stderr if sys.stderr is not None else _Discard()  # type: ignore[assignment]
+        stderr: TextIO = sys.stderr if sys.stderr is not None else io.StringIO()  # fd 2 closed: said nowhere
         code = main(argv, root=root, broker_uid=broker_uid, environ=environ, stdin=stdin, stderr=stderr)
         sys.stdout.flush()
         stderr.flush()
@@ -578,27 +589,6 @@ def run(root: str = "/", broker_uid: int | None = None) -> None:
     # everything is flushed and nothing needs finalising: skipping interpreter
     # teardown saves about 2 ms on every agent call
     os._exit(code)
-
-
-class _Text:
-    """What ``--args -`` reads: the agent's stdin, as the shim put it in the frame."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def read(self, n: int = -1) -> str:
-        out, self.text = (self.text, "") if n < 0 else (self.text[:n], self.text[n:])
-        return out
-
-
-class _Discard:
-    """stderr when fd 2 is closed: messages go nowhere, the exit code still says it."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
 
 
 __all__ = ["main", "run"]

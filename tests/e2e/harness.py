@@ -396,15 +396,15 @@ def connect_as(user: str, path: str, timeout: float = 10.0) -> socket.socket:
 
 def gate_exchange(user: str, path: str, request: dict[str, object]) -> dict[str, Any] | None:
     """One request on gate.sock as ``user``; the answer, or None when the daemon closed the connection."""
-    from broker.core import protocol
+    from broker.core import wire
 
     with connect_as(user, path) as sock:
-        sock.sendall(protocol.encode_frame(request, protocol.MAX_REQUEST_BYTES))
+        sock.sendall(wire.encode_frame(request, wire.MAX_REQUEST_BYTES))
         header = sock.recv(4, socket.MSG_WAITALL)
         if len(header) < 4:
             return None
-        payload = sock.recv(protocol.frame_length(header, protocol.MAX_RESPONSE_BYTES), socket.MSG_WAITALL)
-    return protocol.decode_payload(payload)
+        payload = sock.recv(wire.frame_length(header, wire.MAX_RESPONSE_BYTES), socket.MSG_WAITALL)
+    return wire.decode_payload(payload)
 
 
 def gate_user(agent: str) -> str:

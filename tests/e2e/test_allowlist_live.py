@@ -68,15 +68,15 @@ def test_per_user_file_replaces_the_global_one(live: Installation) -> None:
 
 def test_daemon_rechecks_even_if_the_gate_were_bypassed(live: Installation) -> None:
     # speak the protocol directly, as the agent's gate user (what a compromised gate could), for a tool it may not use
-    from broker.core import protocol
+    from broker.core import wire
     from tests.e2e.harness import gate_exchange, gate_user
 
     live.set_allowlist("demo.whoami\n")
     answer = gate_exchange(
-        gate_user(AGENT1), live.paths.gate_sock, protocol.request("call", tool="demo.echo", kv=[["text", "x"]],
+        gate_user(AGENT1), live.paths.gate_sock, wire.request("call", tool="demo.echo", kv=[["text", "x"]],
                                                                      args=None, timeout=None)
     )  # fmt: skip
     assert answer is not None and answer["ok"] is False and answer["exit"] == 77
     # and a frame naming a caller (protocol 1) is dropped outright: the caller is the peer's uid, nothing else
-    answer = gate_exchange(gate_user(AGENT1), live.paths.gate_sock, protocol.request("list", caller=AGENT2, uid=0))
+    answer = gate_exchange(gate_user(AGENT1), live.paths.gate_sock, wire.request("list", caller=AGENT2, uid=0))
     assert answer is None

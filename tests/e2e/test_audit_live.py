@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from broker.core import protocol
+from broker.core import wire
 from broker.core.paths import Paths
 from broker.daemon import audit
 from tests.e2e.harness import AGENT1, AGENT2, CTL, Installation, Result, gate_exchange, gate_user
@@ -126,7 +126,7 @@ def test_mixed_run_leaves_exactly_one_record_per_call_and_verifies(live: Install
     call(AGENT1, "call", "demo.echo", "--bogus", code=64, op="report", verb="call", decision="usage", source="gate")
     call(AGENT2, "list", code=0, op="list", decision="allow", rule=agent2_list)
     # the daemon re-checks the allowlist itself (a request that did not come through the gate's check)
-    answer = as_gate(p, protocol.request("call", tool="demo.secret", kv=[], args=None, timeout=None))
+    answer = as_gate(p, wire.request("call", tool="demo.secret", kv=[], args=None, timeout=None))
     assert answer["ok"] is False and answer["exit"] == 77
     expected.append({"caller": AGENT1, "uid": a1, "op": "call", "tool": "demo.secret", "decision": "deny",
                      "exit": 77, "rule": global_list})  # fmt: skip

@@ -27,10 +27,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from broker.core import protocol
+from broker.core import wire
 from tests.e2e.harness import AGENT1, ALLOWLIST, Installation, connect_as, gate_user
 
-MAX = protocol.MAX_REQUEST_BYTES
+MAX = wire.MAX_REQUEST_BYTES
 ALLOWED = {line.split()[0] for line in ALLOWLIST.splitlines() if line.strip() and not line.startswith("#")}
 #: tools a fuzzed frame may name: harmless ones only (never crash, slow or big)
 TOOLS = ["demo.echo", "demo.add", "demo.whoami", "demo.secret", "web.echo", "demo.crash.x", "nosuch.tool", ""]
@@ -68,9 +68,9 @@ def split_frames(data: bytes) -> list[dict[str, Any]]:
     """The daemon's answers; each must be a complete, valid frame holding a JSON object."""
     out = []
     while data:
-        n = protocol.frame_length(data[:4], protocol.MAX_RESPONSE_BYTES)
+        n = wire.frame_length(data[:4], wire.MAX_RESPONSE_BYTES)
         assert len(data) >= 4 + n, "truncated answer frame"
-        out.append(protocol.decode_payload(data[4 : 4 + n]))
+        out.append(wire.decode_payload(data[4 : 4 + n]))
         data = data[4 + n :]
     return out
 
@@ -78,9 +78,9 @@ def split_frames(data: bytes) -> list[dict[str, Any]]:
 def locally_valid(payload: bytes) -> dict[str, Any] | None:
     """The request if the protocol module accepts it, else None."""
     try:
-        req = protocol.decode_payload(payload)
-        protocol.validate_request(req, protocol.OPS)
-    except protocol.ProtocolError:
+        req = wire.decode_payload(payload)
+        wire.validate_request(req, wire.OPS)
+    except wire.ProtocolError:
         return None
     return req
 
@@ -102,7 +102,7 @@ json_values = st.recursive(
 def templates(draw: st.DrawFn, agent_uid: int) -> dict[str, Any]:
     """A valid request of some op, for the agent."""
     op = draw(st.sampled_from(["call", "list", "describe", "status", "report"]))
-    base: dict[str, Any] = {"v": protocol.PROTOCOL_VERSION, "op": op}
+    base: dict[str, Any] = {"v": wire.PROTOCOL_VERSION, "op": op}
     tool = draw(st.sampled_from(TOOLS))
     if op == "describe":
         base["tool"] = tool
@@ -264,7 +264,7 @@ def test_calls_of_unlisted_tools_are_refused_by_the_daemon_itself(live: Installa
         if tool in ALLOWED:
             return
         req = {
-            "v": protocol.PROTOCOL_VERSION,
+            "v": wire.PROTOCOL_VERSION,
             "op": "call",
             "tool": tool,
             "kv": [],

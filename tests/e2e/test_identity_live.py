@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker.core import protocol
+from broker.core import wire
 from tests.e2e.harness import (
     AGENT1,
     AGENT2,
@@ -41,7 +41,7 @@ def refused_at_once(user: str, inst: Installation) -> bool:
     """Whether the daemon closes a connection from ``user`` before answering anything."""
     with connect_as(user, inst.paths.gate_sock) as sock:
         with contextlib.suppress(OSError):
-            sock.sendall(protocol.encode_frame(protocol.request("status")))
+            sock.sendall(wire.encode_frame(wire.request("status")))
         try:
             return sock.recv(16) == b""
         except ConnectionResetError:
@@ -68,13 +68,11 @@ def test_each_agent_has_its_own_locked_gate_user_and_rule(live: Installation) ->
 def test_a_gate_identity_is_its_agent_and_nobody_else(live: Installation) -> None:
     """As agent1's gate user: everything it asks is agent1's; naming another caller is a protocol violation."""
     before = len(live.records())
-    listing = answered(gate_user(AGENT1), live, protocol.request("list"))
+    listing = answered(gate_user(AGENT1), live, wire.request("list"))
     assert listing is not None and listing["ok"]
     names = {t["name"] for t in listing["result"]["tools"]}  # type: ignore[index]
     assert "demo.echo" in names  # agent1's allowlist (the global one), not agent2's (demo.add only)
-    call = answered(
-        gate_user(AGENT1), live, protocol.request("call", tool="demo.whoami", kv=[], args=None, timeout=None)
-    )
+    call = answered(gate_user(AGENT1), live, wire.request("call", tool="demo.whoami", kv=[], args=None, timeout=None))
     assert call is not None and call["ok"]
     # the first version named the caller in the frame: now any such field closes the connection
     for forged in (
@@ -82,8 +80,8 @@ def test_a_gate_identity_is_its_agent_and_nobody_else(live: Installation) -> Non
         {"caller": "root", "uid": 0},
         {"caller": "mcp-broker", "uid": pwd.getpwnam("mcp-broker").pw_uid},
     ):
-        assert answered(gate_user(AGENT1), live, protocol.request("list", **forged)) is None, forged
-        add = protocol.request("call", tool="demo.add", kv=[["a", "1"], ["b", "1"]], args=None, timeout=None, **forged)
+        assert answered(gate_user(AGENT1), live, wire.request("list", **forged)) is None, forged
+        add = wire.request("call", tool="demo.add", kv=[["a", "1"], ["b", "1"]], args=None, timeout=None, **forged)
         assert answered(gate_user(AGENT1), live, add) is None
     new = live.records()[before:]
     assert {r.get("caller") for r in new} == {AGENT1}  # audited as what they were: agent1's
@@ -106,7 +104,7 @@ def test_forged_reports_freeze_only_their_own_caller(live: Installation) -> None
     live.set_policy(broker_extra="denial_budget = 3")
     try:
         for _ in range(6):
-            report = protocol.request("report", verb="call", tool="demo.secret", exit=77, reason="forged")
+            report = wire.request("report", verb="call", tool="demo.secret", exit=77, reason="forged")
             assert answered(gate_user(AGENT1), live, report) == {"ok": True, "result": None}
         r = live.mcp("call", "demo.echo", "text=x")
         assert r.code == 77 and "frozen" in r.err, r  # agent1 froze itself ...

@@ -417,10 +417,17 @@ def test_a_lone_surrogate_is_replaced_and_counted(path: str) -> None:
     assert audit.verify_set(path).ok
 
 
-def test_make_encodable_replaces_what_cannot_be_encoded_in_place() -> None:
+def _sealed(record: dict[str, Any]) -> dict[str, Any]:
+    """Seal ``record`` as the writer does; check the line is the record; return the record without chain fields."""
+    line = audit_log._seal(record, "2026-01-01T00:00:00Z", 0, audit.GENESIS)
+    assert json.loads(line) == record and line.endswith(b"\n")
+    assert record["hash"] == audit.chain_hash(audit.GENESIS, record)
+    return {k: v for k, v in record.items() if k not in ("ts", "seq", "prev", "hash")}
+
+
+def test_seal_replaces_what_cannot_be_encoded_in_place() -> None:
     record: dict[str, Any] = {"id": "x", "reason": "\udcff", "duration_ms": float("inf"), "n": [float("nan"), 1]}
-    audit_log._make_encodable(record)
-    assert record == {
+    assert _sealed(record) == {
         "id": "x",
         "reason": "\ufffd",
         "duration_ms": None,
@@ -428,21 +435,18 @@ def test_make_encodable_replaces_what_cannot_be_encoded_in_place() -> None:
         "sanitized": {"surrogates": 1, "non_finite": 2},
     }
     clean: dict[str, Any] = {"id": "y", "op": "call"}
-    audit_log._make_encodable(clean)
-    assert clean == {"id": "y", "op": "call"}  # nothing to fix: untouched, no "sanitized"
+    assert _sealed(clean) == {"id": "y", "op": "call"}  # nothing to fix: untouched, no "sanitized"
 
 
-def test_make_encodable_writes_a_placeholder_for_what_still_cannot_be_written() -> None:
+def test_seal_writes_a_placeholder_for_what_still_cannot_be_written() -> None:
     # keys of mixed types pass the codec but cannot be sorted into the canonical form
     record: dict[str, Any] = {"id": "b" * 100, "op": "call", "args": {1: "x", "k": "y"}}
-    audit_log._make_encodable(record)
-    assert record == {
+    assert _sealed(record) == {
         "id": "b" * 64,
         "op": "call",
         "decision": "error",
         "reason": "this record could not be serialised (TypeError); the broker wrote this instead",
     }
-    audit.canonical(record)
 
 
 # write_many() measures every record (for the rotation check) only once it is made encodable: a record holding
@@ -458,8 +462,8 @@ def test_a_record_that_needs_fixing_does_not_fail_its_batch(path: str, bad: dict
 # A value the codec does not know (bytes, a set) becomes the placeholder record, never an exception.
 def test_a_value_of_an_unknown_type_becomes_a_placeholder() -> None:
     record: dict[str, Any] = {"id": "b", "op": "call", "blob": b"\x00"}
-    audit_log._make_encodable(record)
-    assert record["decision"] == "error" and "blob" not in record
+    sealed = _sealed(record)
+    assert sealed["decision"] == "error" and "blob" not in sealed
 
 
 # --- failures and the waiters ---------------------------------------------------------------------------

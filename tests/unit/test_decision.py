@@ -17,7 +17,7 @@ from typing import Any
 import mcp
 import pytest
 
-from broker.core import codec
+from broker.core import wire
 from broker.core.allowlist import Allowlist
 from broker.core.errors import (
     ArgumentsRejected,
@@ -528,10 +528,10 @@ def test_record_of_an_admitted_call_has_rule_mode_and_the_arguments_shape_only()
         "rule": 'policy."demo.echo"',
         "mode": "notify",
         "arg_keys": ["n", "text"],
-        "args_size": len(codec.dumps(args)),
+        "args_size": len(wire.dumps(args)),
         "args_digest": args_digest(args, KEY),
     }
-    assert "a secret value" not in codec.dumps(v.record())
+    assert "a secret value" not in wire.dumps(v.record())
 
 
 def test_the_verdict_carries_what_an_admitted_call_needs() -> None:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import inspect
 
-from broker.core import protocol
+from broker.core import wire
 from broker.daemon.service import ADMIN_ROUTES, GATE_ROUTES
 
 
 def test_every_gate_op_has_exactly_one_handler() -> None:
-    assert set(GATE_ROUTES) == set(protocol.OPS)
+    assert set(GATE_ROUTES) == set(wire.OPS)
 
 
 def test_every_admin_op_has_exactly_one_handler() -> None:
-    assert set(ADMIN_ROUTES) == set(protocol.ADMIN_OPS)
+    assert set(ADMIN_ROUTES) == set(wire.ADMIN_OPS)
 
 
 def test_admin_ops_are_for_root_only() -> None:

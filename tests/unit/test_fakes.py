@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from broker.core import protocol, wire
+from broker.core import wire
 from broker.core.errors import Unavailable
 from tests.fakes import FakeDaemon, Reply, by_op
 
@@ -42,7 +42,7 @@ def start(made: list[FakeDaemon], path: str, *args: Any, **kwargs: Any) -> FakeD
 
 
 def ask(path: str, op: str = "list", on_pending: Any = None, **fields: Any) -> Any:
-    message = protocol.request(op, **fields)
+    message = wire.request(op, **fields)
     return wire.exchange(path, message, 5.0, None, on_pending)
 
 
@@ -53,7 +53,7 @@ def test_the_default_answers_like_a_daemon(made: list[FakeDaemon], sock_path: st
     assert by_op({"op": "call"}, refuse=75) == {"ok": False, "exit": 75, "error": "refused with 75"}
     assert by_op({"op": "report"}, refuse=75) == {"ok": True, "result": None}
     assert [r["op"] for r in d.requests] == ["list", "status"]
-    assert d.requests[0] == {"v": protocol.PROTOCOL_VERSION, "op": "list"}
+    assert d.requests[0] == {"v": wire.PROTOCOL_VERSION, "op": "list"}
     assert d.connections == 2 and len(d.frames) == 2
     assert d.peer_uids == [os.getuid(), os.getuid()]  # the kernel's word, as the real daemon reads it
 
@@ -64,7 +64,7 @@ def test_a_request_naming_its_caller_is_refused_like_the_daemon_does(
 ) -> None:
     d = start(made, sock_path)
     with pytest.raises(Unavailable):
-        wire.exchange(sock_path, protocol.request("list", **fields), 5.0, None)
+        wire.exchange(sock_path, wire.request("list", **fields), 5.0, None)
     assert d.requests == [] and len(d.frames) == 1
     assert ask(sock_path) == by_op({"op": "list"})  # the listener lives on
 
@@ -77,7 +77,7 @@ def test_a_canned_answer_and_what_was_asked(made: list[FakeDaemon], sock_path: s
     }
     assert d.calls() == ["y"] and d.calls("missing") == ["None"]
     assert [r["tool"] for r in d.ops("call")] == ["demo.echo"] and d.ops("list") == []
-    assert protocol.decode_payload(d.frames[0]) == d.requests[0]
+    assert wire.decode_payload(d.frames[0]) == d.requests[0]
 
 
 def test_an_interim_frame_then_the_answer(made: list[FakeDaemon], sock_path: str) -> None:
@@ -99,12 +99,12 @@ def test_an_invalid_request_is_recorded_only_without_validation(made: list[FakeD
     strict = start(made, f"{tmp_root}/a/gate.sock")
     loose = start(made, f"{tmp_root}/b/gate.sock", validate=False)
     with pytest.raises(Unavailable):
-        wire.exchange(strict.path, {"v": protocol.PROTOCOL_VERSION, "op": "bogus"}, 5.0, None)
+        wire.exchange(strict.path, {"v": wire.PROTOCOL_VERSION, "op": "bogus"}, 5.0, None)
     assert strict.requests == [] and len(strict.frames) == 1  # read, refused, the connection closed
-    old = protocol.request("list", caller="alice", uid=1000)
-    assert wire.exchange(loose.path, {"v": protocol.PROTOCOL_VERSION, "op": "bogus"}, 5.0, None)["ok"] is True
+    old = wire.request("list", caller="alice", uid=1000)
+    assert wire.exchange(loose.path, {"v": wire.PROTOCOL_VERSION, "op": "bogus"}, 5.0, None)["ok"] is True
     assert wire.exchange(loose.path, old, 5.0, None)["ok"] is True
-    assert loose.requests == [{"v": protocol.PROTOCOL_VERSION, "op": "bogus"}, old]
+    assert loose.requests == [{"v": wire.PROTOCOL_VERSION, "op": "bogus"}, old]
 
 
 def test_connections_persist_and_are_counted(made: list[FakeDaemon], sock_path: str) -> None:
@@ -112,9 +112,9 @@ def test_connections_persist_and_are_counted(made: list[FakeDaemon], sock_path: 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(sock_path)
         for _ in range(3):
-            s.sendall(protocol.encode_frame(protocol.request("status")))
-            n = protocol.frame_length(wire.recv_exact(s, 4), protocol.MAX_RESPONSE_BYTES)
-            assert protocol.decode_payload(wire.recv_exact(s, n))["ok"] is True
+            s.sendall(wire.encode_frame(wire.request("status")))
+            n = wire.frame_length(wire.recv_exact(s, 4), wire.MAX_RESPONSE_BYTES)
+            assert wire.decode_payload(wire.recv_exact(s, n))["ok"] is True
     assert d.connections == 1 and len(d.requests) == 3 and d.max_active == 1
 
 

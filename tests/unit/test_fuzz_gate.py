@@ -32,7 +32,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from broker.core import protocol
+from broker.core import wire
 from broker.core.errors import CONTRACT_EXIT_CODES, EX_SOFTWARE
 from broker.core.paths import Paths
 from broker.gate import verbs as gate
@@ -252,7 +252,7 @@ def test_gate_never_escapes_the_contract(
         assert req["tool"] in allowed_for(caller), (argv, user, uid, req)
     for req in requests:
         assert not {"caller", "uid"} & set(req), req
-        protocol.validate_request(req, protocol.OPS)  # the gate only ever sends well-formed requests
+        wire.validate_request(req, wire.OPS)  # the gate only ever sends well-formed requests
     with fake.lock:
         assert set(fake.peer_uids) <= {os.getuid()}  # who calls is the socket's word
     if code == 0 and argv and argv[0] in ("call", "describe"):

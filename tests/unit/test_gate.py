@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from agent.helper import frame
 from broker import __version__
-from broker.core import codec, protocol
+from broker.core import wire
 from broker.core.errors import CONTRACT_EXIT_CODES, ConfigError, UsageError
 from broker.core.paths import Paths
 from broker.gate import verbs as gate
@@ -380,7 +380,7 @@ def test_missing_allowlist_with_json(argv: list[str]) -> None:
     r = run(argv)
     assert r.code == 78
     line = r.one_error_line()
-    obj = codec.loads(r.out)
+    obj = wire.loads(r.out)
     assert obj["exit"] == 78
     assert obj["error"] == line[len("mcp: ") :]
     assert r.out.count("\n") == 1
@@ -392,7 +392,7 @@ def test_status_without_daemon_is_unavailable() -> None:
     assert "broker unavailable" in r.one_error_line()
     r = run(["status", "--json"])
     assert r.code == 69
-    assert codec.loads(r.out)["exit"] == 69
+    assert wire.loads(r.out)["exit"] == 69
 
 
 def test_invalid_caller_name_is_a_config_error() -> None:
@@ -532,7 +532,7 @@ def test_unlisted_tool_is_denied_before_the_daemon(root: str, tool: str) -> None
     assert r.one_error_line() == f"mcp: denied: {tool} is not in the allowlist for alice"
     r = run(["describe", tool, "--json"], root=root)
     assert r.code == 77
-    assert codec.loads(r.out) == {"error": f"denied: {tool} is not in the allowlist for alice", "exit": 77}
+    assert wire.loads(r.out) == {"error": f"denied: {tool} is not in the allowlist for alice", "exit": 77}
 
 
 @needs_root
@@ -669,7 +669,7 @@ def test_call_is_forwarded_with_exact_fields(root: str, daemon: StartDaemon) -> 
     assert (r.code, r.out, r.err) == (0, "hello\n", "")
     assert d.requests == [
         {
-            "v": protocol.PROTOCOL_VERSION,
+            "v": wire.PROTOCOL_VERSION,
             "op": "call",
             "tool": "demo.echo",
             "kv": [["url", "http://x:1"], ["n", "5"]],
@@ -696,7 +696,7 @@ def test_no_request_names_a_caller(
 ) -> None:
     d = daemon({"ok": True, "result": {}})
     assert run(argv, root=root, environ=environ).code == 0
-    assert d.requests == [{"v": protocol.PROTOCOL_VERSION, **sent}]
+    assert d.requests == [{"v": wire.PROTOCOL_VERSION, **sent}]
 
 
 @needs_root
@@ -712,7 +712,7 @@ def test_daemon_refusal_is_one_line_and_json(root: str, daemon: StartDaemon) -> 
     r = run(["call", "demo.echo", "--json"], root=root)
     assert r.code == 75
     assert r.one_error_line() == "mcp: rate limited: wait a bit"
-    assert codec.loads(r.out) == {"error": "rate limited: wait a bit", "exit": 75}
+    assert wire.loads(r.out) == {"error": "rate limited: wait a bit", "exit": 75}
 
 
 @needs_root
@@ -720,7 +720,7 @@ def test_list_is_forwarded_and_printed(root: str, daemon: StartDaemon) -> None:
     d = daemon({"ok": True, "result": {"tools": [{"name": "demo.echo", "description": "Echo"}, {"name": "demo.add"}]}})
     r = run(["list"], root=root)
     assert (r.code, r.out) == (0, "demo.echo  Echo\ndemo.add\n")
-    assert d.requests == [{"v": protocol.PROTOCOL_VERSION, "op": "list"}]
+    assert d.requests == [{"v": wire.PROTOCOL_VERSION, "op": "list"}]
 
 
 @needs_root
@@ -730,7 +730,7 @@ def test_denial_is_reported_to_the_daemon_for_audit(root: str, daemon: StartDaem
     assert len(d.requests) == 1
     rep = d.requests[0]
     assert rep == {
-        "v": protocol.PROTOCOL_VERSION,
+        "v": wire.PROTOCOL_VERSION,
         "op": "report",
         "verb": "call",
         "tool": "demo.secret",
@@ -746,7 +746,7 @@ def test_a_usage_error_is_reported_without_a_caller(root: str, daemon: StartDaem
     assert run(["call", "demo.echo", "--bogus"], root=root).code == 64
     assert d.requests == [
         {
-            "v": protocol.PROTOCOL_VERSION,
+            "v": wire.PROTOCOL_VERSION,
             "op": "report",
             "verb": "call",
             "tool": "",
@@ -788,7 +788,7 @@ def test_usage_error_with_json_is_also_json_on_stdout(argv: list[str]) -> None:
     r = run(argv)
     assert r.code == 64
     r.one_error_line()
-    assert codec.loads(r.out)["exit"] == 64
+    assert wire.loads(r.out)["exit"] == 64
 
 
 # --- the entry point run(): a call's arguments come in the frame on stdin -----------------------------
@@ -916,7 +916,7 @@ def test_run_forwards_what_the_frame_holds(
     done = entry(argv, frame(items, piped), root=root, env={"SUDO_USER": "alice", "SUDO_UID": "0", "HOME": "/x"})
     assert (done.returncode, done.stdout, done.stderr) == (0, b"done\n", b"")
     assert d.requests == [
-        {"v": protocol.PROTOCOL_VERSION, "op": "call", "tool": "demo.echo", "kv": kv, "args": args, "timeout": None}
+        {"v": wire.PROTOCOL_VERSION, "op": "call", "tool": "demo.echo", "kv": kv, "args": args, "timeout": None}
     ]
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import mcp
 import pytest
 
-from broker.core import codec
+from broker.core import wire
 from broker.daemon.redact import Redactor
 from broker.daemon.results import catalog_entry, definition, described, first_line, hints, render_result
 
@@ -49,13 +49,13 @@ def test_text_blocks_are_joined_by_newlines_and_kept_as_blocks() -> None:
         "text": "one\ntwo",
         "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}],
     }
-    assert size == len(codec.dumps(out["content"]))  # the largest of the three measures
+    assert size == len(wire.dumps(out["content"]))  # the largest of the three measures
 
 
 def test_an_empty_result() -> None:
     out, size = render_result(result(), BIG, NONE)
     assert out == {"is_error": False, "text": "", "content": []}
-    assert size == len("null")  # structured content absent: codec.dumps(None)
+    assert size == len("null")  # structured content absent: wire.dumps(None)
 
 
 @pytest.mark.parametrize("kind", ["image", "audio"])
@@ -133,8 +133,8 @@ def test_a_block_of_a_kind_it_does_not_know_adds_no_text_but_is_kept() -> None:
 def test_structured_content_only_becomes_the_text_too() -> None:
     out = render(result(structured={"sum": 3, "items": [1, 2]}))
     assert out["structured_content"] == {"sum": 3, "items": [1, 2]}
-    assert codec.loads(out["text"]) == {"sum": 3, "items": [1, 2]}
-    assert out["text"] == codec.dumps({"sum": 3, "items": [1, 2]})
+    assert wire.loads(out["text"]) == {"sum": 3, "items": [1, 2]}
+    assert out["text"] == wire.dumps({"sum": 3, "items": [1, 2]})
     assert out["content"] == []
 
 
@@ -154,7 +154,7 @@ def test_what_no_side_can_encode_is_replaced_and_counted() -> None:
     assert out["sanitized"] == {"surrogates": 1, "non_finite": 1}
     assert out["text"] == "bad \ufffd byte" and out["content"][0]["text"] == "bad \ufffd byte"
     assert out["structured_content"] == {"x": None, "y": 1}
-    codec.dumps(out).encode("utf-8")  # the answer can be framed
+    wire.dumps(out).encode("utf-8")  # the answer can be framed
     assert "sanitized" not in render(result(text("clean")))
 
 
@@ -171,7 +171,7 @@ def test_a_known_secret_is_redacted_everywhere() -> None:
         structured={"token": SECRET, SECRET: [SECRET]},
     )
     out, _ = render_result(res, BIG, REDACTOR)
-    assert SECRET not in codec.dumps(out)
+    assert SECRET not in wire.dumps(out)
     assert out["text"].split("\n") == [
         "the key is [REDACTED:demo.K]",
         "k=[REDACTED:demo.K]",
@@ -291,7 +291,7 @@ def test_described_shows_the_action_name_redacted() -> None:
     assert shown["name"] == "demo.echo"
     assert shown["description"] == "Echo, using [REDACTED:demo.K]"
     assert shown["input_schema"]["properties"]["key"]["default"] == "[REDACTED:demo.K]"
-    assert SECRET not in codec.dumps(shown)
+    assert SECRET not in wire.dumps(shown)
     assert set(shown) == {"name", "description", "input_schema", "annotations"}
 
 

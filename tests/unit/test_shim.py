@@ -25,6 +25,7 @@ the helper, with the gate and the agent's gate user in front.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -189,7 +190,7 @@ def test_args_dash_sends_the_agent_s_stdin_in_the_frame(shim: Shim, shell: str, 
     ran = shim.run(["call", "demo.echo", *flags], stdin=piped.encode(), shell=shell)
     items, stdin = check_call(ran, ["demo.echo", *flags], piped)
     assert stdin == piped
-    req = verbs.parse_argv(["call", "demo.echo", *items], verbs._Text(stdin or ""))
+    req = verbs.parse_argv(["call", "demo.echo", *items], io.StringIO(stdin or ""))
     assert req.args == payload
 
 
@@ -395,7 +396,7 @@ def test_a_dashed_word_with_an_at_is_not_a_file_value(shim: Shim, shell: str) ->
 def test_stdin_with_a_nul_byte_is_not_silently_changed(shim: Shim, shell: str) -> None:
     piped = b'{"a": "x\x00y"}'
     with pytest.raises(verbs.UsageError):
-        verbs.parse_argv(["call", "demo.echo", "--args", "-"], verbs._Text(piped.decode()))  # the gate's verdict
+        verbs.parse_argv(["call", "demo.echo", "--args", "-"], io.StringIO(piped.decode()))  # the gate's verdict
     ran = shim.run(["call", "demo.echo", "--args", "-"], stdin=piped, shell=shell)
     _items, stdin = unframe(ran.stdin or b"")
     assert stdin is not None and stdin.encode("utf-8", "surrogateescape") == piped

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from broker.core import protocol, wire
+from broker.core import wire
 from broker.core.paths import Paths
 from broker.gate import endpoint as stdio
 from tests.fakes import FakeDaemon, Reply
@@ -174,7 +174,7 @@ def test_requests_name_no_caller_the_daemon_knows_it_by_the_peer_uid(root: str, 
     run.send({"jsonrpc": "2.0", "id": "l", "method": "tools/list"}, call(1, "hi"), call(2, "x", tool="demo.secret"))
     assert run.finish() == 0
     assert text_of(run.answers()[1]) == "hi"
-    v = protocol.PROTOCOL_VERSION
+    v = wire.PROTOCOL_VERSION
     by_op = {r["op"]: r for r in daemon.requests}
     assert by_op["catalog"] == {"v": v, "op": "catalog"}
     assert by_op["call"] == {
@@ -245,7 +245,7 @@ def test_tools_list_goes_to_the_daemon_catalog(root: str, daemon: FakeDaemon) ->
     run.send({"jsonrpc": "2.0", "id": "l", "method": "tools/list"})
     assert run.finish() == 0
     assert run.answers()["l"]["result"] == {"tools": [{"name": "demo.echo"}]}
-    assert daemon.requests == [{"v": protocol.PROTOCOL_VERSION, "op": "catalog"}]
+    assert daemon.requests == [{"v": wire.PROTOCOL_VERSION, "op": "catalog"}]
 
 
 def test_no_daemon_answers_69_for_each_call(root: str) -> None:

@@ -37,7 +37,12 @@ def canonical(record: dict[str, Any]) -> str:
 
 def chain_hash(prev: str, record: dict[str, Any]) -> str:
     body = {k: v for k, v in record.items() if k != "hash"}
-    return hashlib.sha256((prev + "\n" + canonical(body)).encode()).hexdigest()
+    return body_hash(prev, canonical(body))
+
+
+def body_hash(prev: str, body: str) -> str:
+    """The hash of a record whose canonical text without ``hash`` is ``body``."""
+    return hashlib.sha256((prev + "\n" + body).encode()).hexdigest()
 
 
 def new_request_id() -> str:

@@ -34,13 +34,13 @@ import stat
 import threading
 from typing import Any
 
-from broker.core import codec
+from broker.core import wire
 from broker.core.errors import Unavailable
 from broker.daemon.audit.chain import (
     GENESIS,
     HEAD_FORMAT,
+    body_hash,
     canonical,
-    chain_hash,
     head_path,
     last_record,
     new_request_id,
@@ -96,15 +96,24 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-def _make_encodable(record: dict[str, Any]) -> None:
-    """Replace lone surrogates and non-finite numbers in place; a placeholder if it still cannot be written."""
+def _seal(record: dict[str, Any], ts: str, seq: int, prev: str) -> bytes:
+    """Number and chain one record (in place); return its line. What it holds can never fail the write.
+
+    A caller's or a server's lone surrogate or non-finite number is replaced
+    (and the record says so); a record that still cannot be written (a value
+    of an unknown type) becomes a placeholder naming its id and op.
+    """
     try:
-        clean, fixed = codec.sanitize(record)
-        if fixed:
-            record.clear()
-            record.update(clean)
-            record["sanitized"] = fixed
-        canonical(record)
+        clean, fixed = wire.sanitize(record)
+    except TypeError:
+        clean, fixed = record, {}
+    if fixed:
+        record.clear()
+        record.update(clean)
+        record["sanitized"] = fixed
+    record.update(ts=ts, seq=seq + 1, prev=prev)
+    try:
+        body = canonical(record)
     except (TypeError, ValueError) as exc:
         log.error("an audit record could not be serialised (%s); a placeholder is written", type(exc).__name__)
         placeholder = {
@@ -112,9 +121,23 @@ def _make_encodable(record: dict[str, Any]) -> None:
             "op": str(record.get("op", ""))[:64],
             "decision": "error",
             "reason": f"this record could not be serialised ({type(exc).__name__}); the broker wrote this instead",
+            "ts": ts,
+            "seq": seq + 1,
+            "prev": prev,
         }
         record.clear()
         record.update(placeholder)
+        body = canonical(record)
+    record["hash"] = body_hash(prev, body)
+    return (canonical(record) + "\n").encode("utf-8")
+
+
+def _estimated_size(record: dict[str, Any]) -> int:
+    """About the length of a record's line, cheaply (for the rotation check; never fails)."""
+    try:
+        return len(wire.dumps(record)) + 200
+    except (TypeError, ValueError):
+        return 1024
 
 
 # --- the writer --------------------------------------------------------------------
@@ -312,14 +335,8 @@ class AuditLog:
         ts = timestamp()
         lines = []
         for record in records:
-            # what a caller or a server put in a record can never fail the write, nor the others in the batch
-            _make_encodable(record)
-            record["ts"] = ts
-            record["seq"] = seq + 1
-            record["prev"] = prev
-            record["hash"] = chain_hash(prev, record)
+            lines.append(_seal(record, ts, seq, prev))
             seq, prev = record["seq"], record["hash"]
-            lines.append((canonical(record) + "\n").encode("utf-8"))
         data = b"".join(lines)
         start = self._size
         try:
@@ -393,8 +410,7 @@ class AuditLog:
             batch: list[dict[str, Any]] = []
             size = self._size
             for record in records:
-                _make_encodable(record)  # before it is measured: a caller's NaN must not fail the batch
-                line_len = len(canonical(record)) + 200
+                line_len = _estimated_size(record)
                 if self.max_bytes and size > 0 and size + line_len > self.max_bytes:
                     if batch:
                         self._write_records(batch)
@@ -424,6 +440,14 @@ class AuditLog:
             self._flusher = loop.create_task(self._flush())
         await done
 
+    def _failed(self, exc: BaseException) -> Unavailable:
+        self.healthy = False
+        self.error = (
+            f"{self.path}: {exc.strerror or exc}" if isinstance(exc, OSError) else f"{self.path}: {type(exc).__name__}"
+        )
+        log.error("audit write failed: %s", self.error)
+        return Unavailable("broker unavailable: the audit log cannot be written, so no call is served")
+
     async def _flush(self) -> None:
         while self._queue:
             batch, self._queue = self._queue, []
@@ -435,17 +459,10 @@ class AuditLog:
                 else:
                     await asyncio.to_thread(self.write_many, [r for r, _ in batch])
             except BaseException as exc:  # every waiter gets an answer, whatever went wrong
-                self.healthy = False
-                if isinstance(exc, OSError):
-                    self.error = f"{self.path}: {exc.strerror or exc}"
-                else:
-                    self.error = f"{self.path}: {type(exc).__name__}"
-                log.error("audit write failed: %s", self.error)
+                failure = self._failed(exc)
                 for _, done in batch:
                     if not done.done():
-                        done.set_exception(
-                            Unavailable("broker unavailable: the audit log cannot be written, so no call is served")
-                        )
+                        done.set_exception(failure)
                 if not isinstance(exc, Exception):
                     raise
                 continue

@@ -24,7 +24,7 @@ import httpx2
 import mcp
 
 from broker import __version__
-from broker.core import codec
+from broker.core import wire
 from broker.core.errors import TempFail, Unavailable
 from broker.daemon.config import Server
 from broker.daemon.upstream.client import Upstream
@@ -191,7 +191,7 @@ class ServerHandle:
 
     def _clean(self, tool: mcp.types.Tool) -> mcp.types.Tool:
         """A definition every side can encode: lone surrogates and non-finite numbers replaced (and logged)."""
-        clean, fixed = codec.sanitize(tool.model_dump(mode="json", by_alias=True, exclude_none=True))
+        clean, fixed = wire.sanitize(tool.model_dump(mode="json", by_alias=True, exclude_none=True))
         if not fixed:
             return tool
         log.warning("server %s: a tool definition held %s; replaced", self.name, fixed)

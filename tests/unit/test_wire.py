@@ -1,4 +1,4 @@
-"""Unit and property tests for ``broker.protocol``.
+"""Unit and property tests for ``broker.core.wire``: the JSON codec, the frames and the closed op sets.
 
 The gate <-> daemon protocol is a closed set of size-capped JSON frames:
 these tests pin the JSON codec (strict: no NaN/Infinity, no trailing data),
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.core import protocol
-from broker.core.protocol import (
+from broker.core import wire
+from broker.core.wire import (
     ADMIN_OPS,
     MAX_KV,
     MAX_STRING,
@@ -174,8 +174,8 @@ def test_frame_length_accepts_1_to_limit(header: bytes, limit: int, expected: in
     [
         (b"\x00\x00\x00\x00", 10),  # zero length
         (b"\x00\x00\x00\x0b", 10),  # one over
-        (b"\xff\xff\xff\xff", protocol.MAX_REQUEST_BYTES),
-        ((protocol.MAX_REQUEST_BYTES + 1).to_bytes(4, "big"), protocol.MAX_REQUEST_BYTES),
+        (b"\xff\xff\xff\xff", wire.MAX_REQUEST_BYTES),
+        ((wire.MAX_REQUEST_BYTES + 1).to_bytes(4, "big"), wire.MAX_REQUEST_BYTES),
         (b"\x00\x00\x01", 10),  # truncated
         (b"", 10),
         (b"\x00\x00\x00\x01\x00", 10),  # not exactly four bytes
@@ -190,7 +190,7 @@ def test_frame_length_rejects(header: bytes, limit: int) -> None:
 @given(st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=5))
 def test_frame_round_trip(obj: dict) -> None:
     frame = encode_frame(obj)
-    n = frame_length(frame[:4], protocol.MAX_RESPONSE_BYTES)
+    n = frame_length(frame[:4], wire.MAX_RESPONSE_BYTES)
     assert n == len(frame) - 4
     assert decode_payload(frame[4:]) == obj
 
@@ -333,19 +333,19 @@ def test_each_admin_op_accepts_its_exact_keys(op: str) -> None:
 
 def test_request_builder_produces_valid_requests() -> None:
     assert PROTOCOL_VERSION == 2
-    assert protocol.request("list") == {"v": 2, "op": "list"}
-    assert validate_request(protocol.request("list"), OPS) == "list"
-    msg = protocol.request("call", tool="d.e", kv=[], args=None, timeout=None)
+    assert wire.request("list") == {"v": 2, "op": "list"}
+    assert validate_request(wire.request("list"), OPS) == "list"
+    msg = wire.request("call", tool="d.e", kv=[], args=None, timeout=None)
     assert msg["v"] == PROTOCOL_VERSION
     assert validate_request(msg, OPS) == "call"
-    report = protocol.request("report", verb="call", tool="", exit=77, reason="denied")
+    report = wire.request("report", verb="call", tool="", exit=77, reason="denied")
     assert validate_request(report, OPS) == "report"
 
 
 def test_request_builder_with_caller_fields_makes_an_invalid_request() -> None:
     """What the first version's gate sent is refused now: the daemon takes no name from the gate."""
-    assert "unexpected key 'caller'" in _rejected(protocol.request("list", caller="a"))
-    assert "unexpected key 'uid'" in _rejected(protocol.request("status", uid=0))
+    assert "unexpected key 'caller'" in _rejected(wire.request("list", caller="a"))
+    assert "unexpected key 'uid'" in _rejected(wire.request("status", uid=0))
 
 
 #: the keys the first version's gate sent with every request (now the peer's uid says who calls)
