@@ -40,7 +40,7 @@ demo: install
 	runuser -u $(AGENT) -- /usr/local/bin/mcp list
 	@echo; echo "== as $(AGENT): mcp call demo.echo text=hello   (allowed)"
 	runuser -u $(AGENT) -- /usr/local/bin/mcp call demo.echo text=hello
-	@echo; echo "== as $(AGENT): mcp call demo.whoami   (runs as mcp-broker, not as the agent)"
+	@echo; echo "== as $(AGENT): mcp call demo.whoami   (runs as its own user, mcp-srv-demo: neither the agent nor the broker)"
 	runuser -u $(AGENT) -- /usr/local/bin/mcp call demo.whoami
 	@echo; echo "== as $(AGENT): mcp call demo.secret   (not allowlisted: denied, exit 77)"
 	@runuser -u $(AGENT) -- /usr/local/bin/mcp call demo.secret; rc=$$?; echo "exit code: $$rc"; test $$rc -eq 77

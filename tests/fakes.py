@@ -24,13 +24,23 @@ before it is recorded and answered; otherwise the connection is closed, as
 the daemon does (so a request naming a ``caller`` or ``uid``, as the first
 version's gate did, is refused: unexpected key). Without it every decoded
 request is recorded, so a test can check what the client sent. :func:`by_op` answers like a daemon would.
+
+:func:`local_launch` is a test-only stand-in for the spawner, for the
+stdio client's unit tests: it starts a server as a plain child of the test
+process (the test's own user, no sandbox), on ``os.pipe()`` pipes wrapped by
+:func:`broker.daemon.upstream.stdio.pipe_streams`, and :meth:`LocalProcess.kill`
+SIGKILLs the child's process group and reaps it. The product never starts a
+server this way: in the daemon, only the spawner does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -235,3 +245,114 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+# --- a local stand-in for the spawner (unit tests of the stdio client only) ---------------------
+
+
+class LocalProcess:
+    """A server started by :class:`LocalLaunch`: the ``ServerProcess`` of ``broker.daemon.upstream.stdio``.
+
+    Test-only. Its three pipes are owned by the streams (the child's ends are
+    closed in the parent, so the child's exit is seen as EOF). It records
+    what a test checks about how it was ended: ``kills`` (how many times
+    :meth:`kill` was called), ``kill_times`` (``time.monotonic()`` at each
+    call) and ``exited_before_kill`` (the child had already exited on its
+    own when :meth:`kill` was first called).
+    """
+
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        streams: tuple[asyncio.StreamWriter, asyncio.StreamReader, asyncio.StreamReader],
+    ) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.stdin, self.stdout, self.stderr = streams
+        self.kills = 0
+        self.kill_times: list[float] = []
+        self.exited_before_kill: bool | None = None
+
+    def exited(self) -> bool:
+        """Whether the child has exited (without reaping it: its pid stays ours until :meth:`kill`)."""
+        if self.popen.returncode is not None:
+            return True
+        try:
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
+        return info is not None
+
+    async def kill(self, reap_within: float = 5.0) -> None:
+        """SIGKILL the child's whole process group, then reap the child, polling (the loop is never blocked)."""
+        self.kills += 1
+        self.kill_times.append(time.monotonic())
+        if self.exited_before_kill is None:
+            self.exited_before_kill = self.exited()
+        if self.popen.returncode is None:  # not reaped yet, so the group id cannot have been reused
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + reap_within
+        while self.popen.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+
+class LocalLaunch:
+    """A ``Launch`` that starts ``command args`` as a local child (test-only: see :func:`local_launch`).
+
+    Every process it started is in ``processes`` (the newest last), so a test
+    can check one after the client has let go of it.
+    """
+
+    def __init__(self, command: str, args: list[str], env: dict[str, str], cwd: str | None) -> None:
+        self.command = command
+        self.args = list(args)
+        self.env = dict(env)
+        self.cwd = cwd
+        self.processes: list[LocalProcess] = []
+
+    async def __call__(self) -> LocalProcess:
+        from broker.daemon.upstream.stdio import pipe_streams
+
+        pipes = [os.pipe() for _ in range(3)]  # (read, write) each; not inheritable until dup2'd onto 0, 1, 2
+        (in_r, in_w), (out_r, out_w), (err_r, err_w) = pipes
+        child_ends, our_ends = (in_r, out_w, err_w), (in_w, out_r, err_r)
+        try:
+            popen = subprocess.Popen(
+                [self.command, *self.args],
+                stdin=in_r,
+                stdout=out_w,
+                stderr=err_w,
+                env=self.env,
+                cwd=self.cwd,
+                close_fds=True,
+                start_new_session=True,  # a process group of its own, for kill()
+            )
+        except BaseException:
+            for fd in (*child_ends, *our_ends):
+                os.close(fd)
+            raise
+        for fd in child_ends:  # the child's now; kept here, its exit would never read as EOF
+            os.close(fd)
+        try:
+            streams = await pipe_streams(*our_ends)
+        except BaseException:
+            for fd in our_ends:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+            raise
+        proc = LocalProcess(popen, streams)
+        self.processes.append(proc)
+        return proc
+
+
+def local_launch(command: str, args: list[str], env: dict[str, str], cwd: str | None) -> LocalLaunch:
+    """A test-only ``Launch``: each call starts ``command args`` with exactly ``env``, in ``cwd``.
+
+    What the spawner does for the daemon, minus everything that makes it
+    safe (no other user, no sandbox): for unit tests of the stdio client only.
+    """
+    return LocalLaunch(command, args, env, cwd)

@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from broker import __version__
+from broker.admin import sandbox_view
 from broker.admin.check import check_all
 from broker.core import names, wire
 from broker.core.errors import (
@@ -118,13 +119,26 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(
             f"server {s['name']} [{s['transport']}]: {s['state']}{reason}, {s['tools']} tools, {s['restarts']} restarts"
         )
+        for line in sandbox_view.lines(s):
+            click.echo(line)
 
 
 @cli.command()
 @click.pass_context
 def reload(ctx: click.Context) -> None:
-    """Re-read config and servers without dropping unchanged sessions."""
-    result = _admin(_paths(ctx), "reload")
+    """Re-read config and servers without dropping unchanged sessions (new servers get their users first)."""
+    from broker.admin.install import Report, install_servers
+    from broker.core import agents as agent_map
+
+    paths = _paths(ctx)
+    report = Report()
+    try:
+        install_servers(paths, list(agent_map.load(paths.gate_users)), report)
+    except (ConfigError, OSError, PrivsepError) as exc:
+        click.echo(f"reload: server users not updated: {exc}", err=True)
+    for line in report.lines:
+        click.echo(f"reload: {line}")
+    result = _admin(paths, "reload")
     click.echo(f"reload: added {result['added']}, removed {result['removed']}, restarted {result['restarted']}")
 
 
@@ -353,13 +367,17 @@ def tools(ctx: click.Context, server: str | None, user: str | None, as_json: boo
     if user is None and per_user:
         line += f"  (allowed-actions.d/ replaces it for: {', '.join(per_user)}; see 'tools --user USER')"
     click.echo(line)
-    states = {s["name"]: s for s in status.get("servers", [])}
+    states: dict[str, dict[str, Any]] = {}
+    for st in status.get("servers", []):
+        states.setdefault(st.get("server", st["name"]), st)  # a per-caller server: its first instance
     width = max((len(r["action"]) for r in rows), default=10)
     flags = max((len(r["flags"]) for r in rows), default=1)
     for name, entries in offered.items():
         s = states.get(name, {})
         reason = f" ({s['reason']})" if s.get("reason") else ""
         click.echo(f"{name} [{s.get('transport', '?')}, {s.get('state', '?')}{reason}]: {len(entries)} tools")
+        for sandbox_line in sandbox_view.lines(s):
+            click.echo(sandbox_line)
         for r in (r for r in rows if r["server"] == name):
             mark = "allowed" if r["allowed"] else "denied "
             pin = "CHANGED" if r["pin"] == "changed" else r["pin"]

@@ -43,10 +43,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from broker.admin import sandbox_view
 from broker.admin.check import check_all
 from broker.admin.install import SUDOERS_MARK
 from broker.core import agents as agent_map
 from broker.core import layout, names
+from broker.core import servers as core_servers
 from broker.core.errors import ConfigError, PrivsepError
 from broker.core.paths import BROKER_USER, GATE_GROUP, GATE_USER, Paths, gate_user_for
 from broker.daemon import config
@@ -272,6 +274,7 @@ class Doctor:
             for e in layout.PATHS
             if e.kind != "link" and e.attr != "sudoers"  # commands: _check_command_link; sudoers: its own section
         ]
+        named = {r.path for r in rules}  # a path the table names itself has its own rule, not its directory's
         for e in layout.CHILDREN:
             directory = e.path(p)
             try:
@@ -281,9 +284,15 @@ class Doctor:
             for name in names:
                 if name.endswith(e.suffix or "") and not (e.suffix and name.startswith(".")):
                     full = f"{directory}/{name}"
+                    if full in named:
+                        continue
                     is_dir = os.path.isdir(full) and not os.path.islink(full)
                     mode = e.mode | 0o700 if is_dir else e.mode
-                    owner = self.gate_user(name) if e.owner == "*" else e.owner
+                    owner = e.owner
+                    if e.owner == "*":
+                        owner = self.gate_user(name)
+                    elif e.owner == "+":
+                        owner = self.server_user(name)
                     rules.append(Rule(full, "any", owner, e.group, 0o7777 & ~mode, e.need, e.why, mode))
         secret = layout.child("secrets")
         for env_file in self._env_files():
@@ -294,7 +303,7 @@ class Doctor:
 
     def _env_files(self) -> list[str]:
         try:
-            cfg = config.load(self.paths, check_owner=False)
+            cfg = config.load(self.paths)
         except ConfigError:
             return []
         return sorted({s.spec.env_file for s in cfg.servers.values() if s.spec.env_file})
@@ -474,6 +483,15 @@ class Doctor:
         except ConfigError:
             return gate_user_for(agent)
 
+    def server_user(self, instance: str) -> str:
+        """The account of a server instance (``NAME`` or ``NAME@AGENT``), as its definition says."""
+        name, _, agent = instance.partition("@")
+        found, _table, _problems = core_servers.load(self.paths)
+        defn = found.get(name)
+        if defn is None:
+            return core_servers.server_user_for(name, agent or None)
+        return core_servers.account_of(defn, agent or None)
+
     def expected_rule(self, agent: str) -> str:
         return f"{agent} ALL=({self.gate_user(agent)}) NOPASSWD: {self.paths.gate}"
 
@@ -632,13 +650,14 @@ class Doctor:
             )
         if status.get("audit") != "ok":
             self.problem("daemon", f"audit log: {status.get('audit')}", f"check {self.paths.audit_log} and its disk")
+        self.check_sandboxes(status)
         for s in status.get("servers", []):
             if s.get("state") != "up":
                 reason = f" ({s['reason']})" if s.get("reason") else ""
                 self.problem(
                     "servers",
                     f"server {s['name']} is {s['state']}{reason}",
-                    f"check [servers.{s['name']}] and its env file, then mcp-brokerctl reload",
+                    f"check [servers.{s.get('server', s['name'])}] and its env file, then mcp-brokerctl reload",
                 )
         for frozen in status.get("frozen", []) or []:
             who = frozen.get("caller", frozen) if isinstance(frozen, dict) else frozen
@@ -664,6 +683,33 @@ class Doctor:
                 f"up (pid {pid}, as {BROKER_USER}), audit ok, {len(servers)} server(s) up, "
                 f"{len(pins)} pin(s) unchanged",
             )
+
+    def check_sandboxes(self, status: dict[str, Any]) -> None:
+        """What the host provides for sandboxes, and for each running stdio server what protects it."""
+        host = status.get("host") or {}
+        if host:
+            have = [n for n in ("pid_namespace", "mount_namespace", "network_namespace") if host.get(n)]
+            lacks = [n for n in ("pid_namespace", "mount_namespace", "network_namespace") if not host.get(n)]
+            abi = host.get("landlock_abi") or 0
+            line = f"this host gives servers: {', '.join(have) or 'no namespaces'}, Landlock ABI {abi}"
+            if host.get("disabled"):
+                line += f" ([sandbox] disable: {', '.join(host['disabled'])})"
+            if lacks or not abi:
+                missing = [*lacks] + ([] if abi else ["landlock"])
+                self.warning(
+                    "sandbox",
+                    line + f"; missing: {', '.join(missing)}",
+                    "servers start without it (sandbox = \"strict\" refuses); an LXC container needs nesting",
+                )
+            else:
+                self.ok("sandbox", line)
+        for s in status.get("servers", []):
+            if s.get("transport") != "stdio" or s.get("state") != "up":
+                continue
+            for warning in s.get("sandbox_warnings") or []:
+                self.warning("sandbox", f"server {s['name']} runs without {warning}")
+            described = "; ".join(sandbox_view.protections(s.get("sandbox") or {}))
+            self.ok("sandbox", f"server {s['name']}: as {s.get('user')}: {described}")
 
     # --- the agent's side -----------------------------------------------------------------
 

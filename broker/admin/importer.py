@@ -55,10 +55,11 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 import tomli_w
-from pydantic import ValidationError
 
 from broker.admin import allowlist_edit as admin_edit
-from broker.core.errors import EX_CONFIG, EX_NOINPUT, EX_SOFTWARE, ImportProblem
+from broker.core import servers as core_servers
+from broker.core.errors import EX_CONFIG, EX_NOINPUT, EX_SOFTWARE, ConfigError, ImportProblem
+from broker.core.names import valid_server_name
 from broker.core.paths import BROKER_USER, Paths
 from broker.daemon import config
 
@@ -560,7 +561,7 @@ def convert(name: str, original: str, raw: Any, paths: Paths, base_dir: str) -> 
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise ImportProblem("'env' must map strings to strings")
         for k, v in env.items():
-            if not config.ENV_KEY_RE.fullmatch(k):
+            if not core_servers.ENV_KEY_RE.fullmatch(k):
                 raise ImportProblem(f"env key {k!r} is not a valid variable name")
             if _PLACEHOLDER_RE.search(v):
                 if _PLACEHOLDER_RE.fullmatch(v):
@@ -665,7 +666,7 @@ def plan(path: str, paths: Paths, name_prefix: str = "", skip: tuple[str, ...] =
             result.notes.append(f"{original}: skipped (--skip)")
             continue
         name = name_prefix + original
-        if not config.NAME_RE.fullmatch(name):
+        if not valid_server_name(name):
             clean = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "server"
             result.notes.append(f"{original}: renamed to {clean} (server names are [A-Za-z0-9_-]+)")
             name = clean
@@ -685,12 +686,12 @@ def plan(path: str, paths: Paths, name_prefix: str = "", skip: tuple[str, ...] =
             continue
         try:
             server = convert(name, original, raw, paths, base_dir)
-            config.ServerSpec.model_validate(server.table)
+            core_servers.parse_server(name, server.table, "imported")
         except ImportProblem as exc:
             problems.append(f"{original}: {exc.message}")
             continue
-        except ValidationError as exc:
-            problems.extend(f"{original}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        except ConfigError as exc:
+            problems.extend(f"{original}: {p.split(': servers.', 1)[-1]}" for p in exc.problems)
             continue
         result.servers.append(server)
     if problems:
@@ -761,14 +762,18 @@ def write(result: ImportPlan, paths: Paths) -> list[str]:
                 with os.fdopen(fd, "w", encoding="utf-8") as out:
                     out.write(env_text(server, result.source))
                     out.flush()
-                    os.fchown(out.fileno(), broker.pw_uid, broker.pw_gid)
+                    os.fchown(out.fileno(), 0, 0)  # root's: only the spawner reads secrets
                     os.fchmod(out.fileno(), 0o600)
                     os.fsync(out.fileno())
-                written.append(f"{env_path} ({BROKER_USER} 0600)")
+                written.append(f"{env_path} (root 0600)")
             text = toml_text(result, existing)
 
             def validate(back: bytes) -> None:
-                config.FileModel.model_validate(tomllib.loads(back.decode()))
+                doc = tomllib.loads(back.decode())
+                config.FileModel.model_validate(doc)
+                _defs, problems = core_servers.collect([(result.toml_path, doc)])
+                if problems:
+                    raise ValueError(problems[0])
 
             admin_edit.atomic_replace(result.toml_path, text.encode(), 0, broker.pw_gid, 0o640, validate)
             written.append(f"{result.toml_path} (root:{BROKER_USER} 0640)")

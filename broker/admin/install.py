@@ -15,19 +15,22 @@ the old rule is gone.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
 import tempfile
 from dataclasses import dataclass, field
 
+from broker.core import accounts, layout
 from broker.core import agents as agent_map
-from broker.core import layout
+from broker.core import servers as core_servers
 from broker.core.errors import EX_FAILED, ConfigError, PrivsepError
 from broker.core.names import valid_user_name
 from broker.core.paths import BROKER_USER, GATE_GROUP, GATE_USER, Paths, gate_user_for
@@ -46,22 +49,15 @@ class Report:
         self.lines.append(line)
 
 
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise PrivsepError(f"{' '.join(cmd)} failed: {(proc.stderr or proc.stdout).strip()}", EX_FAILED)
-
-
 def ensure_system_user(name: str, home: str, report: Report) -> pwd.struct_passwd:
     """A locked system user with no shell and its own group."""
     try:
         return pwd.getpwnam(name)
     except KeyError:
         pass
-    _run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", home, "--shell", NOLOGIN, name])
-    _run(["usermod", "--lock", name])
+    pw = accounts.create_system_user(name, home)
     report.add(f"created system user {name}")
-    return pwd.getpwnam(name)
+    return pw
 
 
 def ensure_gate_user(agent: str, report: Report) -> pwd.struct_passwd:
@@ -70,12 +66,9 @@ def ensure_gate_user(agent: str, report: Report) -> pwd.struct_passwd:
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
-        group = grp.getgrnam(GATE_GROUP).gr_gid
-        _run(["useradd", "--system", "--gid", str(group), "--no-create-home", "--home-dir", "/nonexistent",
-              "--shell", NOLOGIN, name])  # fmt: skip
-        _run(["usermod", "--lock", name])
+        pw = accounts.create_system_user(name, "/nonexistent", str(grp.getgrnam(GATE_GROUP).gr_gid))
         report.add(f"created gate user {name} for agent {agent}")
-        return pwd.getpwnam(name)
+        return pw
     if pw.pw_gid != grp.getgrnam(GATE_GROUP).gr_gid:
         raise ConfigError(f"user {name} exists but its group is not {GATE_GROUP}: it cannot be {agent}'s gate user")
     return pw
@@ -84,7 +77,7 @@ def ensure_gate_user(agent: str, report: Report) -> pwd.struct_passwd:
 def ensure_group_member(user: str, group: str, report: Report) -> None:
     if user in grp.getgrnam(group).gr_mem:
         return
-    _run(["usermod", "--append", "--groups", group, user])
+    accounts.run(["usermod", "--append", "--groups", group, user])
     report.add(f"added {user} to group {group}")
 
 
@@ -245,6 +238,47 @@ def install_agents(paths: Paths, agents: list[str], report: Report) -> dict[str,
     return mapping
 
 
+def install_servers(paths: Paths, agents: list[str], report: Report) -> None:
+    """Each server instance's own locked user and home, and root's ownership of every secret env file.
+
+    Instances are the config's (one per server, one per agent of a
+    per-caller server); an explicit ``user =`` is the operator's account and
+    is checked by the spawner, never created. A config with problems gets
+    users for the definitions that are valid; ``check`` says the rest.
+    """
+    found, _sandbox, problems = core_servers.load(paths)
+    if problems:
+        report.add(f"servers: {len(problems)} problem(s) in the config ('mcp-brokerctl check' lists them)")
+    homes = layout.entry("server_homes")
+    ensure_dir(homes.path(paths), *owner_ids(homes))
+    for defn, agent in core_servers.instances(found, agents):
+        if defn.user is not None and agent is None:
+            continue
+        instance = core_servers.instance_name(defn.name, agent)
+        home = paths.server_home(instance)
+        pw = ensure_system_user(core_servers.server_user_for(defn.name, agent), home, report)
+        ensure_dir(home, pw.pw_uid, pw.pw_gid, layout.child("server_homes").mode)
+    secure_secrets(paths, found, report)
+
+
+def secure_secrets(paths: Paths, found: dict[str, core_servers.ServerDef], report: Report) -> None:
+    """Every env file root's, 0600 (the first version had them the broker's; only the spawner reads them now)."""
+    files = {defn.env_file for defn in found.values() if defn.env_file}
+    with contextlib.suppress(FileNotFoundError):
+        files |= {f"{paths.secrets}/{n}" for n in os.listdir(paths.secrets) if not n.startswith(".")}
+    for path in sorted(files):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if st.st_uid != 0 or st.st_gid != 0 or st.st_mode & 0o077:
+            os.chown(path, 0, 0, follow_symlinks=False)
+            os.chmod(path, 0o600)
+            report.add(f"secret {path}: now root's, 0600 (only the spawner reads secrets)")
+
+
 EXAMPLE_BROKER_TOML = """\
 # mcp-privsep broker configuration. Servers may also be added as
 # {servers_d}/NAME.toml files with the same [servers.NAME] tables.
@@ -321,6 +355,7 @@ def install(paths: Paths, agents: list[str], venv: str | None = None) -> Report:
     )
 
     mapping = install_agents(paths, agents, report)
+    install_servers(paths, list(mapping), report)
     replace_file(paths.gate, gate_script(paths, venv, broker.pw_uid), layout.entry("gate").mode)
     replace_file(paths.mcp, agent_shim(paths, venv, mapping), layout.entry("mcp").mode)
     for name, target in ((paths.brokerd, "mcp-brokerd"), (paths.brokerctl, "mcp-brokerctl")):

@@ -31,7 +31,7 @@ class Entry:
 
     attr: str
     kind: Kind
-    owner: str  # "*": the agent's own gate user (a directory per agent)
+    owner: str  # "*": the agent's own gate user (a directory per agent); "+": the instance's server user
     group: str | None  # None: any group
     mode: int
     why: str
@@ -56,11 +56,12 @@ PATHS: tuple[Entry, ...] = (
     Entry("etc", "dir", ROOT, ROOT, 0o751, "config directory", need=0o001),
     Entry("servers_d", "dir", ROOT, BROKER_USER, 0o750, "server definitions", need=0o050),
     Entry("allowlist_d", "dir", ROOT, GATE_GROUP, 0o750, "per-user allowlists", need=0o050),
-    Entry("secrets", "dir", BROKER_USER, BROKER_USER, 0o700, "secrets", need=0o700),
+    Entry("secrets", "dir", ROOT, ROOT, 0o700, "secrets (only the spawner, root, reads them)", need=0o700),
     Entry("run", "dir", BROKER_USER, GATE_GROUP, 0o2750, "sockets", need=0o2050),
     Entry("state", "dir", BROKER_USER, BROKER_USER, 0o700, "state", need=0o700),
     Entry("log", "dir", BROKER_USER, BROKER_USER, 0o700, "audit log directory", need=0o700),
     Entry("cache", "dir", ROOT, ROOT, 0o755, "cache"),
+    Entry("server_homes", "dir", ROOT, ROOT, 0o755, "servers' homes (one directory per server instance)"),
     Entry("gate_cache", "dir", ROOT, GATE_GROUP, 0o750, "gate caches (one directory per agent's gate user)"),
     Entry("broker_toml", "file", ROOT, BROKER_USER, 0o640, "daemon config", made_by="operator", need=0o040),
     Entry("allowlist", "file", ROOT, GATE_GROUP, 0o640, "allowlist", made_by="operator", need=0o040),
@@ -70,6 +71,7 @@ PATHS: tuple[Entry, ...] = (
     Entry("pidfile", "file", BROKER_USER, None, 0o644, "pid file", made_by="daemon"),
     Entry("audit_log", "file", BROKER_USER, None, 0o600, "audit log", made_by="daemon"),
     Entry("audit_key", "file", BROKER_USER, None, 0o600, "the key of the audit's argument digests", made_by="daemon"),
+    Entry("spawner_log", "file", ROOT, None, 0o600, "the spawner's log", made_by="daemon"),
     Entry("mcp", "file", ROOT, None, 0o755, "agent command", need=0o005),
     Entry("gate", "file", ROOT, None, 0o755, "gate command", need=0o005),
     Entry("brokerd", "link", ROOT, None, 0o777, "daemon command"),
@@ -81,9 +83,10 @@ PATHS: tuple[Entry, ...] = (
 CHILDREN: tuple[Entry, ...] = (
     Entry("servers_d", "file", ROOT, BROKER_USER, 0o640, "server definitions", "operator", 0o040, ".toml"),
     Entry("allowlist_d", "file", ROOT, GATE_GROUP, 0o640, "per-user allowlist", "operator", 0o040, ".txt"),
-    Entry("secrets", "file", BROKER_USER, None, 0o600, "secret", "operator", 0o400, ""),
+    Entry("secrets", "file", ROOT, None, 0o600, "secret", "operator", 0o400, ""),
     Entry("state", "file", BROKER_USER, None, 0o600, "state", "daemon", 0, ""),
     Entry("log", "file", BROKER_USER, None, 0o600, "log", "daemon", 0, ""),
+    Entry("server_homes", "dir", "+", None, 0o700, "a server instance's home (its own user's)", "daemon", 0o700, ""),
     Entry("gate_cache", "dir", "*", GATE_GROUP, 0o700, "an agent's gate cache", "install", 0o700, ""),
 )
 

@@ -57,7 +57,9 @@ class Paths:
         "run",
         "sbin",
         "secrets",
+        "server_homes",
         "servers_d",
+        "spawner_log",
         "state",
         "venv",
     )
@@ -83,6 +85,9 @@ class Paths:
         self.state = p + "/var/lib/mcp-privsep"
         self.audit_key = self.state + "/audit.key"
         self.log = p + "/var/log/mcp-privsep"
+        self.spawner_log = self.log + "/spawner.log"
+        #: each server's own home (its user's, 0700), outside the broker's state: root's directory, 0755
+        self.server_homes = p + "/var/lib/mcp-privsep-servers"
         self.audit_log = self.log + "/audit.jsonl"
         self.cache = p + "/var/cache/mcp-privsep"
         self.gate_cache = self.cache + "/gate"
@@ -108,6 +113,14 @@ class Paths:
 
         digest = hashlib.sha256(self.root.encode()).hexdigest()[:12]
         return f"/etc/sudoers.d/mcp-privsep-{digest}"
+
+    def server_home(self, instance: str) -> str:
+        """The home of one server instance (``NAME`` or ``NAME@AGENT``, validated by the caller)."""
+        return f"{self.server_homes}/{instance}"
+
+    def hidden_from_servers(self) -> tuple[str, ...]:
+        """Directories no server may see: the broker's own, and every server's home (each sees its own)."""
+        return (self.etc, self.state, self.log, self.run, self.cache, self.server_homes)
 
     def gate_cache_of(self, agent: str) -> str:
         """The gate's cache directory for one agent (its gate user's own)."""

@@ -324,9 +324,9 @@ MAX_STRING = 1024  # caller and tool names, reasons
 MAX_KV = 256
 
 
-def validate_request(obj: dict[str, Any], ops: dict[str, Schema]) -> str:
+def validate_request(obj: dict[str, Any], ops: dict[str, Schema], version: int = PROTOCOL_VERSION) -> str:
     """Check a request against the closed set; return its op."""
-    if obj.get("v") != PROTOCOL_VERSION or type(obj.get("v")) is not int:
+    if obj.get("v") != version or type(obj.get("v")) is not int:
         raise ProtocolError("unsupported protocol version")
     op = obj.get("op")
     if type(op) is not str or op not in ops:

@@ -71,7 +71,9 @@ class View(Protocol):
         """The caller's allowlist; ConfigError when it is broken (every call is denied)."""
         ...
 
-    def offer(self, action: Action) -> Offer: ...
+    def offer(self, action: Action, caller: str) -> Offer:
+        """What the server behind ``action`` offers ``caller`` now (its own instance, if it has one)."""
+        ...
 
     def pin(self, action: str, spec: mcp.types.Tool) -> PinState: ...
 
@@ -188,7 +190,7 @@ def decide(query: Query, view: View) -> Verdict:
     if query.purpose == "call":
         v.rules = view.rules(name, caller)
 
-    offer = v.offer = view.offer(action)
+    offer = v.offer = view.offer(action, caller)
     if offer.state == "unconfigured":
         refusal = Unavailable(f"server {action.server} is not configured in the broker")
         return v.refuse("offered", refusal, "server not configured")

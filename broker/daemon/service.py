@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,13 +34,14 @@ from typing import IO, Any, Literal
 import mcp
 
 from broker import __version__
-from broker.core import allowlist, names, wire
+from broker.core import agents, allowlist, names, wire
 from broker.core.allowlist import Allowlist
 from broker.core.errors import (
     EX_DATAERR,
     EX_FAILED,
     EX_NOPERM,
     EX_OK,
+    EX_SOFTWARE,
     EX_TOOL_ERROR,
     ArgumentsRejected,
     ConfigError,
@@ -53,6 +55,7 @@ from broker.core.errors import (
 )
 from broker.core.names import Action
 from broker.core.paths import Paths
+from broker.core.servers import Secrets
 from broker.daemon import audit, config, logs, policy
 from broker.daemon.approvals import ApprovalDesk
 from broker.daemon.callers import Callers
@@ -63,7 +66,8 @@ from broker.daemon.redact import Redactor
 from broker.daemon.results import catalog_entry, described, first_line, render_result
 from broker.daemon.servers import ServerSet
 from broker.daemon.state import State
-from broker.daemon.upstream.handle import ServerHandle, base_environment
+from broker.daemon.upstream.handle import ServerHandle
+from broker.daemon.upstream.spawner import SpawnerClient
 
 log = logging.getLogger("mcp-brokerd")
 
@@ -137,7 +141,7 @@ class Route:
 class Broker:
     """The daemon's state, its :class:`broker.daemon.decision.View`, and the op handlers."""
 
-    def __init__(self, paths: Paths, cfg: config.Config) -> None:
+    def __init__(self, paths: Paths, cfg: config.Config, spawner: SpawnerClient | None = None) -> None:
         self.paths = paths
         self.cfg = cfg
         self.callers = Callers(paths.gate_users)
@@ -148,8 +152,10 @@ class Broker:
         self.pins = PinBook(self.state)
         self.approvals = ApprovalDesk(self.state, self.audit)
         self.redactor = Redactor(cfg.secrets())
-        self.base_env = base_environment(paths.state)
-        self.servers = ServerSet(cfg, self.base_env, open_errlog(paths), self.redact)
+        #: the environment of the operator's notify hook (run as mcp-broker)
+        self.hook_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": paths.state, "LANG": "C.UTF-8"}
+        self.spawner = spawner
+        self.servers = ServerSet(cfg, spawner, open_errlog(paths), self.redact, self.agent_names())
         self.started = time.time()
         self.stopping = asyncio.Event()
         self._listeners: list[asyncio.AbstractServer] = []
@@ -173,8 +179,8 @@ class Broker:
     def allowlist(self, caller: str) -> Allowlist:
         return self.allowlists.get(caller)
 
-    def offer(self, action: Action) -> Offer:
-        return self.servers.offer(action)
+    def offer(self, action: Action, caller: str) -> Offer:
+        return self.servers.offer(action, caller)
 
     def pin(self, action: str, spec: mcp.types.Tool) -> PinState:
         return self.pins.check(action, spec)
@@ -193,7 +199,7 @@ class Broker:
         """:func:`decide`, waiting up to ``wait`` once for a server that is (re)starting."""
         verdict = decide(query, self)
         if verdict.waitable and query.action is not None:
-            handle = self.servers.get(query.action.server)
+            handle = self.servers.get(query.action.server, query.caller)
             if handle is not None:
                 with contextlib.suppress(Unavailable):
                     await handle.ready(wait)
@@ -226,13 +232,40 @@ class Broker:
 
     # --- servers and config -----------------------------------------------------------------
 
+    def agent_names(self) -> list[str]:
+        """The agents of the gate-users map (each gets its own instance of a per-caller server)."""
+        try:
+            return list(agents.load(self.paths.gate_users))
+        except ConfigError as exc:
+            log.error("no per-caller instances: %s", exc.message)
+            return []
+
+    async def learn_secrets(self, cfg: config.Config) -> None:
+        """Have the spawner re-read root's definitions, then ask it what each server's env files hold for us."""
+        if self.spawner is None:
+            for server in cfg.servers.values():
+                server.problem = "no spawner: mcp-brokerd was not started by root"
+            return
+        loaded = await self.spawner.load()
+        for problem in loaded["problems"]:
+            log.error("the spawner kept its last good definitions: %s", problem)
+        for server in cfg.servers.values():
+            try:
+                found = await self.spawner.secrets(server.name)
+            except Unavailable as exc:
+                server.problem = exc.message
+                log.error("server %s cannot be served: %s", server.name, exc.message)
+                continue
+            server.secrets = Secrets(found["redact"], found["url"], found["headers"], found["fingerprint"])
+
     async def reload(self) -> dict[str, Any]:
         """Re-read config: start added servers, stop removed, restart changed."""
         cfg = config.load(self.paths)
+        await self.learn_secrets(cfg)
         self.cfg = cfg
         self.redactor = Redactor(cfg.secrets())
         self.audit.configure(**audit.options(cfg.settings))
-        return await self.servers.reload(cfg)
+        return await self.servers.reload(cfg, self.agent_names())
 
     # --- sockets ----------------------------------------------------------------------------
 
@@ -408,11 +441,13 @@ class Broker:
             status["broker"] = "degraded: audit log unwritable"
         return Outcome({"decision": "allow"}, status)
 
-    async def _offered(self, allowed: Allowlist) -> AsyncIterator[tuple[str, ServerHandle, mcp.types.Tool | None]]:
-        """Each allowed action of a configured server, with its live definition if offered."""
+    async def _offered(
+        self, allowed: Allowlist, caller: str
+    ) -> AsyncIterator[tuple[str, ServerHandle, mcp.types.Tool | None]]:
+        """Each allowed action of a configured server, with its live definition (for ``caller``) if offered."""
         for action in allowed.actions:
             server_name, _, tool_name = action.partition(".")
-            handle = self.servers.get(server_name)
+            handle = self.servers.get(server_name, caller)
             if handle is None:
                 continue
             if handle.state != "up":
@@ -425,7 +460,7 @@ class Broker:
         if verdict.allowlist is None:
             return Outcome(verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
         tools = []
-        async for action, handle, spec in self._offered(verdict.allowlist):
+        async for action, handle, spec in self._offered(verdict.allowlist, ctx.caller):
             if spec is not None:
                 blocked = self.pins.check(action, spec) == "changed"
                 description = "(blocked: definition changed)" if blocked else first_line(spec.description)
@@ -441,7 +476,7 @@ class Broker:
             return Outcome(verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
         tools = [
             catalog_entry(action, spec, self.redactor)
-            async for action, _handle, spec in self._offered(verdict.allowlist)
+            async for action, _handle, spec in self._offered(verdict.allowlist, ctx.caller)
             if spec is not None and self.pins.check(action, spec) != "changed"
         ]
         return Outcome(verdict.record() | {"decision": "allow"}, {"tools": tools})
@@ -457,7 +492,8 @@ class Broker:
         """The call's timeout: the caller's, else the action's policy, the server's, the default; capped."""
         settings = self.cfg.settings
         rules = verdict.rules
-        handle = self.servers.get(verdict.query.action.server) if verdict.query.action else None
+        query = verdict.query
+        handle = self.servers.get(query.action.server, query.caller) if query.action else None
         chosen = (
             req["timeout"]
             or (rules.timeout if rules is not None else None)
@@ -492,7 +528,7 @@ class Broker:
                 )
             except PrivsepError as exc:
                 return Outcome(rec, error=exc)
-        handle = self.servers.get(action.server)
+        handle = self.servers.get(action.server, ctx.caller)
         assert handle is not None
         # the server may have restarted since the decision (say, during an approval), with other definitions:
         # a call runs only on the definition its decision checked against its pin
@@ -541,7 +577,7 @@ class Broker:
         summary: dict[str, Any] = {"id": ctx.id, "caller": ctx.caller, "tool": tool}
         summary.update({k: rec.get(k) for k in ("arg_keys", "args_digest", "args_size", "rule")})
         summary["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.spawn(_run_hook(command, json.dumps(summary).encode(), self.base_env))
+        self.spawn(_run_hook(command, json.dumps(summary).encode(), self.hook_env))
 
     # --- admin requests ---------------------------------------------------------------------
 
@@ -559,20 +595,31 @@ class Broker:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
             "audit": self.audit.error if not self.audit.healthy else (self.audit.room_problem or "ok"),
-            "servers": [
-                {
-                    "name": h.name,
-                    "state": h.state,
-                    "reason": h.reason,
-                    "tools": len(h.tools),
-                    "restarts": h.restarts,
-                    "transport": "stdio" if h.server.spec.command else "http",
-                }
-                for h in self.servers.all()
-            ],
+            "servers": [self._server_status(h) for h in self.servers.all()],
+            "host": self.spawner.host if self.spawner is not None else {},
             "frozen": self.state.freezes(),
             "pending_approvals": len(self.state.approvals("pending")),
         }
+
+    @staticmethod
+    def _server_status(h: ServerHandle) -> dict[str, Any]:
+        """One instance for ``status``: its state, and for a stdio server who runs it and what protects it."""
+        out: dict[str, Any] = {
+            "name": h.instance,
+            "server": h.name,
+            "state": h.state,
+            "reason": h.reason,
+            "tools": len(h.tools),
+            "restarts": h.restarts,
+            "transport": h.server.spec.transport,
+        }
+        if h.server.spec.transport == "stdio":
+            started = h.started
+            out["user"] = started.user if started is not None else None
+            out["sandbox"] = started.protections if started is not None else {}
+            out["sandbox_warnings"] = started.warnings if started is not None else []
+            out["sandbox_mode"] = h.server.spec.sandbox
+        return out
 
     async def admin_reload(self, req: dict[str, Any]) -> dict[str, Any]:
         return await self.reload()
@@ -702,9 +749,21 @@ def open_errlog(paths: Paths) -> IO[str]:
         return sys.stderr
 
 
-async def run_broker(paths: Paths, cfg: config.Config, ready: Callable[[object], None]) -> int:
-    """Serve until SIGTERM or SIGINT; SIGHUP reloads. ``ready`` is called once the sockets listen."""
-    broker = Broker(paths, cfg)
+async def run_broker(
+    paths: Paths, cfg: config.Config, ready: Callable[[object], None], channel: socket.socket | None = None
+) -> int:
+    """Serve until SIGTERM or SIGINT (or the spawner is lost); SIGHUP reloads. ``ready``: the sockets listen.
+
+    ``channel`` is the daemon's end of the spawner's socketpair; without it
+    no stdio server can start (HTTP servers without secrets still work).
+    """
+    spawner = SpawnerClient(channel) if channel is not None else None
+    if spawner is not None:
+        host = await spawner.hello()
+        log.info("spawner ready: %s", ", ".join(f"{k} {v}" for k, v in sorted(host.items())))
+    broker = Broker(paths, cfg, spawner)
+    await broker.learn_secrets(cfg)
+    broker.redactor = Redactor(cfg.secrets())
     logs.install(broker.redact)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -726,11 +785,22 @@ async def run_broker(paths: Paths, cfg: config.Config, ready: Callable[[object],
     health = asyncio.create_task(broker.servers.health_loop(broker.stopping))
     log.info("mcp-brokerd %s ready (pid %d), %d servers", __version__, os.getpid(), len(cfg.servers))
     ready(None)
-    await broker.stopping.wait()
+    lost = asyncio.create_task(spawner.lost.wait()) if spawner is not None else None
+    stop = asyncio.create_task(broker.stopping.wait())
+    await asyncio.wait([t for t in (lost, stop) if t is not None], return_when=asyncio.FIRST_COMPLETED)
+    code = EX_OK
+    if lost is not None and lost.done():
+        log.error("the spawner is gone: stopping (a supervisor restarts the broker)")
+        code = EX_SOFTWARE
+    for task in (lost, stop):
+        if task is not None:
+            task.cancel()
     log.info("stopping")
     health.cancel()
     await broker.close()
-    return EX_OK
+    if spawner is not None:
+        spawner.close()
+    return code
 
 
 __all__ = ["ADMIN_ROUTES", "GATE_ROUTES", "Broker", "run_broker"]

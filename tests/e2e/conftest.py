@@ -43,7 +43,7 @@ def _drop_stale_sudoers() -> None:
     for path in glob.glob("/etc/sudoers.d/mcp-privsep-*"):
         try:
             with open(path, encoding="utf-8") as fh:
-                roots = set(re.findall(r"(/tmp/mcp-privsep-[A-Za-z0-9_-]+)/", fh.read()))
+                roots = set(re.findall(r"(/tmp/mcp-privsep-[A-Za-z0-9_-]+|/srv/mcp-privsep-e2e/root-\w+)/", fh.read()))
         except OSError:
             continue
         if roots and not any(os.path.isdir(r) for r in roots):

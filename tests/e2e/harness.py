@@ -2,8 +2,13 @@
 
 Everything is real: system users, the sudoers drop-in (validated by visudo),
 the root-owned virtualenv the tests run from, the daemon started as root
-(it drops to mcp-broker), a stdio demo server, a streamable-HTTP demo server
-demanding a bearer token, and agent users calling ``mcp`` through sudo.
+(it starts the spawner and drops to mcp-broker), a stdio demo server in its
+own sandbox under its own user, a streamable-HTTP demo server demanding a
+bearer token, and agent users calling ``mcp`` through sudo.
+
+Staging roots live under :data:`BASE`, not ``/tmp``: every server gets a
+private, empty ``/tmp``, so a test server's script or data under ``/tmp``
+would not exist for it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ CTL = f"{VENV}/bin/mcp-brokerctl"
 BROKERD = f"{VENV}/bin/mcp-brokerd"
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 AGENT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+#: where staging roots are made (outside /tmp: see the module docstring)
+BASE = "/srv/mcp-privsep-e2e"
 
 ALLOWLIST = """\
 # test allowlist
@@ -90,7 +97,8 @@ class Installation:
     """One staging root with its daemon and servers."""
 
     def __init__(self) -> None:
-        base = tempfile.mkdtemp(prefix="mcp-privsep-e2e-", dir="/tmp")
+        os.makedirs(BASE, mode=0o755, exist_ok=True)
+        base = tempfile.mkdtemp(prefix="root-", dir=BASE)
         os.chmod(base, 0o755)
         self.root = base
         self.paths = Paths(base)
@@ -101,7 +109,8 @@ class Installation:
         self.web_secret = "websecret-" + secrets.token_hex(8)
         #: a secret in the streamable-HTTP server's URL: what an HTTP library logs at INFO
         self.url_key = "urlkey-" + secrets.token_hex(8)
-        self.daemon_log = f"{base}/brokerd.log"
+        #: the foreground daemon's output: root's, 0600 (no server may read it)
+        self.daemon_log = f"{base}/foreground.log"
 
     # --- set-up -------------------------------------------------------------
 
@@ -118,8 +127,8 @@ class Installation:
         write(
             f"{p.secrets}/web.env",
             f"DEMO_TOKEN={self.token}\nDEMO_SECRET={self.web_secret}\nWEB_URL_KEY={self.url_key}\n",
-            broker.pw_uid,
-            broker.pw_gid,
+            0,
+            0,
             0o600,
         )
         write(
@@ -200,7 +209,8 @@ env_file = "{p.secrets}/demo.env"
         raise RuntimeError("HTTP demo server did not start")
 
     def start_daemon(self, wait_servers: tuple[str, ...] = ("demo", "web")) -> None:
-        with open(self.daemon_log, "ab") as log:
+        fd = os.open(self.daemon_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with open(fd, "ab") as log:
             self.daemon = subprocess.Popen(
                 [BROKERD, "--root", self.root, "--foreground", "--log-level", "debug"],
                 stdout=log,
@@ -248,11 +258,11 @@ env_file = "{p.secrets}/demo.env"
 
     def check_logs(self) -> None:
         """Look for every secret in every log the broker wrote here; what is found goes to LOG_LEAKS."""
-        files = [self.daemon_log]
+        files = {self.daemon_log}
         for directory, _dirs, names in os.walk(self.paths.log):
-            files += [os.path.join(directory, n) for n in names]
+            files |= {os.path.join(directory, n) for n in names}
         values = self.secret_values()
-        for path in files:
+        for path in sorted(files):
             try:
                 data = Path(path).read_bytes()
             except OSError:
@@ -338,7 +348,7 @@ env_file = "{p.secrets}/demo.env"
         proc.wait()
 
     def server_pids(self, marker: str = "mcp_servers.demo") -> list[int]:
-        """Pids of stdio demo servers the daemon spawned."""
+        """Pids of stdio demo servers this daemon's spawner started (its descendants, not the keepers)."""
         assert self.daemon is not None
         found = []
         for entry in os.listdir("/proc"):
@@ -346,13 +356,40 @@ env_file = "{p.secrets}/demo.env"
                 continue
             try:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if marker.encode() in cmd and b"--http" not in cmd and ppid == self.daemon.pid:
+            ours = marker.encode() in cmd and b"--http" not in cmd and b"broker.spawner" not in cmd
+            if ours and descends_from(int(entry), self.daemon.pid):
                 found.append(int(entry))
         return found
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ``ancestor`` is among the parents of ``pid``."""
+    seen = 0
+    current: int | None = pid
+    while current and current != 1 and seen < 64:
+        current = parent_of(current)
+        if current == ancestor:
+            return True
+        seen += 1
+    return False
+
+
+def server_account(server: str, agent: str | None = None) -> pwd.struct_passwd:
+    """The default account of a server instance, made now if missing (as install and reload make it)."""
+    from broker.admin.install import Report, ensure_system_user
+    from broker.core.servers import instance_name, server_user_for
+
+    return ensure_system_user(server_user_for(server, agent), f"/nonexistent/{instance_name(server, agent)}", Report())
 
 
 # --- speaking gate.sock as a gate user -------------------------------------------------------------
@@ -489,16 +526,16 @@ def add_hostile_servers(inst: Installation) -> Callable[[], None]:
     """Configure the hostile server (and one whose listing never ends); return what undoes it."""
     import json
 
-    broker = pwd.getpwnam("mcp-broker")
+    account = server_account("hostile")
     script = f"{inst.root}/hostile_server.py"
     shutil.copyfile(HOSTILE, script)
     os.chmod(script, 0o644)
     logdir = f"{inst.root}/hostile-log"
     os.makedirs(logdir, exist_ok=True)
-    os.chown(logdir, broker.pw_uid, broker.pw_gid)
+    os.chown(logdir, account.pw_uid, account.pw_gid)
     os.chmod(logdir, 0o700)
     env_file = f"{inst.paths.secrets}/hostile.env"
-    write(env_file, f"HOSTILE_LOG={logdir}/calls.jsonl\n", broker.pw_uid, broker.pw_gid, 0o600)
+    write(env_file, f"HOSTILE_LOG={logdir}/calls.jsonl\n", 0, 0, 0o600)
     conf = write_servers_d(
         inst,
         "hostile.toml",
@@ -507,6 +544,7 @@ def add_hostile_servers(inst: Installation) -> Callable[[], None]:
 command = "{PYTHON}"
 args = [{json.dumps(script)}]
 env_file = "{env_file}"
+write_paths = [{json.dumps(logdir)}]
 
 [servers.pages]
 command = "{PYTHON}"

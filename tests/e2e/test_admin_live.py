@@ -235,7 +235,7 @@ def _import_and_serve(own: Installation, config_text: str, name: str, names: tup
     stdio, http = names
     env = f"{own.paths.secrets}/{stdio}.env"
     st = os.stat(env)
-    assert (pwd.getpwuid(st.st_uid).pw_name, stat.S_IMODE(st.st_mode)) == ("mcp-broker", 0o600)
+    assert (pwd.getpwuid(st.st_uid).pw_name, stat.S_IMODE(st.st_mode)) == ("root", 0o600)  # the spawner's to read
     assert f"DEMO_SECRET={secret}" in Path(env).read_text()
     assert own.token in Path(f"{own.paths.secrets}/{http}.env").read_text()
     _secret_free_tomls(own, [secret, own.token])

@@ -50,7 +50,7 @@ def test_stdio_session_lists_calls_refuses_and_sees_allowlist_edits(live: Instal
             names = sorted(t.name for t in (await client.list_tools()).tools)
             assert names == ["demo.add", "demo.echo", "demo.whoami"]
             who = await client.call_tool("demo.whoami", {})
-            assert not who.is_error and "mcp-broker" in who.content[0].text
+            assert not who.is_error and "mcp-srv-demo" in who.content[0].text
 
     asyncio.run(session())
 

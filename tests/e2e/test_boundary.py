@@ -15,12 +15,12 @@ import pytest
 from tests.e2e.harness import AGENT1, AGENT2, OUTSIDER, PYTHON, Installation, connect_as, gate_user
 
 
-def test_whoami_runs_as_the_broker_user(live: Installation) -> None:
+def test_whoami_runs_as_the_servers_own_user(live: Installation) -> None:
     r = live.mcp("call", "demo.whoami", "--json")
     assert r.code == 0, r.err
-    result = json.loads(r.out)
-    assert result["structured_content"]["uid"] == pwd.getpwnam("mcp-broker").pw_uid
-    assert result["structured_content"]["uid"] != pwd.getpwnam(AGENT1).pw_uid
+    who = json.loads(r.out)["structured_content"]
+    assert (who["uid"], who["user"]) == (pwd.getpwnam("mcp-srv-demo").pw_uid, "mcp-srv-demo")
+    assert who["uid"] not in (0, pwd.getpwnam("mcp-broker").pw_uid, pwd.getpwnam(AGENT1).pw_uid)
 
 
 def test_echo_prints_the_text(live: Installation) -> None:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AGENT1, RUNUSER, ensure_user
+from tests.e2e.harness import AGENT1, BASE, RUNUSER, ensure_user
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
@@ -152,7 +152,9 @@ def _daemon_pid(root: str) -> int | None:
 
 def test_installs_passes_doctor_and_removes_cleanly(deb: str) -> None:
     ensure_user(AGENT1)
-    root = tempfile.mkdtemp(prefix="mcp-privsep-deb-root-", dir="/tmp")
+    # not under /tmp: the staged daemon's servers (the packaged venv's python) run with a private /tmp
+    os.makedirs(BASE, mode=0o755, exist_ok=True)
+    root = tempfile.mkdtemp(prefix="deb-root-", dir=BASE)
     os.chmod(root, 0o755)
     ctrl = f"{root}.ctrl"
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "MCP_PRIVSEP_ROOT": root}

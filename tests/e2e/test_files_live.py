@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import ALLOWLIST, PYTHON, Installation, write
+from tests.e2e.harness import ALLOWLIST, PYTHON, Installation, server_account, write
 
 MARK = "FILES-E2E-OUTSIDE-SECRET"
 FILES_TOOLS = ["roots", "list", "stat", "read", "search", "write", "append", "mkdir", "move", "delete"]
@@ -72,13 +72,13 @@ def _wait_up(inst: Installation, name: str, up: bool = True) -> None:
 
 @pytest.fixture(scope="module")
 def share(inst: Installation) -> Iterator[Share]:
-    broker = pwd.getpwnam("mcp-broker")
+    account = server_account("files")  # the files server's own user: what an escape would act as
     s = Share(f"{inst.root}/files-share")
     toml = f"{inst.paths.servers_d}/files.toml"
     try:
         os.makedirs(s.base, mode=0o755)
         os.chmod(s.base, 0o755)
-        # the read-only root: root's files, readable by mcp-broker, with a FIFO, a device and links out
+        # the read-only root: root's files, readable by the server, with a FIFO, a device and links out
         os.makedirs(f"{s.ro}/docs", mode=0o755)
         write(f"{s.ro}/docs/hello.txt", "hello from the NAS\n")
         os.mkfifo(f"{s.ro}/fifo", 0o644)
@@ -87,13 +87,14 @@ def share(inst: Installation) -> Iterator[Share]:
             s.device = True
         os.symlink("/etc", f"{s.ro}/etc")
         os.symlink("../outside", f"{s.ro}/up")
-        # outside: owned by mcp-broker, so an escape would really succeed
+        # outside: the server's own, so Unix permissions would let an escape read it (its sandbox lets it read
+        # the system; only the files server's confinement stands between the agent and this file)
         os.makedirs(s.outside, mode=0o755)
-        write(f"{s.outside}/secret.txt", f"{MARK}\n", broker.pw_uid, broker.pw_gid, 0o644)
-        os.chown(s.outside, broker.pw_uid, broker.pw_gid)
-        # the read-write root, owned by mcp-broker, with links planted by root pointing out
+        write(f"{s.outside}/secret.txt", f"{MARK}\n", account.pw_uid, account.pw_gid, 0o644)
+        os.chown(s.outside, account.pw_uid, account.pw_gid)
+        # the read-write root, the server's own (and in its write_paths), with links planted by root pointing out
         os.makedirs(s.rw, mode=0o755)
-        os.chown(s.rw, broker.pw_uid, broker.pw_gid)
+        os.chown(s.rw, account.pw_uid, account.pw_gid)
         os.symlink(s.outside, f"{s.rw}/escape")
         os.symlink(f"{s.outside}/secret.txt", f"{s.rw}/secret-link")
         for p in (s.ro, f"{s.ro}/docs"):
@@ -104,9 +105,10 @@ def share(inst: Installation) -> Iterator[Share]:
 [servers.files]
 command = "{PYTHON}"
 args = ["-m", "mcp_servers.files", "--root", "nas={s.ro}:ro", "--root", "inbox={s.rw}:rw"]
+write_paths = ["{s.rw}"]
 """,
             0,
-            broker.pw_gid,
+            pwd.getpwnam("mcp-broker").pw_gid,
             0o640,
         )
         inst.ctl("reload", check=True)
@@ -154,7 +156,7 @@ def test_agent_reads_the_ro_root_and_writes_the_rw_root(files: Installation, sha
     assert r.code == 0, r
     on_disk = f"{share.rw}/notes/todo.txt"
     st = os.lstat(on_disk)
-    assert stat.S_ISREG(st.st_mode) and st.st_uid == pwd.getpwnam("mcp-broker").pw_uid
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == pwd.getpwnam("mcp-srv-files").pw_uid
     with open(on_disk, encoding="utf-8") as fh:
         assert fh.read() == "buy milk\nand bread"
     listing = files.mcp("call", "files.list", "root=inbox", "--json")

@@ -1,11 +1,17 @@
-"""Unit tests for ``broker.config``: ``broker.toml`` plus ``servers.d/*.toml``.
+"""Unit tests for ``broker.daemon.config``: ``broker.toml`` plus ``servers.d/*.toml``.
 
 Each test writes a configuration tree under a temporary root (``Paths(root)``
-derives ``etc/mcp-privsep/...`` from it) and checks that valid stdio and
-HTTP servers load, that every problem is reported with its file and key
-path, that secret env files must be private, that ``${VAR}`` is filled in
-``url``/``headers`` from the server's own env file only and refused in
-``args``, and what ``Server.secrets()`` returns.
+derives ``etc/mcp-privsep/...`` from it) and checks what the daemon's loader
+owns: ``[broker]`` settings, ``[policy.*]``, ``servers.d`` merging, every
+problem reported with its file and key path, ``[broker]`` and ``[sandbox]``
+only in ``broker.toml``, duplicates naming both files, and the
+``Server``/``Config`` objects it hands the rest of the daemon.
+
+Server definitions themselves are parsed by ``broker.core.servers`` (tested
+in ``test_server_defs.py``, with the env files, ``${VAR}`` and secrets): the
+daemon runs as ``mcp-broker`` and cannot read root's 0600 env files, so
+``load`` never opens one, and a server's ``secrets`` stay empty until the
+spawner sends them.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ import os
 
 import pytest
 
+from broker.core.errors import ConfigError
 from broker.core.paths import Paths
+from broker.core.servers import Secrets, ServerDef
 from broker.daemon import config
-from broker.daemon.config import ConfigError, Server, load, read_env_file
+from broker.daemon.config import Server, load
 from tests.unit.conftest import write
 
 STDIO = """
@@ -61,48 +69,77 @@ def tree(tmp_root: str) -> Tree:
 
 
 def test_valid_stdio_and_http_servers(tree: Tree) -> None:
-    env_demo = tree.env("demo.env", "# demo secrets\nDEMO_KEY=demo-secret-1\n\nexport OTHER = 'quoted value'\n")
-    env_ha = tree.env("ha.env", 'HA_TOKEN="tok-abc-123"\nHA_HOST=127.0.0.1\n')
     tree.broker(
         f"""
 [broker]
 call_timeout = 10
 max_call_timeout = 60
+notify_command = ["/usr/local/bin/notify", "--urgent"]
+audit_syslog_socket = "/run/systemd/journal/dev-log"
 
 [servers.demo]
 command = "/opt/mcp-privsep/venv/bin/python"
 args = ["-m", "mcp_servers.demo"]
-env_file = "{env_demo}"
+env_file = "{tree.paths.secrets}/demo.env"
+env = {{ LOG_LEVEL = "info" }}
 timeout = 5
 
 [servers.ha]
 url = "http://${{HA_HOST}}:8123/api/mcp"
-env_file = "{env_ha}"
+env_file = "{tree.paths.secrets}/ha.env"
 headers = {{ Authorization = "Bearer ${{HA_TOKEN}}", X-Static = "plain" }}
 """
     )
     cfg = tree.load()
     assert cfg.settings.call_timeout == 10 and cfg.settings.max_call_timeout == 60
+    assert cfg.settings.notify_command == ["/usr/local/bin/notify", "--urgent"]
+    assert cfg.settings.audit_syslog_socket == "/run/systemd/journal/dev-log"
     assert cfg.files == [tree.paths.broker_toml]
     assert set(cfg.servers) == {"demo", "ha"}
     demo = cfg.servers["demo"]
-    assert demo.source == tree.paths.broker_toml
+    assert demo.name == "demo" and demo.source == tree.paths.broker_toml
+    assert isinstance(demo.spec, ServerDef) and demo.spec.transport == "stdio"
     assert demo.spec.command == "/opt/mcp-privsep/venv/bin/python"
-    assert demo.spec.args == ["-m", "mcp_servers.demo"]
-    assert demo.env == {"DEMO_KEY": "demo-secret-1", "OTHER": "quoted value"}
+    assert demo.spec.args == ("-m", "mcp_servers.demo")  # a tuple: the definition is frozen
+    assert demo.spec.env == {"LOG_LEVEL": "info"}  # plain settings, not secrets
+    assert demo.spec.env_file == f"{tree.paths.secrets}/demo.env"
+    assert demo.spec.timeout == 5.0
     assert demo.url is None and demo.headers == {}
     ha = cfg.servers["ha"]
-    assert ha.url == "http://127.0.0.1:8123/api/mcp"
-    assert ha.headers == {"Authorization": "Bearer tok-abc-123", "X-Static": "plain"}
-    assert ha.spec.url == "http://${HA_HOST}:8123/api/mcp"  # the template itself is untouched
-    assert ha.spec.headers["Authorization"] == "Bearer ${HA_TOKEN}"
+    assert ha.spec.transport == "http"
+    # the templates as written: filling ${VAR} in is the spawner's (it alone reads ha.env)
+    assert ha.spec.url == "http://${HA_HOST}:8123/api/mcp"
+    assert ha.spec.headers == {"Authorization": "Bearer ${HA_TOKEN}", "X-Static": "plain"}
+    assert ha.url is None and ha.headers == {}
+
+
+def test_load_never_reads_env_files(tree: Tree) -> None:
+    # Deliberate change: the daemon (mcp-broker) cannot read root's 0600 secrets, so a missing,
+    # world-readable, malformed or non-regular env file is no load error; the spawner reports it.
+    missing = f"{tree.paths.secrets}/absent.env"
+    public = tree.env("public.env", "not a KEY=VALUE line at all\n", mode=0o644)
+    directory = f"{tree.paths.secrets}/dir.env"
+    os.mkdir(directory, 0o700)
+    tree.broker(
+        f'[servers.a]\ncommand = "/bin/tool"\nenv_file = "{missing}"\n'
+        f'[servers.b]\ncommand = "/bin/tool"\nenv_file = "{public}"\n'
+        f'[servers.c]\nurl = "http://x/${{TOKEN}}"\nenv_file = "{directory}"\n'
+        '[servers.d]\nurl = "http://x/"\nheaders = { H = "${UNDEFINED}" }\n'
+    )
+    cfg = tree.load()
+    assert [s.spec.env_file for s in cfg.servers.values()] == [missing, public, directory, None]
+    for server in cfg.servers.values():
+        assert server.secrets is None and server.problem is None
+        assert server.secret_values() == {}
+    assert cfg.secrets() == {}
 
 
 def test_defaults_without_broker_table(tree: Tree) -> None:
     tree.broker(STDIO)
     cfg = tree.load()
     assert cfg.settings == config.BrokerSettings()
-    assert cfg.servers["demo"].env == {}
+    assert cfg.policy == {}
+    assert cfg.servers["demo"].spec.env == {} and cfg.servers["demo"].spec.env_file is None
 
 
 def test_servers_d_adds_servers_and_ignores_other_files(tree: Tree) -> None:
@@ -113,10 +150,10 @@ def test_servers_d_adds_servers_and_ignores_other_files(tree: Tree) -> None:
     tree.server_file("notes.txt", "this is not toml [")
     tree.server_file("c.toml.disabled", "this is not toml [")
     cfg = tree.load()
-    assert cfg.files == [tree.paths.broker_toml, a, b]
+    assert cfg.files == [tree.paths.broker_toml, a, b]  # broker.toml first, then name order
     assert set(cfg.servers) == {"demo", "alpha", "beta"}
-    assert cfg.servers["alpha"].source == a
-    assert cfg.servers["beta"].url == "https://example.test/mcp"
+    assert cfg.servers["alpha"].source == a and cfg.servers["alpha"].spec.source == a
+    assert cfg.servers["beta"].spec.url == "https://example.test/mcp"
 
 
 def test_missing_servers_d_is_fine(tree: Tree) -> None:
@@ -125,8 +162,59 @@ def test_missing_servers_d_is_fine(tree: Tree) -> None:
     assert set(tree.load().servers) == {"demo"}
 
 
+def test_servers_d_that_is_not_a_directory(tree: Tree) -> None:
+    # an unreadable servers.d must not silently drop the servers it holds
+    os.rmdir(tree.paths.servers_d)
+    write(tree.paths.servers_d, "")
+    tree.broker(STDIO)
+    with pytest.raises(ConfigError) as info:
+        tree.load()
+    assert info.value.problems == [f"{tree.paths.servers_d}: Not a directory"]
+
+
 def test_missing_broker_toml(tree: Tree) -> None:
     assert tree.problems() == [f"{tree.paths.broker_toml}: missing"]
+
+
+def test_policy_tables_are_loaded(tree: Tree) -> None:
+    tree.broker(STDIO + '[policy."demo.echo"]\nmode = "approve"\n')
+    f = tree.server_file("p.toml", '[policy."demo.other"]\nmode = "notify"\n')
+    cfg = tree.load()
+    assert set(cfg.policy) == {"demo.echo", "demo.other"}
+    assert cfg.policy["demo.echo"].mode == "approve"
+    assert f in cfg.files
+
+
+# --- Server and Config objects ---------------------------------------------------------
+
+
+def _spec(**kw: object) -> ServerDef:
+    return ServerDef(name="demo", source="/x.toml", **kw)  # type: ignore[arg-type]
+
+
+def test_server_without_secrets() -> None:
+    s = Server(name="demo", source="/x.toml", spec=_spec(url="http://x/${T}"))
+    assert s.url is None and s.headers == {} and s.secret_values() == {}
+
+
+def test_server_with_secrets_from_the_spawner() -> None:
+    secrets = Secrets(
+        redact={"ha.T": "tok-1234", "ha.header.Authorization": "Bearer tok-1234"},
+        url="http://x/tok-1234",
+        headers={"Authorization": "Bearer tok-1234"},
+        fingerprint="f1",
+    )
+    s = Server(name="ha", source="/x.toml", spec=_spec(url="http://x/${T}"), secrets=secrets)
+    assert s.url == "http://x/tok-1234"
+    assert s.headers == {"Authorization": "Bearer tok-1234"}
+    values = s.secret_values()
+    assert values == secrets.redact
+    values.clear()  # a copy: a caller cannot empty what the broker redacts
+    assert s.secret_values() == secrets.redact
+    other = Server(name="o", source="/y.toml", spec=_spec(command="/bin/true"))
+    other.secrets = Secrets(redact={"o.K": "other-1"}, url=None, headers={}, fingerprint="f2")
+    cfg = config.Config(config.BrokerSettings(), {"ha": s, "o": other}, ["/x.toml"])
+    assert cfg.secrets() == {**secrets.redact, "o.K": "other-1"}
 
 
 # --- errors with file and key path ------------------------------------------------------
@@ -152,51 +240,68 @@ comand = "/bin/false"
     problems = tree.problems()
     assert _one(problems, "bogus_top").startswith(f"{bt}: bogus_top: ")
     assert _one(problems, "broker.bogus_setting").startswith(f"{bt}: broker.bogus_setting: ")
-    assert _one(problems, "servers.demo.comand").startswith(f"{bt}: servers.demo.comand: ")
+    assert _one(problems, "servers.demo.comand") == f"{bt}: servers.demo.comand: unknown key"
+    assert len(problems) == 3
+
+
+def test_unknown_keys_each_reported(tree: Tree) -> None:
+    # the same three mistakes as above, one file each, so each is reported whatever the bug above
+    bt = tree.broker("bogus_top = 1\n[broker]\nbogus_setting = 2\n")
+    f = tree.server_file("demo.toml", '[servers.demo]\ncommand = "/bin/true"\ncomand = "/bin/false"\n')
+    problems = tree.problems()
+    assert _one(problems, "bogus_top").startswith(f"{bt}: bogus_top: ")
+    assert _one(problems, "broker.bogus_setting").startswith(f"{bt}: broker.bogus_setting: ")
+    assert _one(problems, "servers.demo.comand") == f"{f}: servers.demo.comand: unknown key"
     assert len(problems) == 3
 
 
 @pytest.mark.parametrize(
-    ("body", "key", "fragment"),
+    ("body", "key", "message"),
     [
-        ('command = "/bin/true"\nurl = "http://x/"', "servers.x", "exactly one of 'command'"),
-        ('args = ["a"]', "servers.x", "exactly one of 'command'"),
-        ("", "servers.x", "exactly one of 'command'"),
-        ('command = "bin/true"', "servers.x.command", "absolute path"),
-        ('command = "./true"', "servers.x.command", "absolute path"),
-        ('command = "/bin/true"\ncwd = "tmp"', "servers.x.cwd", "absolute path"),
-        ('command = "/bin/true"\nenv_file = "secrets/x.env"', "servers.x.env_file", "absolute path"),
-        ('url = "ftp://x/"', "servers.x.url", "http"),
-        ('url = "/local"', "servers.x.url", "http"),
-        ('command = "/bin/sh"\nargs = ["-c", "curl -H ${TOKEN}"]', "servers.x", "'args' cannot take ${VAR}"),
-        ('command = "/bin/true"\nargs = ["${A}"]', "servers.x", "'args' cannot take ${VAR}"),
-        ('command = "/bin/true"\nheaders = { A = "b" }', "servers.x", "'headers' apply to HTTP servers only"),
-        ('url = "http://x/"\nargs = ["a"]', "servers.x", "stdio servers only"),
-        ('url = "http://x/"\ncwd = "/tmp"', "servers.x", "stdio servers only"),
-        ('command = "/bin/true"\nargs = "not a list"', "servers.x.args", ""),
-        ('command = "/bin/true"\ntimeout = 0', "servers.x.timeout", ""),
-        ('command = "/bin/true"\ntimeout = 3601', "servers.x.timeout", ""),
+        ('command = "/bin/true"\nurl = "http://x/"', "servers.x", "set exactly one of 'command' (stdio) or 'url'"),
+        ('args = ["a"]', "servers.x", "set exactly one of 'command' (stdio) or 'url'"),
+        ("", "servers.x", "set exactly one of 'command' (stdio) or 'url'"),
+        ('command = "bin/true"', "servers.x.command", "must be an absolute path"),
+        ('command = "./true"', "servers.x.command", "must be an absolute path"),
+        ('command = "/bin/true"\ncwd = "tmp"', "servers.x.cwd", "must be an absolute path"),
+        ('command = "/bin/true"\nenv_file = "secrets/x.env"', "servers.x.env_file", "must be an absolute path"),
+        ('url = "ftp://x/"', "servers.x.url", "must be an http:// or https:// URL"),
+        ('url = "/local"', "servers.x.url", "must be an http:// or https:// URL"),
+        ('command = "/bin/sh"\nargs = ["-c", "curl -H ${TOKEN}"]', "servers.x.args", "cannot take ${VAR}"),
+        ('command = "/bin/true"\nargs = ["${A}"]', "servers.x.args", "cannot take ${VAR}"),
+        ('command = "/bin/true"\nheaders = { A = "b" }', "servers.x.headers", "applies to HTTP servers only"),
+        ('url = "http://x/"\nargs = ["a"]', "servers.x.args", "applies to stdio servers only"),
+        ('url = "http://x/"\ncwd = "/tmp"', "servers.x.cwd", "applies to stdio servers only"),
+        ('command = "/bin/true"\nargs = "not a list"', "servers.x.args", "must be a list of strings"),
+        ('command = "/bin/true"\ntimeout = 0', "servers.x.timeout", "must be a number of seconds"),
+        ('command = "/bin/true"\ntimeout = 3601', "servers.x.timeout", "must be a number of seconds"),
     ],
 )
-def test_server_errors_name_file_and_key(tree: Tree, body: str, key: str, fragment: str) -> None:
+def test_server_errors_name_file_and_key(tree: Tree, body: str, key: str, message: str) -> None:
     bt = tree.broker(f"[servers.x]\n{body}\n")
     problems = tree.problems()
-    assert len(problems) == 1
-    assert problems[0].startswith(f"{bt}: {key}: "), problems
-    assert fragment in problems[0]
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{bt}: {key}: {message}"), problems
 
 
 def test_errors_in_servers_d_name_that_file(tree: Tree) -> None:
     tree.broker(STDIO)
     f = tree.server_file("zz.toml", '[servers.bad]\ncommand = "relative"\n')
-    assert tree.problems() == [f"{f}: servers.bad.command: Value error, must be an absolute path"]
+    assert tree.problems() == [f"{f}: servers.bad.command: must be an absolute path"]
 
 
 def test_bad_server_name(tree: Tree) -> None:
     bt = tree.broker('[servers."a.b"]\ncommand = "/bin/true"\n[servers."x y"]\ncommand = "/bin/true"\n')
+    assert tree.problems() == [
+        f"{bt}: servers.a.b: server names are [A-Za-z0-9_-]+",
+        f"{bt}: servers.x y: server names are [A-Za-z0-9_-]+",
+    ]
+
+
+def test_servers_must_be_a_table(tree: Tree) -> None:
+    bt = tree.broker("servers = 1\n")
     problems = tree.problems()
-    assert f"{bt}: servers.a.b: server names are [A-Za-z0-9_-]+" in problems
-    assert f"{bt}: servers.x y: server names are [A-Za-z0-9_-]+" in problems
+    assert len(problems) == 1 and problems[0].startswith(f"{bt}: servers: ")
 
 
 def test_broker_table_only_in_broker_toml(tree: Tree) -> None:
@@ -207,8 +312,40 @@ def test_broker_table_only_in_broker_toml(tree: Tree) -> None:
 
 def test_call_timeout_above_max(tree: Tree) -> None:
     bt = tree.broker("[broker]\ncall_timeout = 100\nmax_call_timeout = 50\n")
-    assert tree.problems()[0].startswith(f"{bt}: broker: ")
-    assert "call_timeout exceeds max_call_timeout" in tree.problems()[0]
+    problems = tree.problems()
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{bt}: broker: ")
+    assert "call_timeout exceeds max_call_timeout" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "fragment"),
+    [
+        ('notify_command = ["notify-send"]', "broker.notify_command", "must start with an absolute path"),
+        ("notify_command = []", "broker.notify_command", "must start with an absolute path"),
+        ('audit_syslog_socket = "dev/log"', "broker.audit_syslog_socket", "must be an absolute path"),
+        ('audit_syslog_facility = "kern"', "broker.audit_syslog_facility", ""),
+        ("max_output_bytes = 10", "broker.max_output_bytes", ""),
+        ('call_timeout = "fast"', "broker.call_timeout", ""),
+    ],
+)
+def test_bad_broker_settings_name_their_key(tree: Tree, line: str, key: str, fragment: str) -> None:
+    bt = tree.broker(f"[broker]\n{line}\n")
+    problems = tree.problems()
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{bt}: {key}: "), problems
+    assert fragment in problems[0]
+
+
+def test_bad_policy_action_and_duplicate_policy(tree: Tree) -> None:
+    bt = tree.broker('[policy."demo*"]\nmode = "allow"\n[policy."demo.a"]\nmode = "allow"\n')
+    f = tree.server_file("p.toml", '[policy."demo.a"]\nmode = "notify"\n')
+    problems = tree.problems()
+    assert _one(problems, "demo*").startswith(f"{bt}: policy: ")
+    # the file with the bad action is skipped as a whole, so demo.a is not a duplicate here
+    assert len(problems) == 1
+    tree.broker('[policy."demo.a"]\nmode = "allow"\n')
+    assert tree.problems() == [f"{f}: policy.demo.a: already defined in {bt}"]
 
 
 @pytest.mark.parametrize(
@@ -219,6 +356,8 @@ def test_bad_toml(tree: Tree, text: str) -> None:
     problems = tree.problems()
     assert len(problems) == 1
     assert problems[0].startswith(f"{bt}: ")
+    if text == "\xff":
+        assert problems == [f"{bt}: not valid UTF-8"]
 
 
 def test_bad_toml_in_servers_d_is_one_problem_among_others(tree: Tree) -> None:
@@ -226,8 +365,9 @@ def test_bad_toml_in_servers_d_is_one_problem_among_others(tree: Tree) -> None:
     f = tree.server_file("broken.toml", "[servers.x\n")
     problems = tree.problems()
     assert len(problems) == 2
-    assert problems[0].startswith(f"{tree.paths.broker_toml}: servers.demo.command")
-    assert problems[1].startswith(f"{f}: ")
+    # files are read first and server tables parsed after, so the TOML problem comes first
+    assert _one(problems, f"{f}: ")
+    assert _one(problems, f"{tree.paths.broker_toml}: servers.demo.command: must be an absolute path")
     with pytest.raises(ConfigError, match=r"\(and 1 more\)"):
         tree.load()
 
@@ -242,206 +382,92 @@ def test_server_defined_in_two_files_names_both(tree: Tree) -> None:
     assert len(problems) == 2
 
 
-def test_duplicate_reported_even_when_first_definition_is_broken(tree: Tree) -> None:
+def test_duplicate_with_a_missing_env_file_is_only_a_duplicate(tree: Tree) -> None:
+    # the env file is the spawner's business: a missing one adds no problem, the duplicate is still one
     tree.broker(f'[servers.demo]\ncommand = "/bin/true"\nenv_file = "{tree.paths.secrets}/absent.env"\n')
     b = tree.server_file("b.toml", '[servers.demo]\ncommand = "/bin/true"\n')
+    assert tree.problems() == [f"{b}: servers.demo: already defined in {tree.paths.broker_toml}"]
+
+
+def test_duplicate_reported_even_when_first_definition_is_broken(tree: Tree) -> None:
+    tree.broker('[servers.demo]\ncommand = "relative"\n')
+    b = tree.server_file("b.toml", '[servers.demo]\ncommand = "/bin/true"\n')
     problems = tree.problems()
-    assert any(p.startswith(f"{b}: servers.demo: already defined in {tree.paths.broker_toml}") for p in problems), (
-        problems
-    )
+    assert f"{b}: servers.demo: already defined in {tree.paths.broker_toml}" in problems, problems
 
 
 def test_every_problem_is_reported(tree: Tree) -> None:
-    tree.broker('[servers.a]\ncommand = "rel"\n[servers.b]\nurl = "http://x/"\ncommand = "/bin/true"\n')
-    tree.server_file("c.toml", '[servers.c]\nbogus = 1\ncommand = "/bin/true"\n')
+    bt = tree.broker('[servers.a]\ncommand = "rel"\n[servers.b]\nurl = "http://x/"\ncommand = "/bin/true"\n')
+    c = tree.server_file("c.toml", '[servers.c]\nbogus = 1\ncommand = "/bin/true"\ntimeout = -1\n')
     problems = tree.problems()
-    assert len(problems) == 3
-    assert any("servers.a.command" in p for p in problems)
-    assert any(": servers.b: " in p for p in problems)
-    assert any("c.toml: servers.c.bogus" in p for p in problems)
+    assert problems == [
+        f"{bt}: servers.a.command: must be an absolute path",
+        f"{bt}: servers.b: set exactly one of 'command' (stdio) or 'url' (streamable HTTP)",
+        f"{c}: servers.c.bogus: unknown key",
+        f"{c}: servers.c.timeout: must be a number of seconds, more than 0 and at most 3600",
+    ]
+    with pytest.raises(ConfigError, match=r"\(and 3 more\)"):
+        tree.load()
 
 
-# --- env files and ${VAR} ------------------------------------------------------------------
+# --- [sandbox] ---------------------------------------------------------------------------
 
 
-def test_var_substitution_in_url_and_headers_only_from_own_env_file(tree: Tree) -> None:
-    a = tree.env("a.env", "TOKEN=alpha-token\n")
-    b = tree.env("b.env", "TOKEN=beta-token\nPATHPART=api\n")
-    tree.broker(
-        f"""
-[servers.a]
-url = "https://a.test/mcp?t=${{TOKEN}}"
-env_file = "{a}"
-[servers.b]
-url = "https://b.test/${{PATHPART}}/${{TOKEN}}"
-env_file = "{b}"
-headers = {{ X = "${{TOKEN}}${{TOKEN}}", Y = "$TOKEN stays", Z = "${{ TOKEN }}" }}
-"""
-    )
-    cfg = tree.load()
-    assert cfg.servers["a"].url == "https://a.test/mcp?t=alpha-token"
-    assert cfg.servers["b"].url == "https://b.test/api/beta-token"
-    assert cfg.servers["b"].headers == {"X": "beta-tokenbeta-token", "Y": "$TOKEN stays", "Z": "${ TOKEN }"}
+def test_sandbox_table_in_broker_toml_is_accepted(tree: Tree) -> None:
+    tree.broker(STDIO + '[sandbox]\ndisable = ["landlock", "pid_namespace"]\n')
+    assert set(tree.load().servers) == {"demo"}
 
 
-def test_daemon_environment_is_never_substituted(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FROM_DAEMON_ENV", "leak")
-    bt = tree.broker('[servers.ha]\nurl = "http://x/${FROM_DAEMON_ENV}"\n')
-    assert tree.problems() == [f"{bt}: servers.ha.url: ${{FROM_DAEMON_ENV}} is not defined in the server's env_file"]
+def test_sandbox_table_only_in_broker_toml(tree: Tree) -> None:
+    tree.broker(STDIO)
+    f = tree.server_file("x.toml", '[sandbox]\ndisable = ["landlock"]\n')
+    assert tree.problems() == [f"{f}: [sandbox] belongs in {tree.paths.broker_toml}"]
 
 
-def test_undefined_var_in_headers(tree: Tree) -> None:
-    env = tree.env("ha.env", "HA_TOKEN=tok-1234\n")
-    bt = tree.broker(
-        f'[servers.ha]\nurl = "http://x/"\nenv_file = "{env}"\nheaders = {{ Authorization = "Bearer ${{NOPE}}" }}\n'
-    )
+def test_sandbox_table_is_validated(tree: Tree) -> None:
+    bt = tree.broker(STDIO + '[sandbox]\ndisable = ["landlock", "seccomp"]\nstrict = true\n')
     assert tree.problems() == [
-        f"{bt}: servers.ha.headers.Authorization: ${{NOPE}} is not defined in the server's env_file"
+        f"{bt}: sandbox.strict: unknown key",
+        f"{bt}: sandbox.disable: 'seccomp' is none of pid_namespace, mount_namespace, network_namespace, landlock",
     ]
 
 
-def test_var_from_another_servers_env_file_is_undefined(tree: Tree) -> None:
-    a = tree.env("a.env", "SECRET_A=only-for-a\n")
-    bt = tree.broker(
-        f'[servers.a]\nurl = "http://a/"\nenv_file = "{a}"\n'
-        '[servers.b]\nurl = "http://b/"\nheaders = { H = "${SECRET_A}" }\n'
-    )
-    assert tree.problems() == [f"{bt}: servers.b.headers.H: ${{SECRET_A}} is not defined in the server's env_file"]
-
-
-@pytest.mark.parametrize(
-    ("args", "command"),
-    [
-        (["--token", "s3cr3t-value"], "/bin/tool"),
-        (["--token=s3cr3t-value"], "/bin/tool"),
-        (["prefix-s3cr3t-value-suffix"], "/bin/tool"),
-        ([], "/opt/s3cr3t-value/bin/tool"),
-    ],
-)
-def test_secret_from_env_file_in_args_is_rejected(tree: Tree, args: list[str], command: str) -> None:
-    env = tree.env("x.env", "TOKEN=s3cr3t-value\n")
-    args_toml = "[" + ", ".join(f'"{a}"' for a in args) + "]"
-    bt = tree.broker(f'[servers.x]\ncommand = "{command}"\nargs = {args_toml}\nenv_file = "{env}"\n')
+def test_sandbox_must_be_a_table(tree: Tree) -> None:
+    bt = tree.broker("sandbox = 1\n" + STDIO)  # a top-level key: before any table
     problems = tree.problems()
-    assert problems == [f"{bt}: servers.x.args: holds a secret from its env_file; command lines are world-readable"]
+    assert len(problems) == 1 and problems[0].startswith(f"{bt}: sandbox: ")
 
 
-def test_args_without_secrets_are_fine(tree: Tree) -> None:
-    env = tree.env("x.env", "TOKEN=s3cr3t-value\n")
-    tree.broker(f'[servers.x]\ncommand = "/bin/tool"\nargs = ["--token-file", "{env}"]\nenv_file = "{env}"\n')
-    assert tree.load().servers["x"].env == {"TOKEN": "s3cr3t-value"}
+# --- fingerprints ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o606, 0o610, 0o601])
-def test_env_file_readable_by_others_is_rejected(tree: Tree, mode: int) -> None:
-    env = tree.env("x.env", "TOKEN=abcd\n", mode=mode)
-    tree.broker(f'[servers.x]\ncommand = "/bin/tool"\nenv_file = "{env}"\n')
-    problems = tree.problems()
-    assert len(problems) == 1
-    assert problems[0].startswith(f"{env}: env file is accessible by group or other (mode {mode:04o})")
-    assert "0600" in problems[0]
+def test_fingerprint_tracks_the_spec(tree: Tree) -> None:
+    tree.broker(STDIO)
+    first = tree.load().servers["demo"].fingerprint()
+    assert tree.load().servers["demo"].fingerprint() == first  # a reload of the same file keeps the session
+    tree.broker(STDIO.replace('"mcp_servers.demo"]', '"mcp_servers.demo", "--verbose"]'))
+    assert tree.load().servers["demo"].fingerprint() != first
+    tree.broker(STDIO + 'env = { LOG_LEVEL = "debug" }\n')
+    assert tree.load().servers["demo"].fingerprint() != first
 
 
-@pytest.mark.parametrize("mode", [0o600, 0o400])
-def test_private_env_file_modes(tree: Tree, mode: int) -> None:
-    env = tree.env("x.env", "TOKEN=abcd\n", mode=mode)
-    tree.broker(f'[servers.x]\ncommand = "/bin/tool"\nenv_file = "{env}"\n')
-    assert tree.load().servers["x"].env == {"TOKEN": "abcd"}
+def test_fingerprint_ignores_which_file_holds_the_server(tree: Tree) -> None:
+    # moving a definition into servers.d changes nothing it runs with: no restart
+    tree.broker(STDIO)
+    first = tree.load().servers["demo"].fingerprint()
+    tree.broker("")
+    tree.server_file("demo.toml", STDIO)
+    assert tree.load().servers["demo"].fingerprint() == first
 
 
-def test_env_file_symlink_and_missing(tree: Tree) -> None:
-    real = tree.env("real.env", "A=b\n")
-    link = f"{tree.paths.secrets}/link.env"
-    os.symlink(real, link)
-    with pytest.raises(ConfigError, match="cannot open env file"):
-        read_env_file(link)
-    with pytest.raises(ConfigError, match="env file missing"):
-        read_env_file(f"{tree.paths.secrets}/absent.env")
-    os.mkfifo(f"{tree.paths.secrets}/fifo.env", 0o600)  # O_NONBLOCK: must not hang
-    with pytest.raises(ConfigError, match="not a regular file"):
-        read_env_file(f"{tree.paths.secrets}/fifo.env")
-
-
-def test_env_file_that_is_a_directory_is_a_config_error(tree: Tree) -> None:
-    d = f"{tree.paths.secrets}/dir.env"
-    os.mkdir(d, 0o700)
-    tree.broker(f'[servers.x]\ncommand = "/bin/tool"\nenv_file = "{d}"\n')
-    problems = tree.problems()
-    assert problems == [f"{d}: env file is not a regular file (env_file of servers.x in {tree.paths.broker_toml})"]
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("A=1\nB = two words \n", {"A": "1", "B": "two words"}),
-        ("# c\n\n   \nexport A=1\n", {"A": "1"}),
-        ("A='x y'\nB=\"z\"\nC='unbalanced\n", {"A": "x y", "B": "z", "C": "'unbalanced"}),
-        ("A=a=b=c\n", {"A": "a=b=c"}),
-        ("A=\n", {"A": ""}),
-        ("A=1\r\nB=2\r\n", {"A": "1", "B": "2"}),
-        ("A=1\nA=2\n", {"A": "2"}),
-    ],
-)
-def test_env_file_parsing(tree: Tree, text: str, expected: dict[str, str]) -> None:
-    assert read_env_file(tree.env("x.env", text)) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "line"), [("A=1\nnot a pair\n", 2), ("1A=x\n", 1), ("=x\n", 1), ("A-B=x\n", 1), ("\n\nexport\n", 3)]
-)
-def test_env_file_bad_lines(tree: Tree, text: str, line: int) -> None:
-    path = tree.env("x.env", text)
-    with pytest.raises(ConfigError) as info:
-        read_env_file(path)
-    assert str(info.value) == f"{path}:{line}: expected KEY=VALUE"
-
-
-def test_env_file_bad_utf8_and_size(tree: Tree) -> None:
-    with pytest.raises(ConfigError, match="not valid UTF-8"):
-        read_env_file(tree.env("u.env", b"A=\xff\n"))  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="too large"):
-        read_env_file(tree.env("big.env", "A=" + "x" * config.MAX_ENV_FILE_BYTES + "\n"))
-
-
-def test_env_file_error_is_reported_by_load(tree: Tree) -> None:
-    env = tree.env("x.env", "oops\n")
-    tree.broker(f'[servers.x]\ncommand = "/bin/tool"\nenv_file = "{env}"\n')
-    assert tree.problems() == [f"{env}:1: expected KEY=VALUE (env_file of servers.x in {tree.paths.broker_toml})"]
-
-
-# --- Server.secrets ----------------------------------------------------------------------
-
-
-def test_server_secrets_from_load(tree: Tree) -> None:
-    env = tree.env("ha.env", "HA_TOKEN=tok-abc-123\nEMPTY=\nHOST=127.0.0.1\n")
-    tree.broker(
-        f"""
-[servers.ha]
-url = "http://${{HOST}}/mcp"
-env_file = "{env}"
-headers = {{ Authorization = "Bearer ${{HA_TOKEN}}", X-Raw = "${{HA_TOKEN}}", X-Lit = "literal-key" }}
-"""
-    )
-    secrets = tree.load().servers["ha"].secrets()
-    assert secrets == {
-        "ha.HA_TOKEN": "tok-abc-123",
-        "ha.HOST": "127.0.0.1",
-        "ha.header.Authorization": "Bearer tok-abc-123",
-        "ha.header.X-Lit": "literal-key",
-    }  # no empty value; X-Raw equals an env value and is not listed twice
-
-
-def test_server_secrets_direct() -> None:
-    spec = config.ServerSpec(command="/bin/true")
-    s = Server(name="demo", source="/x.toml", spec=spec, env={"A": "1", "B": ""})
-    assert s.secrets() == {"demo.A": "1"}
-    assert Server(name="n", source="/x", spec=spec).secrets() == {}
-
-
-def test_fingerprint_tracks_secrets_and_spec(tree: Tree) -> None:
-    env = tree.env("x.env", "TOKEN=one-1234\n")
-    tree.broker(f'[servers.x]\nurl = "http://x/${{TOKEN}}"\nenv_file = "{env}"\n')
-    first = tree.load().servers["x"].fingerprint()
-    assert tree.load().servers["x"].fingerprint() == first
-    tree.env("x.env", "TOKEN=two-1234\n")
-    assert tree.load().servers["x"].fingerprint() != first
+def test_fingerprint_tracks_secrets_and_problem(tree: Tree) -> None:
+    tree.broker('[servers.x]\nurl = "http://x/${TOKEN}"\nenv_file = "/etc/x.env"\n')
+    server = tree.load().servers["x"]
+    bare = server.fingerprint()
+    server.secrets = Secrets(redact={"x.TOKEN": "one-1234"}, url="http://x/one-1234", headers={}, fingerprint="a")
+    one = server.fingerprint()
+    server.secrets = Secrets(redact={"x.TOKEN": "two-1234"}, url="http://x/two-1234", headers={}, fingerprint="b")
+    two = server.fingerprint()
+    server.problem = "its env file is missing"
+    broken = server.fingerprint()
+    assert len({bare, one, two, broken}) == 4

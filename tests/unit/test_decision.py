@@ -68,7 +68,7 @@ class FakeView:
             raise found
         return found
 
-    def offer(self, action: Action) -> Offer:
+    def offer(self, action: Action, caller: str) -> Offer:
         self.asked.append(("offer", str(action)))
         return self.offers.get(str(action), Offer("up", SPEC))
 

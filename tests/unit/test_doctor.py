@@ -124,7 +124,7 @@ def test_rules_for_what_is_inside_the_directories(doc: Doctor, paths: Paths) -> 
     assert (toml.kind, toml.owner, toml.group, toml.mode, toml.need) == ("any", "root", "mcp-broker", 0o640, 0o040)
     assert toml.forbid == 0o7777 & ~0o640
     secret = children[f"{paths.secrets}/demo.env"]
-    assert (secret.owner, secret.group, secret.mode, secret.forbid) == ("mcp-broker", None, 0o600, 0o7777 & ~0o600)
+    assert (secret.owner, secret.group, secret.mode, secret.forbid) == ("root", None, 0o600, 0o7777 & ~0o600)
     sub = children[f"{paths.secrets}/sub"]
     assert sub.mode == 0o700 and sub.forbid == 0o7077  # a directory gets the execute bits its mode implies
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from broker.admin import importer
 from broker.admin.importer import ImportProblem
 from broker.core.paths import Paths
+from broker.core.servers import read_env_file
 from broker.daemon import config
 from tests.unit.conftest import write
 
@@ -303,13 +304,13 @@ def test_names_are_made_valid_and_inputs_that_are_not_configs_are_refused(tmp_ro
 # --- the env file ------------------------------------------------------------------------------
 
 
-def test_env_file_round_trips_through_the_daemons_reader(tmp_root: str, paths: Paths) -> None:
+def test_env_file_round_trips_through_the_spawners_reader(tmp_root: str, paths: Paths) -> None:
     server = importer.ImportedServer("s", "s", "stdio")
     values = {"A": "plain", "B": " padded ", "C": '"quoted"', "D": "has # hash", "E": "", "F": "x'y\"z"}
     for k, v in values.items():
         server.env.append(importer.EnvEntry(k, v, f"env {k}"))
     path = write(f"{tmp_root}/s.env", importer.env_text(server, "client.json"), 0o600)
-    assert config.read_env_file(path, check_owner=False) == values
+    assert read_env_file(path, frozenset({os.getuid()})) == values
 
 
 def test_looks_like_token_heuristics() -> None:

@@ -34,6 +34,7 @@ import pytest
 from broker.admin import install
 from broker.core import allowlist
 from broker.core.paths import GATE_USER, Paths, gate_user_for
+from broker.core.servers import parse_server
 from broker.daemon.config import BrokerSettings, FileModel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -242,30 +243,35 @@ HARDENING = {
     "ProtectControlGroups": "yes",
     "ProtectClock": "yes",
     "ProtectHostname": "yes",
-    "RestrictNamespaces": "yes",
+    "RestrictNamespaces": "mnt pid net ipc",
     "RestrictRealtime": "yes",
     "RestrictSUIDSGID": "yes",
     "LockPersonality": "yes",
     "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
     "SystemCallArchitectures": "native",
-    "SystemCallFilter": "@system-service",
-    "CapabilityBoundingSet": "",
+    "SystemCallFilter": "@system-service @mount unshare "
+    "landlock_create_ruleset landlock_add_rule landlock_restrict_self",
+    "CapabilityBoundingSet": "CAP_SETUID CAP_SETGID CAP_SETPCAP CAP_SYS_ADMIN CAP_KILL CAP_CHOWN CAP_FOWNER",
     "UMask": "0077",
     "ReadOnlyPaths": "/etc/mcp-privsep",
 }
 
 
-def test_unit_runs_the_daemon_as_mcp_broker() -> None:
+def test_unit_starts_as_root_for_the_spawner_and_keeps_only_its_capabilities() -> None:
     svc = unit()["Service"]
     assert svc["Type"] == "simple"
     assert svc["ExecStart"] == f"{BROKERD} --foreground"
     assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert svc["Restart"] == "on-failure"
-    assert svc["User"] == "mcp-broker"
-    # mcp-gate only as a supplementary group (to read the allowlist), never primary
-    assert svc["Group"] == "mcp-broker"
-    assert svc["SupplementaryGroups"].split() == ["mcp-gate"]
+    # root: the spawner stays root; mcp-brokerd drops the daemon to mcp-broker itself
+    assert "User" not in svc and "Group" not in svc
+    caps = set(svc["CapabilityBoundingSet"].split())
+    assert caps == {"CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_SYS_ADMIN", "CAP_KILL", "CAP_CHOWN", "CAP_FOWNER"}
+    never = {"CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE", "CAP_NET_ADMIN", "CAP_SYS_MODULE"}
+    assert not caps & never
     assert "AmbientCapabilities" not in svc or svc["AmbientCapabilities"] == ""
+    # the namespaces the spawner makes, never a user namespace
+    assert "user" not in svc["RestrictNamespaces"].split()
     assert unit()["Install"]["WantedBy"] == "multi-user.target"
 
 
@@ -286,17 +292,14 @@ def test_unit_directories() -> None:
     svc = unit()["Service"]
     assert svc["RuntimeDirectory"] == "mcp-privsep"
     assert svc["RuntimeDirectoryMode"] == "2750"
-    assert svc["StateDirectory"] == "mcp-privsep"
-    assert svc["StateDirectoryMode"] == "0700"
-    assert svc["LogsDirectory"] == "mcp-privsep"
-    assert svc["LogsDirectoryMode"] == "0700"
-    # systemd makes the run dir mcp-broker:mcp-broker; the (unprivileged) pre-start
-    # step hands it to group mcp-gate so that mcp-gate can reach gate.sock
-    assert unit_values("ExecStartPre") == ["/bin/chgrp mcp-gate /run/mcp-privsep"]
+    # systemd would give StateDirectory=/LogsDirectory= to the service's user (root) at every start
+    assert "StateDirectory" not in svc and "LogsDirectory" not in svc
     paths = Paths("/")
+    assert svc["ReadWritePaths"].split() == [paths.state, paths.log, paths.server_homes]
+    # systemd makes the run dir root's (the service has no User=); the pre-start step hands it to
+    # mcp-broker:mcp-gate so that each gate user can reach gate.sock
+    assert unit_values("ExecStartPre") == ["/bin/chown mcp-broker:mcp-gate /run/mcp-privsep"]
     assert paths.run == "/run/mcp-privsep"
-    assert paths.state == "/var/lib/mcp-privsep"
-    assert paths.log == "/var/log/mcp-privsep"
 
 
 def systemd_analyze_reason(tmp_path: Path) -> str | None:
@@ -402,9 +405,9 @@ def broker_toml() -> dict[str, object]:
 
 def test_broker_toml_validates() -> None:
     model = FileModel.model_validate(broker_toml())
-    demo = model.servers["demo"]
+    demo = parse_server("demo", model.servers["demo"], str(BROKER_TOML))
     assert demo.command == "/opt/mcp-privsep/venv/bin/python"
-    assert demo.args == ["-m", "mcp_servers.demo"]
+    assert demo.args == ("-m", "mcp_servers.demo")
     assert demo.env_file == "/etc/mcp-privsep/secrets/demo.env"
     assert demo.url is None
 
@@ -437,7 +440,7 @@ def test_broker_toml_http_example_validates_when_uncommented() -> None:
         block.append(line[2:])
     data = tomllib.loads("\n".join(block))
     model = FileModel.model_validate(data)
-    ha = model.servers["ha"]
+    ha = parse_server("ha", model.servers["ha"], "example")
     assert ha.url == "http://127.0.0.1:8123/api/mcp"
     assert ha.env_file == "/etc/mcp-privsep/secrets/ha.env"
     assert ha.headers == {"Authorization": "Bearer ${HA_TOKEN}"}
@@ -481,8 +484,11 @@ def test_unit_directories_match_the_layout_table() -> None:
     from broker.core import layout
 
     svc = unit()["Service"]
-    for key, attr in (("RuntimeDirectory", "run"), ("StateDirectory", "state"), ("LogsDirectory", "log")):
-        e = layout.entry(attr)
-        assert "/" + {"run": "run", "state": "var/lib", "log": "var/log"}[attr] + "/" + svc[key] == e.path(Paths("/"))
-        assert int(svc[f"{key}Mode"], 8) == e.mode, key
-        assert e.owner == svc["User"]
+    paths = Paths("/")
+    run = layout.entry("run")
+    assert "/run/" + svc["RuntimeDirectory"] == run.path(paths)
+    assert int(svc["RuntimeDirectoryMode"], 8) == run.mode
+    assert unit_values("ExecStartPre") == [f"/bin/chown {run.owner}:{run.group} {run.path(paths)}"]
+    for path in svc["ReadWritePaths"].split():
+        e = next(e for e in layout.PATHS if e.path(paths) == path)
+        assert e.kind == "dir", path

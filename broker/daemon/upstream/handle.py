@@ -1,9 +1,11 @@
 """A warm MCP session per configured server, with restart: :class:`ServerHandle`.
 
-Each handle owns a supervisor task that connects (spawning a stdio server
-with a minimal environment plus its env file, or opening a streamable-HTTP
-session with its secret headers), lists the tools, serves calls until the
-session breaks, and reconnects with exponential backoff. It reaches its
+Each handle owns a supervisor task that connects (having the spawner start
+a stdio server under its own user and sandbox, or opening a streamable-HTTP
+session with the secret headers the spawner filled in), lists the tools,
+serves calls until the session breaks, and reconnects with exponential
+backoff. A handle serves one instance: a server, or one agent's instance
+of a per-caller server (``NAME@AGENT``). It reaches its
 server through the :class:`broker.daemon.upstream.client.Upstream` seam.
 Server-to-client requests (sampling, elicitation, roots) are refused by
 both transports: neither advertises such a capability, the stdio client
@@ -15,26 +17,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 import httpx2
 import mcp
 
 from broker import __version__
 from broker.core import wire
-from broker.core.errors import TempFail, Unavailable
+from broker.core.errors import PrivsepError, TempFail, Unavailable
+from broker.core.servers import instance_name
 from broker.daemon.config import Server
 from broker.daemon.upstream.client import Upstream
 from broker.daemon.upstream.http import HttpClient
-from broker.daemon.upstream.stdio import StdioClient
+from broker.daemon.upstream.spawner import SpawnerClient, Started
+from broker.daemon.upstream.stdio import ServerProcess, StdioClient
 
 log = logging.getLogger("mcp-brokerd")
-
-#: the only variables a stdio server inherits, besides its own env file
-BASE_ENV_KEYS = ("PATH", "HOME", "LANG")
 
 #: the most pages of tools/list read from one server
 MAX_PAGES = 100
@@ -54,18 +54,22 @@ class ServerHandle:
         self,
         server: Server,
         *,
+        spawner: SpawnerClient | None,
         connect_timeout: float,
         backoff_max: float,
-        base_env: dict[str, str],
-        errlog: IO[str] | Callable[[str], None],
+        errlog: Callable[[str], None],
+        agent: str | None = None,
         max_message: int = 16 * 1024 * 1024,
         max_tools: int = 2000,
     ) -> None:
         self.server = server
         self.name = server.name
+        self.agent = agent
+        #: the key of this instance in status and logs: NAME, or NAME@AGENT
+        self.instance = instance_name(server.name, agent)
+        self.spawner = spawner
         self.connect_timeout = connect_timeout
         self.backoff_max = backoff_max
-        self.base_env = base_env
         self.errlog = errlog
         self.max_message = max_message
         self.max_tools = max_tools
@@ -74,6 +78,8 @@ class ServerHandle:
         self.state: ServerState = "starting"
         self.reason = ""
         self.restarts = 0
+        #: what the spawner reported of the running process (its user, protections, warnings)
+        self.started: Started | None = None
         self._broken = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -112,21 +118,27 @@ class ServerHandle:
 
     def _client(self) -> Upstream:
         srv = self.server
+        if srv.problem is not None:
+            raise Unavailable(srv.problem)
         if srv.spec.command is not None:
-            env = dict(self.base_env)
-            env.update(srv.spec.env)  # plain settings
-            env.update(srv.env)  # the env file's secrets
+            spawner = self.spawner
+            if spawner is None:
+                raise Unavailable("no spawner: stdio servers cannot be started")
+
+            async def launch() -> ServerProcess:
+                process = await spawner.start(self.name, self.agent)
+                self.started = process.started
+                return process
+
             return StdioClient(
-                srv.spec.command,
-                list(srv.spec.args),
-                env=env,
-                cwd=srv.spec.cwd or env.get("HOME"),
+                launch,
                 errlog=self.errlog,
                 on_close=self.mark_broken,  # an exited server is restarted now, not at the next ping
                 client_version=__version__,
                 max_message=self.max_message,
             )
-        assert srv.url is not None
+        if srv.url is None:
+            raise Unavailable("its url is not known yet (the spawner has not read its env file)")
         return HttpClient(srv.url, srv.headers)
 
     async def _supervise(self) -> None:
@@ -199,10 +211,11 @@ class ServerHandle:
 
     def _mark_down(self, reason: str) -> None:
         self.client = None
+        again = self.state == "down" and self.reason == reason
         self.state = "down"
         self.reason = reason
-        if not self._stopping:
-            log.warning("server %s down: %s", self.name, reason)
+        if not self._stopping and not again:  # a retry failing the same way is not news
+            log.warning("server %s down: %s", self.instance, reason)
 
     def mark_broken(self, reason: str) -> None:
         if self.state == "up":
@@ -314,6 +327,8 @@ def _describe_failure(exc: BaseException) -> str:
         return _describe_failure(inner)
     if isinstance(exc, _Broken):
         return str(exc)
+    if isinstance(exc, PrivsepError):  # the spawner's refusal: why the server cannot run
+        return exc.message[:500]
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return "did not start in time"
     if isinstance(exc, FileNotFoundError):
@@ -333,12 +348,3 @@ def _describe_failure(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return "I/O error"
     return type(exc).__name__
-
-
-def base_environment(home: str) -> dict[str, str]:
-    """The minimal environment every stdio server starts from."""
-    return {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": home,
-        "LANG": os.environ.get("LANG", "C.UTF-8") or "C.UTF-8",
-    }

@@ -11,9 +11,10 @@ the rest of the daemon does not know which client served it. Streamable HTTP
 servers still use the SDK client.
 
 Server-to-client requests (sampling, elicitation, roots, anything else)
-are refused with "method not found"; only ``ping`` is answered. The server
-gets exactly the environment it is given (no inherited variables) and runs
-in a session of its own so a stop can signal its whole process group. Its
+are refused with "method not found"; only ``ping`` is answered. The client
+does not start its server: a :data:`Launch` does (in the daemon, the
+spawner, which runs it under its own user and sandbox and ends its whole
+process tree on :meth:`ServerProcess.kill`). Its
 output is read in chunks and split into lines as it arrives: a line over
 ``max_message`` bytes is dropped while it is read, never buffered whole, and
 the request it answers (named in its first bytes) fails; the session goes on.
@@ -27,10 +28,9 @@ import json
 import logging
 import os
 import re
-import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import IO, Any
+from typing import Any, Protocol
 
 import mcp
 import mcp.types
@@ -45,8 +45,8 @@ MAX_MESSAGE = 16 * 1024 * 1024
 READ_CHUNK = 1 << 16
 #: how much of a dropped message is kept to find the id of the request it answers
 ID_PEEK = 4096
+#: seconds a server has to exit on its own once its stdin is closed, before it is killed
 TERMINATE_GRACE = 2.0
-KILL_GRACE = 2.0
 
 CONNECTION_CLOSED = -32000
 METHOD_NOT_FOUND = -32601
@@ -57,30 +57,64 @@ def _closed() -> mcp.MCPError:
     return mcp.MCPError(CONNECTION_CLOSED, "Connection closed")
 
 
+class ServerProcess(Protocol):
+    """A started stdio server: its pipes as streams, and how to end it (its whole process tree)."""
+
+    @property
+    def stdin(self) -> asyncio.StreamWriter: ...
+
+    @property
+    def stdout(self) -> asyncio.StreamReader: ...
+
+    @property
+    def stderr(self) -> asyncio.StreamReader | None: ...
+
+    async def kill(self) -> None: ...
+
+
+#: starts the server (the daemon's is the spawner; unit tests start a local child)
+Launch = Callable[[], Awaitable[ServerProcess]]
+
+
+async def pipe_streams(
+    stdin: int, stdout: int, stderr: int
+) -> tuple[asyncio.StreamWriter, asyncio.StreamReader, asyncio.StreamReader]:
+    """asyncio streams over a server's pipe descriptors (which they own from here on)."""
+    loop = asyncio.get_running_loop()
+    for fd in (stdin, stdout, stderr):
+        os.set_blocking(fd, False)
+    # the transports own these file objects and close them (no context manager: they outlive this call)
+    out = asyncio.StreamReader(limit=READ_CHUNK, loop=loop)
+    out_file = open(stdout, "rb", 0)  # noqa: SIM115
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(out, loop=loop), out_file)
+    err = asyncio.StreamReader(limit=READ_CHUNK, loop=loop)
+    err_file = open(stderr, "rb", 0)  # noqa: SIM115
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(err, loop=loop), err_file)
+    in_file = open(stdin, "wb", 0)  # noqa: SIM115
+    transport, protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), loop=loop), in_file
+    )
+    return asyncio.StreamWriter(transport, protocol, None, loop), out, err
+
+
 class StdioClient:
     """One MCP session with a server process over its stdin and stdout."""
 
     def __init__(
         self,
-        command: str,
-        args: list[str],
+        launch: Launch,
         *,
-        env: dict[str, str],
-        cwd: str | None,
-        errlog: IO[str] | Callable[[str], None],
+        errlog: Callable[[str], None],
         on_close: Callable[[str], None] | None = None,
         client_version: str = "0",
         max_message: int = MAX_MESSAGE,
     ) -> None:
-        self.command = command
-        self.args = args
-        self.env = env
-        self.cwd = cwd
+        self.launch = launch
         self.errlog = errlog
         self.on_close = on_close
         self.client_version = client_version
         self.max_message = max_message
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: ServerProcess | None = None
         self.protocol_version = ""
         self._reader: asyncio.Task[None] | None = None
         self._stderr: asyncio.Task[None] | None = None
@@ -93,19 +127,11 @@ class StdioClient:
     # --- lifecycle ------------------------------------------------------------------
 
     async def __aenter__(self) -> StdioClient:
-        self.proc = await asyncio.create_subprocess_exec(
-            self.command,
-            *self.args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE if callable(self.errlog) else self.errlog,
-            env=self.env,
-            cwd=self.cwd,
-            start_new_session=True,
-        )
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
-        if callable(self.errlog):
-            self._stderr = asyncio.get_running_loop().create_task(self._stderr_loop(self.errlog))
+        self.proc = await self.launch()
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read_loop())
+        if self.proc.stderr is not None:
+            self._stderr = loop.create_task(self._stderr_loop(self.errlog))
         try:
             init = await self._request(
                 "initialize",
@@ -131,37 +157,45 @@ class StdioClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close stdin, give the server a moment, then SIGTERM and SIGKILL its process group."""
+        """Close stdin, give the server a moment to exit on its own, then end its whole process tree."""
         proc = self.proc
         if proc is None:
             return
+        self.proc = None
         self._closed_why = self._closed_why or "closed"
-        if proc.stdin is not None:
-            with contextlib.suppress(OSError, RuntimeError):
-                proc.stdin.close()
-        for sig, grace in ((None, TERMINATE_GRACE), (signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, KILL_GRACE)):
-            if sig is not None and proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, sig)
-            if await _exited(proc, grace):
-                break
-        for task in (self._reader, self._stderr):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-        # release the pipes now, not at garbage collection (when the loop may be gone); not public API
-        transport = getattr(proc, "_transport", None)
-        if transport is not None:
-            with contextlib.suppress(Exception):
-                transport.close()
-        self._fail_all()
+        with contextlib.suppress(OSError, RuntimeError):
+            proc.stdin.close()
+        reader = self._reader
+        cancelled: asyncio.CancelledError | None = None
+        if reader is not None and not reader.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(reader), TERMINATE_GRACE)
+            except asyncio.CancelledError as exc:  # still end the server and release its pipes, then say so
+                cancelled = exc
+            except Exception:  # noqa: BLE001, S110 - a timeout or a reader that failed: the kill below ends it
+                pass
+        try:
+            await proc.kill()
+        finally:
+            for task in (self._reader, self._stderr):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+            for stream in (proc.stdout, proc.stderr):
+                transport = getattr(stream, "_transport", None)  # release the pipe now, not at garbage collection
+                if transport is not None:
+                    with contextlib.suppress(Exception):
+                        transport.close()
+            self._fail_all()
+        if cancelled is not None:
+            raise cancelled
 
     # --- the wire -------------------------------------------------------------------------
 
     async def _send(self, message: dict[str, Any]) -> None:
         proc = self.proc
-        if proc is None or proc.stdin is None or self._closed_why:
+        if proc is None or self._closed_why:
             raise _closed()
         data = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
         try:
@@ -182,8 +216,9 @@ class StdioClient:
             await self._send(message)
             return await fut
         except asyncio.CancelledError:
-            # a timeout or a hang-up: tell the server, best effort, without waiting on the pipe
-            if not fut.done():
+            # a timeout or a hang-up: tell the server, best effort, without waiting on the pipe (the wait
+            # being cancelled cancelled the future first; only an answer that already arrived needs nothing)
+            if fut.cancelled() or not fut.done():
                 self._notify_cancelled(msg_id)
             raise
         finally:
@@ -191,7 +226,7 @@ class StdioClient:
 
     def _notify_cancelled(self, msg_id: int) -> None:
         proc = self.proc
-        if proc is None or proc.stdin is None or self._closed_why:
+        if proc is None or self._closed_why:
             return
         note = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": msg_id}}
         with contextlib.suppress(OSError, RuntimeError):
@@ -200,7 +235,7 @@ class StdioClient:
     async def _read_loop(self) -> None:
         """Split the server's output into lines, each bounded while it is read (never buffered past the cap)."""
         proc = self.proc
-        assert proc is not None and proc.stdout is not None
+        assert proc is not None
         why = "the server closed its output"
         line = bytearray()
         head: bytes | None = None  # the start of a line over the cap, while the rest of it is skipped
@@ -374,14 +409,3 @@ class StdioClient:
 
 def _first_error(exc: ValueError) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-
-
-async def _exited(proc: asyncio.subprocess.Process, timeout: float) -> bool:
-    """Whether the process exited within ``timeout``; polls, since wait() also waits for pipe EOF."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while proc.returncode is None:
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
