@@ -191,3 +191,27 @@ def test_a_forbidden_import_is_caught(importer: str, imported: str) -> None:
 
 def test_a_circle_is_caught() -> None:
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# --- what a process really loads (not just what its modules name) ----------------------------------
+
+ROOT_SIDE_FORBIDDEN = ("mcp", "pydantic", "pydantic_core", "click", "httpx", "httpx2", "anyio", "jsonschema")
+
+
+@pytest.mark.parametrize("module", ["broker.spawner.service", "broker.spawner.__main__", "broker.daemon.main"])
+def test_the_root_side_loads_no_heavy_library(module: str) -> None:
+    """The spawner and mcp-brokerd's root part (until it drops to mcp-broker) load the standard library only.
+
+    Checked in a fresh interpreter: an import inside a function that runs at
+    import time, or a heavy module pulled in by a light one, shows up here
+    and nowhere in the static graph.
+    """
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print('\\n'.join(sorted(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=str(ROOT)
+    ).stdout.split()
+    heavy = sorted({m for m in loaded if m.split(".")[0] in ROOT_SIDE_FORBIDDEN})
+    assert heavy == [], f"{module} loads {heavy}"
