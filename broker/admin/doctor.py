@@ -699,7 +699,7 @@ class Doctor:
                 self.warning(
                     "sandbox",
                     line + f"; missing: {', '.join(missing)}",
-                    "servers start without it (sandbox = \"strict\" refuses); an LXC container needs nesting",
+                    'servers start without it (sandbox = "strict" refuses); an LXC container needs nesting',
                 )
             else:
                 self.ok("sandbox", line)

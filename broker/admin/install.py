@@ -258,7 +258,47 @@ def install_servers(paths: Paths, agents: list[str], report: Report) -> None:
         home = paths.server_home(instance)
         pw = ensure_system_user(core_servers.server_user_for(defn.name, agent), home, report)
         ensure_dir(home, pw.pw_uid, pw.pw_gid, layout.child("server_homes").mode)
+        if agent is None:
+            adopt_files_roots(defn, pw, report)
     secure_secrets(paths, found, report)
+
+
+def adopt_files_roots(defn: core_servers.ServerDef, owner: pwd.struct_passwd, report: Report) -> None:
+    """Give a files server's read-write roots that the broker's user owns to the server's own user.
+
+    The first version ran every server as ``mcp-broker``, so the roots it
+    wrote belong to that user; the server's own user could not write them
+    after an upgrade. Only what ``mcp-broker`` owns changes hands. The walk
+    is by descriptor and never follows a link, so nothing outside the root
+    can be reached by a link swapped in during it.
+    """
+    try:
+        broker = pwd.getpwnam(BROKER_USER)
+    except KeyError:
+        return
+    for root in core_servers.files_server_roots(defn.args) or ():
+        if not root.startswith("/"):
+            continue  # in its home ({home}), which is its own already
+        try:
+            st = os.lstat(root)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != broker.pw_uid:
+            continue
+        changed = 0
+        for _top, dirs, files, dir_fd in os.fwalk(root, follow_symlinks=False):
+            for name in (".", *dirs, *files):
+                try:
+                    entry = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    if entry.st_uid == broker.pw_uid:
+                        gid = owner.pw_gid if entry.st_gid == broker.pw_gid else -1
+                        os.chown(name, owner.pw_uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                        changed += 1
+                except OSError:
+                    continue
+        report.add(
+            f"server {defn.name}: {root} now belongs to {owner.pw_name} ({changed} entries were {BROKER_USER}'s)"
+        )
 
 
 def secure_secrets(paths: Paths, found: dict[str, core_servers.ServerDef], report: Report) -> None:

@@ -43,6 +43,8 @@ def protections(sandbox: dict[str, Any]) -> list[str]:
             f"limits: memory {_size(limits.get('memory'))}, {limits.get('processes') or 'unlimited'} processes, "
             f"{limits.get('open_files') or 'unlimited'} files, file size {_size(limits.get('file_size'))}"
         )
+    if sandbox.get("writable"):
+        out.append(f"writes only in {', '.join(sandbox['writable'])} and its /tmp")
     if sandbox.get("network"):
         out.append(f"network {sandbox['network']}")
     if sandbox.get("command_sha256") == "verified":

@@ -18,6 +18,7 @@ login account, its env file is not root's), and then says so in ``status``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import pwd
@@ -187,6 +188,41 @@ def _paths(table: dict[str, Any], key: str, p: _Problems) -> tuple[str, ...]:
     return found
 
 
+#: the bundled files server (``python -m mcp_servers.files --root NAME=PATH[:ro|:rw]``)
+FILES_MODULE = "mcp_servers.files"
+_FILES_ROOT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def files_server_roots(args: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The ``:rw`` root paths of a definition that runs the bundled files server; None when it runs another.
+
+    Its read-write roots are write paths by their nature: the sandbox grants
+    them without a second line in the config (the first version had no
+    ``write_paths``, and an upgrade must need no operator edit). Paths the
+    server itself would refuse (relative ones) are left to it.
+    """
+    runs_it = any(a == "-m" and b == FILES_MODULE for a, b in itertools.pairwise(args)) or f"-m{FILES_MODULE}" in args
+    if not runs_it:
+        return None
+    specs = [b for a, b in itertools.pairwise(args) if a == "--root"]
+    specs += [a.removeprefix("--root=") for a in args if a.startswith("--root=")]
+    found: list[str] = []
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        head, colon, mode = rest.rpartition(":")
+        if not sep or not colon or mode != "rw" or not _FILES_ROOT_NAME.fullmatch(name) or ".." in head.split("/"):
+            continue
+        path = os.path.normpath(head) if head.startswith("/") else head
+        absolute = path.startswith("/") and path != "/"
+        if (absolute or path == "{home}" or path.startswith("{home}/")) and path not in found:
+            found.append(path)
+    return tuple(found)
+
+
+def _with_files_roots(write_paths: tuple[str, ...], args: tuple[str, ...]) -> tuple[str, ...]:
+    return write_paths + tuple(x for x in files_server_roots(args) or () if x not in write_paths)
+
+
 def parse_size(value: object) -> int | None:
     """Bytes from ``123``, ``"512M"``, ``"4 GiB"``; None for ``"unlimited"``; ValueError otherwise."""
     if isinstance(value, bool):
@@ -328,7 +364,7 @@ def parse_server(name: str, table: object, source: str) -> ServerDef:
         connect_ports=connect_ports,
         bind_ports=bind_ports,
         read_paths=_paths(table, "read_paths", p),
-        write_paths=_paths(table, "write_paths", p),
+        write_paths=_with_files_roots(_paths(table, "write_paths", p), args),
         limits=_limits(table, p),
         command_sha256=digest,
     )

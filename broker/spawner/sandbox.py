@@ -424,6 +424,7 @@ def _file_system(plan: Plan, report: _Report) -> None:
         for d in hidden:
             kernel.mount(None, d, None, kernel.MS_REMOUNT | kernel.MS_RDONLY | hide)
         p["broker_dirs_hidden"] = True
+        p["writable"] = [path for _fd, path, writable in binds if writable]
     finally:
         for fd, _path, _w in binds:
             os.close(fd)

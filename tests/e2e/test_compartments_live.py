@@ -225,6 +225,8 @@ def test_what_it_sees_from_inside_is_what_status_claims(mal: Installation) -> No
     # and the operator's screen says all of this in words
     text = mal.ctl("status").out
     assert "server mal [stdio]: up" in text and f"runs as {account.pw_name} (uid {account.pw_uid})" in text, text
+    assert f"writes only in {', '.join(box['writable'])} and its /tmp" in text, text
+    assert box["writable"][0] == seen["home"]
 
 
 def test_its_secret_is_redacted_from_its_own_results(mal: Installation) -> None:

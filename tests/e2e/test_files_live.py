@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import ALLOWLIST, PYTHON, Installation, server_account, write
+from broker.core.servers import instance_name, server_user_for
+from tests.e2e.harness import AGENT1, AGENT2, ALLOWLIST, PYTHON, Installation, server_account, write, write_servers_d
 
 MARK = "FILES-E2E-OUTSIDE-SECRET"
 FILES_TOOLS = ["roots", "list", "stat", "read", "search", "write", "append", "mkdir", "move", "delete"]
@@ -105,7 +106,6 @@ def share(inst: Installation) -> Iterator[Share]:
 [servers.files]
 command = "{PYTHON}"
 args = ["-m", "mcp_servers.files", "--root", "nas={s.ro}:ro", "--root", "inbox={s.rw}:rw"]
-write_paths = ["{s.rw}"]
 """,
             0,
             pwd.getpwnam("mcp-broker").pw_gid,
@@ -227,3 +227,64 @@ def test_every_escape_fails_clearly_and_is_audited(files: Installation, share: S
         assert rec["caller"] == "mcpt-agent1"
     # and the server is still healthy afterwards
     assert files.mcp("call", "files.read", "root=nas", "path=docs/hello.txt").code == 0
+
+
+# --- per caller: each agent its own writable root, which no other agent's instance can see ---------
+
+
+@pytest.fixture
+def myfiles(inst: Installation) -> Iterator[Installation]:
+    conf = write_servers_d(
+        inst,
+        "myfiles.toml",
+        f"""
+[servers.myfiles]
+command = "{PYTHON}"
+args = ["-m", "mcp_servers.files", "--root", "mine={{home}}/files:rw"]
+per_caller = true
+""",
+    )
+    tools = "".join(f"myfiles.{t}\n" for t in ("list", "read", "write", "mkdir"))
+    gate_gid = pwd.getpwnam("mcp-gate").pw_gid
+    for agent in (AGENT1, AGENT2):
+        home = inst.paths.server_home(instance_name("myfiles", agent))
+        os.makedirs(f"{home}/files", exist_ok=True)  # in its home: made by root here, given to its user below
+    inst.set_allowlist(ALLOWLIST + tools)
+    write(inst.paths.user_allowlist(AGENT2), "demo.add\n" + tools, 0, gate_gid, 0o640)
+    try:
+        assert inst.ctl("reload").code == 0
+        for agent in (AGENT1, AGENT2):
+            pw = pwd.getpwnam(server_user_for("myfiles", agent))
+            os.chown(f"{inst.paths.server_home(instance_name('myfiles', agent))}/files", pw.pw_uid, pw.pw_gid)
+        for agent in (AGENT1, AGENT2):
+            _wait_up(inst, instance_name("myfiles", agent))
+        yield inst
+    finally:
+        os.unlink(conf)
+        write(inst.paths.user_allowlist(AGENT2), "demo.add\n", 0, gate_gid, 0o640)
+        inst.set_allowlist(ALLOWLIST)
+        with contextlib.suppress(Exception):
+            inst.ctl("reload", check=True)
+
+
+def test_each_agent_has_a_writable_root_no_other_agent_sees(myfiles: Installation) -> None:
+    r = myfiles.mcp("call", "myfiles.write", "root=mine", "path=diary.txt", "content=agent one's diary", user=AGENT1)
+    assert r.code == 0, r
+    one = pwd.getpwnam(server_user_for("myfiles", AGENT1))
+    on_disk = f"{myfiles.paths.server_home(instance_name('myfiles', AGENT1))}/files/diary.txt"
+    st = os.lstat(on_disk)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (one.pw_uid, 0o600)
+    r = myfiles.mcp("call", "myfiles.read", "root=mine", "path=diary.txt", user=AGENT1)
+    assert r.code == 0 and json.loads(r.out)["content"] == "agent one's diary", r
+
+    # agent two's root of the same name is its own, empty one: the diary is nowhere in it
+    listing = myfiles.mcp("call", "myfiles.list", "root=mine", "--json", user=AGENT2)
+    assert listing.code == 0 and json.loads(listing.out)["structured_content"]["entries"] == [], listing
+    r = myfiles.mcp("call", "myfiles.read", "root=mine", "path=diary.txt", user=AGENT2)
+    assert r.code == 1 and "agent one's diary" not in r.out + r.err, r
+    r = myfiles.mcp("call", "myfiles.write", "root=mine", "path=diary.txt", "content=mine now", user=AGENT2)
+    assert r.code == 0, r
+    with open(on_disk, encoding="utf-8") as fh:
+        assert fh.read() == "agent one's diary"  # agent two wrote its own diary.txt, not agent one's
+    two_home = myfiles.paths.server_home(instance_name("myfiles", AGENT2))
+    assert os.lstat(f"{two_home}/files/diary.txt").st_uid == pwd.getpwnam(server_user_for("myfiles", AGENT2)).pw_uid

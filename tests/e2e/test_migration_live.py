@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pwd
 import subprocess
@@ -22,12 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import PYTHON, VENV, Installation, connect_as, ensure_user, gate_user, write
+from tests.e2e.harness import BASE, PYTHON, VENV, Installation, connect_as, ensure_user, gate_user, write
 
 REPO = Path(__file__).resolve().parents[2]
 #: the last version with one shared gate user
 PREVIOUS = "f982fe1"
 AGENT = "mcpt-mig"
+#: a read-write root of the bundled files server, configured the first version's way (no write_paths)
+INBOX = f"{BASE}/migration-inbox"
 
 
 def previous_tree(into: str) -> str:
@@ -69,15 +72,26 @@ def old() -> Iterator[Installation]:
         p = inst.paths
         gid = pwd.getpwnam("mcp-gate").pw_gid
         broker = pwd.getpwnam("mcp-broker")
-        write(p.allowlist, "# the operator's allowlist\ndemo.echo\ndemo.add   # sums\n", 0, gid, 0o640)
+        allowed = "# the operator's allowlist\ndemo.echo\ndemo.add   # sums\nfiles.read\nfiles.write\n"
+        write(p.allowlist, allowed, 0, gid, 0o640)
         write(p.user_allowlist("nobody"), "demo.add\n", 0, gid, 0o640)
         write(f"{p.secrets}/extra.env", "EXTRA_TOKEN=operator-secret-0123456789\n", broker.pw_uid, broker.pw_gid, 0o600)
         write(f"{p.servers_d}/extra.toml", '# the operator\'s own server\n[servers.extra]\nurl = "http://127.0.0.1:9/mcp"\n',
               0, broker.pw_gid, 0o640)  # fmt: skip
+        # the files server with a read-write root the broker's user owned (every server ran as mcp-broker)
+        subprocess.run(["rm", "-rf", INBOX], check=False)
+        os.makedirs(f"{INBOX}/notes", mode=0o750)
+        write(f"{INBOX}/notes/old.txt", "written before the upgrade\n", broker.pw_uid, broker.pw_gid, 0o600)
+        for d in (INBOX, f"{INBOX}/notes"):
+            os.chown(d, broker.pw_uid, broker.pw_gid)
+        files = (
+            f'[servers.files]\ncommand = "{PYTHON}"\nargs = ["-m", "mcp_servers.files", "--root", "inbox={INBOX}:rw"]\n'
+        )
+        write(f"{p.servers_d}/files.toml", files, 0, broker.pw_gid, 0o640)
         yield inst
     finally:
         inst.teardown()
-        subprocess.run(["rm", "-rf", src], check=False)
+        subprocess.run(["rm", "-rf", src, INBOX], check=False)
 
 
 def digests(inst: Installation) -> dict[str, str]:
@@ -100,6 +114,7 @@ def test_install_migrates_the_previous_version_in_place(old: Installation) -> No
 
     r = old.ctl("install")  # no agent named: the ones the previous version knew are migrated
     assert r.code == 0, r.err
+    assert f"{INBOX} now belongs to mcp-srv-files" in r.out, r.out
 
     assert digests(old) == before  # every operator file byte for byte
     rules = [ln for ln in Path(p.sudoers).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
@@ -108,10 +123,17 @@ def test_install_migrates_the_previous_version_in_place(old: Installation) -> No
     assert pwd.getpwnam(gate_user(AGENT)).pw_gid == pwd.getpwnam("mcp-gate").pw_gid
     assert old.ctl("install").code == 0 and digests(old) == before  # idempotent
 
-    old.start_daemon(wait_servers=("demo",))
+    old.start_daemon(wait_servers=("demo", "files"))
     r = old.mcp("call", "demo.echo", "text=after the upgrade", user=AGENT)
     assert (r.code, r.out) == (0, "after the upgrade\n"), r
     assert old.records()[-1]["caller"] == AGENT
+    # the files server, now its own user in its sandbox: its read-write root still works, unedited
+    r = old.mcp("call", "files.read", "root=inbox", "path=notes/old.txt", user=AGENT)
+    assert r.code == 0 and json.loads(r.out)["content"] == "written before the upgrade\n", r
+    r = old.mcp("call", "files.write", "root=inbox", "path=notes/new.txt", "content=after", user=AGENT)
+    assert r.code == 0, r
+    owner = pwd.getpwnam("mcp-srv-files").pw_uid
+    assert {os.lstat(f"{INBOX}/{x}").st_uid for x in ("", "notes", "notes/old.txt", "notes/new.txt")} == {owner}
     # the shared gate user of the previous version is no caller any more
     with connect_as("mcp-gate", p.gate_sock) as sock:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):

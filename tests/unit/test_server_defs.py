@@ -223,6 +223,35 @@ def test_bind_ports() -> None:
         assert problem({**STDIO, "bind_ports": bad}).startswith(f"{AT}.bind_ports: must be a list of TCP ports")
 
 
+def files_args(*roots: str) -> list[str]:
+    return ["-m", "mcp_servers.files", *(x for r in roots for x in ("--root", r))]
+
+
+def test_the_files_servers_read_write_roots_are_write_paths() -> None:
+    """The first version had no write_paths: its files server must keep writing after an upgrade, unedited."""
+    table = {
+        **STDIO,
+        "args": files_args("nas=/srv/nas:ro", "inbox=/srv/inbox/:rw", "plain=/srv/plain", "mine={home}/x:rw"),
+    }
+    assert parse(table).write_paths == ("/srv/inbox", "{home}/x")  # read-only roots are not granted writing
+    table["write_paths"] = ["/srv/inbox", "/var/cache/x"]
+    assert parse(table).write_paths == ("/srv/inbox", "/var/cache/x", "{home}/x")  # no path twice
+    assert parse({**STDIO, "args": ["-mmcp_servers.files", "--root=a=/srv/a:rw"]}).write_paths == ("/srv/a",)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-m", "mcp_servers.demo", "--root", "a=/srv/a:rw"],  # another server: its --root means something else
+        ["mcp_servers.files", "--root", "a=/srv/a:rw"],  # not run as a module
+        files_args("a=relative/x:rw", "b=/:rw", "c=/srv/../etc:rw", "d=/srv/d:RW", "e:rw", "=/srv/f:rw"),
+        ["-m", "mcp_servers.files", "--root"],
+    ],
+)
+def test_no_write_path_is_implied_by_anything_else(args: list[str]) -> None:
+    assert parse({**STDIO, "args": args}).write_paths == ()
+
+
 def test_stdio_only_values_cover_every_stdio_key() -> None:
     assert set(STDIO_ONLY_VALUES) == set(servers._STDIO_ONLY)
     assert parse({**STDIO, **{k: v for k, v in STDIO_ONLY_VALUES.items() if k != "user"}}).per_caller

@@ -282,6 +282,7 @@ def test_the_file_system_is_read_only_with_a_private_tmp_hidden_dirs_and_its_own
         marker.close()
     p = report["protections"]
     assert p["system_read_only"] is True and p["private_tmp"] is True and p["broker_dirs_hidden"] is True
+    assert p["writable"] == [os.path.realpath(x) for x in (env.home1, env.rw)]  # what status says it may write
     assert "ro" in mount_at(seen, "/")["options"].split(",")
     w = seen["write"]
     for path in ("/usr/mcp-ut-probe", "/etc/mcp-ut-probe", f"{env.outside}/escaped", f"{env.ro}/written"):
