@@ -18,7 +18,10 @@ the agent call ``demo.echo``. It measures, in one run:
   connected, and after 10,000 more calls;
 - where node and npm exist, the precedent: a sudo'd bash wrapper around
   mcporter 0.12.3, cold and with mcporter's keep-alive daemon;
-- where the time of one call goes (``profile_gate.py``).
+- where the time of one call goes (``profile_gate.py``);
+- a stdio server's start-up through the spawner, sandboxed and with every
+  optional protection disabled, next to a plain child process
+  (``startup.py``: its own roots and spawners, nothing of the installation).
 
 It prints a table and the target ratios, and writes everything, with the
 machine and the versions, to ``bench/results/latest.json``. Every change it
@@ -61,6 +64,7 @@ from benchlib import (
     versions,
 )
 from precedent import Precedent
+from startup import startup
 from stdio_driver import SessionError, StdioSession, find_tool
 from workers import run_workers
 
@@ -92,6 +96,7 @@ class Sizes:
         self.precedent_cold = 3 if q else 8
         self.precedent_warm = 5 if q else 30
         self.profile_rounds = 10 if q else 40
+        self.startup = 3 if q else 15
 
 
 # --- measurements ----------------------------------------------------------------------
@@ -500,6 +505,21 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         )
     conc = res.get("concurrency", {}).get("32", {})
     add("errors at 32 concurrent callers", conc.get("errors") if conc else None, "== 0", lambda v: v == 0)
+    up = res.get("startup", {})
+    if up:
+        sb, nosb = up["spawner_answer_sandboxed"]["median_ms"], up["spawner_answer_unsandboxed"]["median_ms"]
+        note = (
+            f"until initialize answered: {up['sandboxed']['median_ms']:.0f} ms sandboxed, "
+            f"{up['unsandboxed']['median_ms']:.0f} ms without, "
+            f"{up['plain_process']['median_ms']:.0f} ms as a plain process"
+        )
+    add(
+        "sandbox set-up at server start (ms, spawner's answer)",
+        sb - nosb if up else None,
+        "< 50",
+        lambda v: v < 50,
+        note if up else str(res.get("errors", {}).get("startup", "not run")),
+    )
     al = res.get("allowlist", {})
     add(
         "10,000-line allowlist extra cost (ms)",
@@ -590,6 +610,19 @@ def render(res: dict[str, Any]) -> str:
             f"({mem['growth_bytes_per_call']} B/call), errors {mem['errors']}, "
             f"{mem['daemon_only_calls_per_s']:.0f} calls/s over gate.sock"
         )
+    up = res.get("startup")
+    if up:
+        for key, label in (
+            ("sandboxed", "stdio server start-up, sandboxed (until initialize)"),
+            ("unsandboxed", "  ... every optional protection disabled"),
+            ("plain_process", "  ... a plain child process of its user"),
+            ("spawner_answer_sandboxed", "  spawner's answer to start, sandboxed"),
+            ("spawner_answer_unsandboxed", "  spawner's answer to start, protections disabled"),
+            ("round_trip_sandboxed", "  a tools/call on its pipes, sandboxed"),
+            ("round_trip_unsandboxed", "  a tools/call on its pipes, protections disabled"),
+            ("round_trip_plain_process", "  a tools/call on its pipes, plain child process"),
+        ):
+            row(label, up[key])
     pre = res.get("precedent")
     if pre:
         if pre.get("available"):
@@ -664,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": lambda: concurrency(t, sizes.concurrency),
         "memory": lambda: memory(t, sizes.memory_calls, sizes.memory_connections, demo_command),
         "precedent": lambda: precedent(t, sizes, demo_command),
+        "startup": lambda: startup(sizes.startup),
     }
     for name, fn in plan.items():
         if name in ns.skip:
@@ -692,7 +726,7 @@ def _profile(t: Target, rounds: int) -> dict[str, Any]:
     return profile(t, rounds)
 
 
-SECTIONS = ("floor_and_call", "profile", "allowlist", "stdio", "concurrency", "memory", "precedent")
+SECTIONS = ("floor_and_call", "profile", "allowlist", "stdio", "concurrency", "memory", "precedent", "startup")
 
 
 if __name__ == "__main__":

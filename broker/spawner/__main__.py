@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(ns.log_level.upper())
-    os.umask(0o077)
     os.chdir("/")
     try:
         return run(Paths(ns.root), ns.fd)

@@ -279,10 +279,17 @@ class Spawner:
     def home(self, instance: str, pw: pwd.struct_passwd) -> str:
         """The instance's home, made or fixed: a real directory of its own user, 0700, in root's 0755 parent."""
         parent = self.paths.server_homes
-        os.makedirs(parent, mode=0o755, exist_ok=True)
+        if not os.path.lexists(parent):
+            mask = os.umask(0o022)  # under the spawner's 077 a new parent would be 0700: no server could enter it
+            try:
+                os.makedirs(parent, mode=0o755, exist_ok=True)
+            finally:
+                os.umask(mask)
         st = os.lstat(parent)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
             raise ConfigError(f"{parent}: must be a directory of root's, not writable by others")
+        if stat.S_IMODE(st.st_mode) & 0o111 != 0o111:
+            raise ConfigError(f"{parent}: must be searchable by every server's user (mode 0755)")
         home = self.paths.server_home(instance)
         with contextlib.suppress(FileExistsError):
             os.mkdir(home, 0o700)
@@ -373,6 +380,7 @@ HANDLERS: dict[str, Handler] = {
 
 def run(paths: Paths, fd: int) -> int:
     """The spawner's main: serve the channel on ``fd`` until it closes; every server stops with it."""
+    os.umask(0o077)  # nothing it creates is anyone else's to read unless it says so (then it sets the mode)
     sock = socket.socket(fileno=fd)
     spawner = Spawner(paths, sock)
 
