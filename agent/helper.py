@@ -166,14 +166,27 @@ def _after_tool(argv: list[str]) -> int:
     return len(argv)
 
 
+#: the skill's YAML front matter: OpenClaw and Claude skills need a name ([a-z0-9-], at most 64) and a description
+SKILL_NAME = "mcp-privsep"
+SKILL_DESCRIPTION = (
+    "Use the operator's allowed tools (mail, files, home automation ...) with the mcp command: "
+    "mcp list, mcp describe SERVER.TOOL, mcp call SERVER.TOOL key=value. Credentials stay in the broker."
+)
+
+
 def skill(gate: str, gate_user: str) -> str:
-    """A Markdown skill file describing the caller's allowed tools."""
+    """A skill file (YAML front matter, then Markdown) describing the caller's allowed tools."""
     command = _gate_argv(gate, gate_user, ["list", "--json"])
     listing = subprocess.run(command, capture_output=True, text=True, check=False)
     if listing.returncode != 0:
         raise AgentError(listing.stderr.strip() or "mcp list failed", listing.returncode)
     tools = json.loads(listing.stdout).get("tools", [])
     lines = [
+        "---",
+        f"name: {SKILL_NAME}",
+        f"description: {json.dumps(SKILL_DESCRIPTION)}",  # a JSON string is a YAML double-quoted scalar
+        "---",
+        "",
         "# Tools through mcp-privsep",
         "",
         "You can use the tools below with the `mcp` command. They run in a separate, privileged broker that",
@@ -203,7 +216,7 @@ def skill(gate: str, gate_user: str) -> str:
             _gate_argv(gate, gate_user, ["describe", name, "--json"]), capture_output=True, text=True, check=False
         )
         if described.returncode == 0:
-            schema = json.loads(described.stdout).get("input_schema") or {}
+            schema = json.loads(described.stdout).get("inputSchema") or {}
             props = schema.get("properties") or {}
             required = set(schema.get("required") or [])
             if props:

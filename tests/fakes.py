@@ -61,9 +61,9 @@ def by_op(req: dict[str, Any], refuse: int | None = None) -> dict[str, Any]:
     if refuse is not None:
         return {"ok": False, "exit": refuse, "error": f"refused with {refuse}"}
     if op == "call":
-        return {"ok": True, "result": {"is_error": False, "text": "called"}}
+        return {"ok": True, "result": {"isError": False, "text": "called"}}
     if op == "describe":
-        return {"ok": True, "result": {"name": req.get("tool"), "input_schema": {"type": "object"}}}
+        return {"ok": True, "result": {"name": req.get("tool"), "inputSchema": {"type": "object"}}}
     if op == "list":
         return {"ok": True, "result": {"tools": [{"name": "demo.echo", "description": "echo"}]}}
     if op == "catalog":

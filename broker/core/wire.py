@@ -225,6 +225,27 @@ def _clean(value: Any, counts: dict[str, int]) -> Any:
     return value
 
 
+def call_result(result: Any) -> dict[str, Any] | None:
+    """The MCP ``CallToolResult`` of a daemon's call answer (``mcp stdio``, ``mcp call --json``); None if malformed.
+
+    The daemon sends it in wire form already, with ``text`` (its blocks
+    joined) beside it for ``mcp call``; a result without blocks (structured
+    content only, or over the cap) gets that text as its one block, as MCP
+    asks of a tool with structured content.
+    """
+    if not isinstance(result, dict):
+        return None
+    content = result.get("content")
+    if not isinstance(content, list) or not content:
+        content = [{"type": "text", "text": str(result.get("text", ""))}]
+    out: dict[str, Any] = {"content": content, "isError": result.get("isError") is True}
+    if result.get("structuredContent") is not None:
+        out["structuredContent"] = result["structuredContent"]
+    if isinstance(result.get("_meta"), dict) and result["_meta"]:
+        out["_meta"] = result["_meta"]
+    return out
+
+
 # --- frames and the closed sets of requests ---------------------------------
 
 #: 2: the caller is the peer's uid, no longer a field of the request

@@ -16,6 +16,10 @@ import mcp
 from broker.core import wire
 from broker.daemon.redact import Redactor
 
+#: ``_meta`` keys the broker adds to a result (MCP reserves no prefix for them: a reverse-DNS-like one of its own)
+SANITIZED = "mcp-privsep/sanitized"
+TRUNCATED = "mcp-privsep/truncated"
+
 
 def first_line(text: str | None) -> str:
     """The first non-blank line, stripped and cut at 200 characters (descriptions in listings)."""
@@ -25,54 +29,74 @@ def first_line(text: str | None) -> str:
     return ""
 
 
+def wire_form(model: Any) -> Any:
+    """A model of the SDK as MCP puts it on the wire: camelCase aliases (``mimeType``, ``_meta``), no nulls."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 def hints(spec: mcp.types.Tool) -> dict[str, Any]:
-    return spec.annotations.model_dump(mode="json", exclude_none=True) if spec.annotations else {}
+    """The tool's annotations under their MCP names (``readOnlyHint``)."""
+    return wire_form(spec.annotations) if spec.annotations else {}
 
 
 def definition(spec: mcp.types.Tool) -> dict[str, Any]:
-    """The parts of a tool's definition the broker shows and pins: name, description, schema, annotations."""
+    """The view pins hash (:mod:`broker.daemon.pins`): name, description, schema, annotations.
+
+    Its shape is frozen: a change would make every pin of an installation
+    mismatch after an upgrade and block every pinned tool. Its annotation
+    keys are the SDK's field names, as they were when pins were first made.
+    """
     return {
         "name": spec.name,
         "description": spec.description or "",
         "input_schema": spec.input_schema,
-        "annotations": hints(spec),
+        "annotations": spec.annotations.model_dump(mode="json", exclude_none=True) if spec.annotations else {},
     }
 
 
-def described(action: str, spec: mcp.types.Tool, redactor: Redactor) -> dict[str, Any]:
-    """``mcp describe``: the definition under the action's name, redacted."""
-    shown = definition(spec)
+def tool_definition(action: str, spec: mcp.types.Tool, redactor: Redactor) -> dict[str, Any]:
+    """The whole definition in MCP's wire form, under the action's ``server.tool`` name, redacted.
+
+    Every field the server sent is kept (``title``, ``inputSchema``,
+    ``outputSchema``, ``annotations``, ``icons``, ``execution``, ``_meta``):
+    a client that sees no ``readOnlyHint`` asks approval for everything.
+    """
+    shown = wire_form(spec)
     shown["name"] = action
+    if not shown.get("inputSchema"):
+        shown["inputSchema"] = {"type": "object"}  # MCP requires one; {} says nothing
+    if not shown.get("annotations"):
+        shown.pop("annotations", None)
     return redactor.deep(shown)  # type: ignore[no-any-return]
 
 
+def described(action: str, spec: mcp.types.Tool, redactor: Redactor) -> dict[str, Any]:
+    """``mcp describe``: the definition in wire form (``inputSchema``, ``annotations`` ...)."""
+    return tool_definition(action, spec, redactor)
+
+
 def catalog_entry(action: str, spec: mcp.types.Tool, redactor: Redactor) -> dict[str, Any]:
-    """One tool of ``mcp stdio``'s ``tools/list``, in MCP's wire names."""
-    entry: dict[str, Any] = {
-        "name": action,
-        "description": redactor.text(spec.description or ""),
-        "inputSchema": spec.input_schema or {"type": "object"},
-    }
-    shown = hints(spec)
-    if shown:
-        entry["annotations"] = shown
-    return entry
+    """One tool of ``mcp stdio``'s ``tools/list``, in MCP's wire form."""
+    return tool_definition(action, spec, redactor)
 
 
 def render_result(result: mcp.types.CallToolResult, cap: int, redactor: Redactor) -> tuple[dict[str, Any], int]:
     """(the answer the gate prints, the result's size before the cap): sanitized, redacted, then capped.
 
-    The answer holds the joined text, the blocks (images, embedded blobs) and
-    the structured content; all three count against the cap. What a server
-    sent that no side can encode (lone surrogates, NaN and infinities) is
-    replaced, and ``sanitized`` says how much of each.
+    The answer is the result in MCP's wire form (``content``,
+    ``structuredContent``, ``isError``, ``_meta``, every block as the server
+    sent it: ``mimeType``, ``annotations``, ``_meta``), with ``text``, the
+    blocks joined for ``mcp call``. The text, the blocks and the structured
+    content all count against the cap; over it, the one text block left
+    says so. What a server sent that no side can encode (lone surrogates,
+    NaN and infinities) is replaced, and ``_meta`` says how much of each.
     """
-    raw_blocks = [block.model_dump(mode="json", exclude_none=True) for block in result.content]
-    (raw_blocks, structured), fixed = wire.sanitize([raw_blocks, result.structured_content])
+    raw_blocks = [wire_form(block) for block in result.content]  # block by block, as each one's own type
+    (raw_blocks, structured, meta), fixed = wire.sanitize([raw_blocks, result.structured_content, result.meta])
     texts: list[str] = []
     blocks: list[dict[str, Any]] = []
-    for raw in raw_blocks:
-        data = redactor.deep(raw)
+    for block in raw_blocks:
+        data = redactor.deep(block)
         blocks.append(data)
         kind = data.get("type")
         if kind == "text":
@@ -88,16 +112,19 @@ def render_result(result: mcp.types.CallToolResult, cap: int, redactor: Redactor
     structured = redactor.deep(structured)
     if not text and structured is not None:
         text = wire.dumps(structured)
-    out: dict[str, Any] = {"is_error": bool(result.is_error), "text": text, "content": blocks}
+    out: dict[str, Any] = {"content": blocks, "isError": bool(result.is_error), "text": text}
     if structured is not None:
-        out["structured_content"] = structured
+        out["structuredContent"] = structured
+    notes: dict[str, Any] = dict(redactor.deep(meta)) if isinstance(meta, dict) else {}
     if fixed:
-        out["sanitized"] = fixed
+        notes[SANITIZED] = fixed
     size = max(len(wire.to_utf8(text)), len(wire.dumps(blocks)), len(wire.dumps(structured)))
     if size > cap:
         cut = wire.to_utf8(text)[:cap].decode("utf-8", "ignore")
         out["text"] = cut + f"\n[output truncated: the result was {size} bytes, over the {cap}-byte cap]"
-        out["truncated"] = True
-        out["content"] = []
-        out.pop("structured_content", None)
+        out["content"] = [{"type": "text", "text": out["text"]}]
+        out.pop("structuredContent", None)
+        notes[TRUNCATED] = {"size": size, "cap": cap}
+    if notes:
+        out["_meta"] = notes
     return out, size

@@ -63,7 +63,7 @@ from broker.daemon.decision import Offer, Query, Verdict, decide, when
 from broker.daemon.pins import PinBook, PinState
 from broker.daemon.records import AuditRecord, bounded
 from broker.daemon.redact import Redactor
-from broker.daemon.results import catalog_entry, described, first_line, render_result
+from broker.daemon.results import SANITIZED, catalog_entry, described, first_line, hints, render_result
 from broker.daemon.servers import ServerSet
 from broker.daemon.state import State
 from broker.daemon.upstream.handle import ServerHandle
@@ -376,7 +376,7 @@ class Broker:
             if out.counts:
                 froze = self._count_denial(caller, error)
         else:
-            is_error = isinstance(out.result, dict) and out.result.get("is_error") and req["op"] == "call"
+            is_error = isinstance(out.result, dict) and out.result.get("isError") and req["op"] == "call"
             record["exit"] = EX_TOOL_ERROR if is_error else EX_OK
         if not out.reported:
             record["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
@@ -565,8 +565,9 @@ class Broker:
         rendered, size = render_result(result, cap, self.redactor)
         rec["outcome"] = "tool_error" if result.is_error else "ok"
         rec["result_size"] = size
-        if "sanitized" in rendered:
-            rec["sanitized"] = rendered["sanitized"]
+        fixed = rendered.get("_meta", {}).get(SANITIZED)
+        if fixed:
+            rec["sanitized"] = fixed
         return Outcome(rec, rendered)
 
     def _notify(self, ctx: Ctx, tool: str, rec: AuditRecord) -> None:
@@ -634,7 +635,7 @@ class Broker:
                 {
                     "name": t.name,
                     "description": first_line(t.description),
-                    "annotations": t.annotations.model_dump(mode="json", exclude_none=True) if t.annotations else {},
+                    "annotations": hints(t),
                 }
                 for t in h.tools.values()
             ]

@@ -399,19 +399,11 @@ class Session:
                 _refusal(str(answer.get("error", "the broker refused")), code if type(code) is int else EX_SOFTWARE),
             )
             return
-        result = answer.get("result")
-        if not isinstance(result, dict):
+        result = wire.call_result(answer.get("result"))
+        if result is None:
             self.error(job.msg_id, INTERNAL_ERROR, "malformed answer from the broker")
             return
-        content = result.get("content") if not result.get("truncated") else None
-        if not content:
-            content = [{"type": "text", "text": str(result.get("text", ""))}]
-        out: dict[str, Any] = {"content": content, "isError": bool(result.get("is_error"))}
-        if result.get("structured_content") is not None:
-            out["structuredContent"] = result["structured_content"]
-        if result.get("sanitized"):
-            out["_meta"] = {"mcp-privsep/sanitized": result["sanitized"]}
-        self.reply(job.msg_id, out)
+        self.reply(job.msg_id, result)
 
     def close(self) -> None:
         for link in [*self.idle, *self.busy.values()]:

@@ -280,7 +280,7 @@ def _report(paths: Paths, verb: str, tool: str, exit_code: int, reason: str, bro
 def _print_result(req: Request, answer: Answer, out: TextIO, err: TextIO) -> int:
     result = answer.get("result")
     if req.json:
-        out.write(wire.dumps(result) + "\n")
+        out.write(wire.dumps(wire.call_result(result) if req.verb == "call" else result) + "\n")
     elif req.verb == "list":
         tools = result.get("tools", []) if isinstance(result, dict) else []
         width = max((len(t.get("name", "")) for t in tools), default=0)
@@ -297,11 +297,12 @@ def _print_result(req: Request, answer: Answer, out: TextIO, err: TextIO) -> int
         if text:
             out.write(text if text.endswith("\n") else text + "\n")
     if req.verb == "call" and isinstance(result, dict):
-        fixed = result.get("sanitized")
+        meta = result.get("_meta")
+        fixed = meta.get("mcp-privsep/sanitized") if isinstance(meta, dict) else None
         if isinstance(fixed, dict) and fixed:
             what = ", ".join(f"{n} {k.replace('_', '-')}" for k, n in fixed.items())
             err.write(f"mcp: note: the server's answer held what no JSON can carry ({what}); replaced\n")
-        if result.get("is_error"):
+        if result.get("isError") is True:
             return EX_TOOL_ERROR
     return EX_OK
 

@@ -110,7 +110,7 @@ def test_key_at_path_reads_the_file_as_the_agent(live: Installation) -> None:
     os.chmod(mine, 0o600)
     r = live.mcp("call", "demo.echo", f"text=@{mine}", "--json")
     assert r.code == 0, r.err
-    assert json.loads(r.out)["text"] == "from a file\n"
+    assert json.loads(r.out)["content"][0]["text"] == "from a file\n"
     r = live.mcp("call", "demo.echo", "text=@@literal")
     assert r.out == "@literal\n"
     # the agent cannot use @ to make the broker read a file for it

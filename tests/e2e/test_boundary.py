@@ -18,7 +18,7 @@ from tests.e2e.harness import AGENT1, AGENT2, OUTSIDER, PYTHON, Installation, co
 def test_whoami_runs_as_the_servers_own_user(live: Installation) -> None:
     r = live.mcp("call", "demo.whoami", "--json")
     assert r.code == 0, r.err
-    who = json.loads(r.out)["structured_content"]
+    who = json.loads(r.out)["structuredContent"]
     assert (who["uid"], who["user"]) == (pwd.getpwnam("mcp-srv-demo").pw_uid, "mcp-srv-demo")
     assert who["uid"] not in (0, pwd.getpwnam("mcp-broker").pw_uid, pwd.getpwnam(AGENT1).pw_uid)
 
@@ -54,7 +54,7 @@ def test_list_shows_only_allowlisted_tools(live: Installation) -> None:
 def test_describe_gives_the_schema_of_an_allowed_tool_only(live: Installation) -> None:
     r = live.mcp("describe", "demo.add", "--json")
     assert r.code == 0
-    schema = json.loads(r.out)["input_schema"]
+    schema = json.loads(r.out)["inputSchema"]
     assert set(schema["properties"]) == {"a", "b"}
     assert live.mcp("describe", "demo.secret").code == 77
 

@@ -329,8 +329,9 @@ def test_flood_of_output_leaves_the_daemon_healthy(live: Installation, flood: Fl
     assert "Traceback" not in r.err + r.out
     if r.code == 0:  # delivered: then capped, and saying so
         result = json.loads(r.out)
-        assert result["truncated"] is True and "[output truncated" in result["text"]
-        assert len(result["text"]) < 1_100_000
+        text = result["content"][0]["text"]  # a CallToolResult in MCP's wire form; the broker's note in _meta
+        assert "mcp-privsep/truncated" in result["_meta"] and "[output truncated" in text
+        assert len(text) < 1_100_000
     else:
         one_line(r)
     assert live.daemon is not None and live.daemon.poll() is None and live.daemon.pid == flood.daemon_pid
@@ -643,5 +644,5 @@ def test_full_disk_never_runs_a_tool_it_cannot_record(disk_full: DiskFull) -> No
 def test_call_running_when_the_disk_fills_is_answered_and_recorded(disk_full: DiskFull) -> None:
     # the log's reservation (fallocate past its end) holds the record of a call admitted before the disk filled
     assert disk_full.during.code == 0, disk_full.during
-    assert json.loads(disk_full.during.out)["text"] == "slept 2.0", disk_full.during
+    assert json.loads(disk_full.during.out)["content"][0]["text"] == "slept 2.0", disk_full.during
     assert disk_full.during_recorded, "a call was answered but its record is not in the audit log"

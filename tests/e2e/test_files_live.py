@@ -142,13 +142,13 @@ def _clean(inst: Installation, share: Share, text: str) -> None:
 def test_agent_reads_the_ro_root_and_writes_the_rw_root(files: Installation, share: Share) -> None:
     roots = files.mcp("call", "files.roots", "--json")
     assert roots.code == 0, roots
-    assert json.loads(roots.out)["structured_content"]["roots"] == [
+    assert json.loads(roots.out)["structuredContent"]["roots"] == [
         {"name": "nas", "mode": "ro"},
         {"name": "inbox", "mode": "rw"},
     ]
     r = files.mcp("call", "files.read", "root=nas", "path=docs/hello.txt", "--json")
     assert r.code == 0, r
-    assert json.loads(r.out)["structured_content"]["content"] == "hello from the NAS\n"
+    assert json.loads(r.out)["structuredContent"]["content"] == "hello from the NAS\n"
     assert files.mcp("call", "files.mkdir", "root=inbox", "path=notes").code == 0
     r = files.mcp("call", "files.write", "root=inbox", "path=notes/todo.txt", "content=buy milk")
     assert r.code == 0, r
@@ -160,10 +160,10 @@ def test_agent_reads_the_ro_root_and_writes_the_rw_root(files: Installation, sha
     with open(on_disk, encoding="utf-8") as fh:
         assert fh.read() == "buy milk\nand bread"
     listing = files.mcp("call", "files.list", "root=inbox", "--json")
-    names = {e["name"]: e["type"] for e in json.loads(listing.out)["structured_content"]["entries"]}
+    names = {e["name"]: e["type"] for e in json.loads(listing.out)["structuredContent"]["entries"]}
     assert names == {"escape": "symlink", "secret-link": "symlink", "notes": "directory"}
     found = files.mcp("call", "files.search", "root=inbox", "contains=bread", "--json")
-    assert json.loads(found.out)["structured_content"]["results"] == [
+    assert json.loads(found.out)["structuredContent"]["results"] == [
         {"path": "notes/todo.txt", "line": 2, "text": "and bread"}
     ]
     for r in (roots, listing, found):
@@ -279,7 +279,7 @@ def test_each_agent_has_a_writable_root_no_other_agent_sees(myfiles: Installatio
 
     # agent two's root of the same name is its own, empty one: the diary is nowhere in it
     listing = myfiles.mcp("call", "myfiles.list", "root=mine", "--json", user=AGENT2)
-    assert listing.code == 0 and json.loads(listing.out)["structured_content"]["entries"] == [], listing
+    assert listing.code == 0 and json.loads(listing.out)["structuredContent"]["entries"] == [], listing
     r = myfiles.mcp("call", "myfiles.read", "root=mine", "path=diary.txt", user=AGENT2)
     assert r.code == 1 and "agent one's diary" not in r.out + r.err, r
     r = myfiles.mcp("call", "myfiles.write", "root=mine", "path=diary.txt", "content=mine now", user=AGENT2)

@@ -66,7 +66,7 @@ max_length = 2
     )
     ok = pol.mcp("call", "demo.show", "to=me@example.org", "mode=fast", "count=3", "--json")
     assert ok.code == 0, ok.err
-    assert json.loads(ok.out)["structured_content"]["to"] == "me@example.org"
+    assert json.loads(ok.out)["structuredContent"]["to"] == "me@example.org"
     cases = {
         ("to=me@evil.com",): ("'to'", "pattern"),
         ("to=me@example.org.evil.com",): ("'to'", "pattern"),  # full match, not search
@@ -299,7 +299,7 @@ def test_secrets_are_redacted_plain_base64_and_url_encoded(pol: Installation) ->
     assert r.code == 0
     for form in (secret, base64.b64encode(f"user:{secret}".encode()).decode()[8:-4], quote(secret, safe="")):
         assert form not in r.out, form
-    data = json.loads(r.out)["structured_content"]
+    data = json.loads(r.out)["structuredContent"]
     assert data["plain"] == "token=[REDACTED:demo.DEMO_SECRET];"
     assert "[REDACTED:demo.DEMO_SECRET]" in data["base64"] and "[REDACTED:demo.DEMO_SECRET]" in data["url"]
     web = pol.mcp("call", "web.secret")
@@ -312,7 +312,7 @@ def test_secrets_are_redacted_plain_base64_and_url_encoded(pol: Installation) ->
 def test_server_to_client_requests_are_refused(pol: Installation) -> None:
     r = pol.mcp("call", "demo.ask_client", "--json")
     assert r.code == 0, r.err
-    outcome = json.loads(r.out)["structured_content"]
+    outcome = json.loads(r.out)["structuredContent"]
     assert set(outcome) == {"sampling", "elicitation", "roots"}
     assert all(v.startswith("refused") for v in outcome.values()), outcome
 

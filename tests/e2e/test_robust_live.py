@@ -169,7 +169,7 @@ def test_stdio_an_oversized_line_fails_alone(hostile: Installation) -> None:
 def test_nan_and_surrogates_from_a_server_are_replaced_flagged_and_recorded(hostile: Installation) -> None:
     r = clean(hostile.mcp("call", "hostile.nan", "--json"))
     assert r.code == 0, r
-    assert json.loads(r.out)["structured_content"] == {"v": None, "w": None, "ok": 1}
+    assert json.loads(r.out)["structuredContent"] == {"v": None, "w": None, "ok": 1}
     assert "replaced" in r.err
     r = clean(hostile.mcp("call", "hostile.surrogate_text"))
     assert (r.code, r.out) == (0, "half \ufffd a pair\n"), r

@@ -49,15 +49,16 @@ def test_output_is_capped(live: Installation) -> None:
     r = live.mcp("call", "demo.big", "size=3000000", "--json")
     assert r.code == 0
     result = json.loads(r.out)
-    assert result["truncated"] is True and "[output truncated" in result["text"]
-    assert len(result["text"]) < 1_100_000
+    text = result["content"][0]["text"]  # a CallToolResult in MCP's wire form; the broker's note in _meta
+    assert "mcp-privsep/truncated" in result["_meta"] and "[output truncated" in text
+    assert len(text) < 1_100_000
 
 
 def test_http_server_gets_the_bearer_token_from_the_secret_file(live: Installation) -> None:
     r = live.mcp("call", "web.echo", "text=over-http")
     assert (r.code, r.out) == (0, "over-http\n"), r
     who = json.loads(live.mcp("call", "web.whoami", "--json").out)
-    assert who["structured_content"]["user"] == "mcp-broker"
+    assert who["structuredContent"]["user"] == "mcp-broker"
     # the same server without the injected header is refused by the server itself
     r = live.mcp("call", "noauth.echo", "text=x")
     assert r.code == 69 and "unavailable" in r.err

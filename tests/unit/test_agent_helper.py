@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -362,10 +363,15 @@ def test_skill_lists_each_tool_with_its_arguments(fake: FakeGate) -> None:
         "list",
         stdout={"tools": [{"name": "demo.echo", "description": "Echo text back"}, {"name": "demo.ping"}]},
     )
-    fake.answer("describe demo.echo", stdout={"name": "demo.echo", "input_schema": ECHO_SCHEMA})
-    fake.answer("describe demo.ping", stdout={"name": "demo.ping", "input_schema": {"type": "object"}})
+    fake.answer("describe demo.echo", stdout={"name": "demo.echo", "inputSchema": ECHO_SCHEMA})
+    fake.answer("describe demo.ping", stdout={"name": "demo.ping", "inputSchema": {"type": "object"}})
     text = skill(fake.path, GATE_USER)
-    assert text.startswith("# Tools through mcp-privsep\n")
+    head, body = text.split("\n---\n\n", 1)
+    assert head.startswith("---\n") and body.startswith("# Tools through mcp-privsep\n")
+    front = dict(line.split(": ", 1) for line in head.splitlines()[1:])  # the YAML front matter skills need
+    assert front["name"] == "mcp-privsep" and re.fullmatch(r"[a-z0-9-]{1,64}", front["name"])
+    assert json.loads(front["description"]).startswith("Use the operator's allowed tools")
+    assert len(json.loads(front["description"])) <= 1024
     assert text.endswith("\n") and "No tools are allowed" not in text
     echo = text[text.index("### demo.echo") : text.index("### demo.ping")]
     assert echo.splitlines() == [

@@ -271,7 +271,7 @@ RESULTS = (
     SCALARS
     | st.lists(SCALARS | ITEMS, max_size=3)
     | st.dictionaries(
-        st.sampled_from(["text", "tools", "is_error", "servers", "broker", "name", "input_schema", "allowlist"]),
+        st.sampled_from(["text", "tools", "isError", "servers", "broker", "name", "inputSchema", "allowlist"]),
         SCALARS | st.lists(SCALARS | ITEMS, max_size=3) | ITEMS,
         max_size=4,
     )

@@ -664,7 +664,7 @@ def daemon(root: str) -> Iterator[StartDaemon]:
 
 @needs_root
 def test_call_is_forwarded_with_exact_fields(root: str, daemon: StartDaemon) -> None:
-    d = daemon({"ok": True, "result": {"text": "hello", "is_error": False}})
+    d = daemon({"ok": True, "result": {"text": "hello", "isError": False}})
     r = run(["call", "demo.echo", "url=http://x:1", "n:5", "--args", '{"o": {"p": 1}}', "--timeout", "2.5"], root=root)
     assert (r.code, r.out, r.err) == (0, "hello\n", "")
     assert d.requests == [
@@ -701,9 +701,37 @@ def test_no_request_names_a_caller(
 
 @needs_root
 def test_tool_error_exits_1(root: str, daemon: StartDaemon) -> None:
-    daemon({"ok": True, "result": {"text": "it broke", "is_error": True}})
+    daemon({"ok": True, "result": {"text": "it broke", "isError": True}})
     r = run(["call", "demo.echo"], root=root)
     assert (r.code, r.out) == (1, "it broke\n")
+
+
+@needs_root
+def test_call_json_prints_the_mcp_result_in_wire_form(root: str, daemon: StartDaemon) -> None:
+    image = {"type": "image", "data": "QUJD", "mimeType": "image/png", "_meta": {"a/b": 1}}
+    result = {"content": [image], "isError": False, "text": "[image image/png, 4 bytes base64]"}
+    daemon({"ok": True, "result": {**result, "structuredContent": {"n": 1}, "_meta": {"example.org/trace": "t"}}})
+    r = run(["call", "demo.echo", "--json"], root=root)
+    assert r.code == 0, r
+    # exactly a CallToolResult: the joined text is the daemon's help for plain output, not part of it
+    assert wire.loads(r.out) == {
+        "content": [image],
+        "isError": False,
+        "structuredContent": {"n": 1},
+        "_meta": {"example.org/trace": "t"},
+    }
+
+
+@needs_root
+def test_call_json_of_a_result_without_blocks_gets_its_text_as_one(root: str, daemon: StartDaemon) -> None:
+    daemon({"ok": True, "result": {"content": [], "isError": True, "text": '{"n": 1}', "structuredContent": {"n": 1}}})
+    r = run(["call", "demo.echo", "--json"], root=root)
+    assert r.code == 1
+    assert wire.loads(r.out) == {
+        "content": [{"type": "text", "text": '{"n": 1}'}],
+        "isError": True,
+        "structuredContent": {"n": 1},
+    }
 
 
 @needs_root
@@ -912,7 +940,7 @@ def test_run_forwards_what_the_frame_holds(
     kv: list[list[str]],
     args: dict | None,
 ) -> None:
-    d = daemon({"ok": True, "result": {"text": "done", "is_error": False}})
+    d = daemon({"ok": True, "result": {"text": "done", "isError": False}})
     done = entry(argv, frame(items, piped), root=root, env={"SUDO_USER": "alice", "SUDO_UID": "0", "HOME": "/x"})
     assert (done.returncode, done.stdout, done.stderr) == (0, b"done\n", b"")
     assert d.requests == [

@@ -17,7 +17,7 @@ import pytest
 
 from broker.core import wire
 from broker.daemon.redact import Redactor
-from broker.daemon.results import catalog_entry, definition, described, first_line, hints, render_result
+from broker.daemon.results import TRUNCATED, catalog_entry, definition, described, first_line, hints, render_result
 
 SECRET = "secretvalue123"
 REDACTOR = Redactor({"demo.K": SECRET})
@@ -45,7 +45,7 @@ def render(res: T.CallToolResult, cap: int = BIG, redactor: Redactor = NONE) -> 
 def test_text_blocks_are_joined_by_newlines_and_kept_as_blocks() -> None:
     out, size = render_result(result(text("one"), text("two")), BIG, NONE)
     assert out == {
-        "is_error": False,
+        "isError": False,
         "text": "one\ntwo",
         "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}],
     }
@@ -54,7 +54,7 @@ def test_text_blocks_are_joined_by_newlines_and_kept_as_blocks() -> None:
 
 def test_an_empty_result() -> None:
     out, size = render_result(result(), BIG, NONE)
-    assert out == {"is_error": False, "text": "", "content": []}
+    assert out == {"isError": False, "text": "", "content": []}
     assert size == len("null")  # structured content absent: wire.dumps(None)
 
 
@@ -69,9 +69,7 @@ def test_binary_blocks_become_a_placeholder_line_and_stay_as_blocks(kind: str) -
     assert out["content"][1]["type"] == kind and out["content"][1]["data"] == "QUJDRA=="
 
 
-# BUG: with mcp>=2.3 (pyproject pins it) ``model_dump(mode="json")`` gives the Python field names
-# (``mime_type``), but render_result reads ``mimeType``, so the placeholder never names the MIME type.
-@pytest.mark.xfail(strict=True, reason="BUG: render_result reads 'mimeType' but the SDK dumps 'mime_type'")
+# the SDK dumps Python names (mime_type) unless by alias: the placeholder once never named the type
 @pytest.mark.parametrize("kind", ["image", "audio"])
 def test_the_placeholder_names_the_mime_type(kind: str) -> None:
     cls = T.ImageContent if kind == "image" else T.AudioContent
@@ -79,9 +77,6 @@ def test_the_placeholder_names_the_mime_type(kind: str) -> None:
     assert out["text"] == f"[{kind} {kind}/x-test, 8 bytes base64]"
 
 
-# BUG: the blocks go to ``mcp stdio`` clients as they are (broker/gate/endpoint.py), and MCP's wire
-# names are camelCase (``mimeType``); the SDK's default dump uses snake_case field names.
-@pytest.mark.xfail(strict=True, reason="BUG: content blocks are dumped with snake_case names, not MCP's wire names")
 def test_blocks_use_mcp_wire_names() -> None:
     out = render(result(T.ImageContent(type="image", data="QUJD", mime_type="image/png")))
     assert out["content"] == [{"type": "image", "data": "QUJD", "mimeType": "image/png"}]
@@ -132,30 +127,30 @@ def test_a_block_of_a_kind_it_does_not_know_adds_no_text_but_is_kept() -> None:
 
 def test_structured_content_only_becomes_the_text_too() -> None:
     out = render(result(structured={"sum": 3, "items": [1, 2]}))
-    assert out["structured_content"] == {"sum": 3, "items": [1, 2]}
+    assert out["structuredContent"] == {"sum": 3, "items": [1, 2]}
     assert wire.loads(out["text"]) == {"sum": 3, "items": [1, 2]}
     assert out["text"] == wire.dumps({"sum": 3, "items": [1, 2]})
-    assert out["content"] == []
+    assert out["content"] == []  # the gate gives it the text as its one block (wire.call_result)
 
 
 def test_structured_content_with_text_keeps_the_text() -> None:
     out = render(result(text("3"), structured={"sum": 3}))
-    assert out["text"] == "3" and out["structured_content"] == {"sum": 3}
+    assert out["text"] == "3" and out["structuredContent"] == {"sum": 3}
 
 
 def test_an_error_result_is_marked() -> None:
     out = render(result(text("it broke"), is_error=True))
-    assert out["is_error"] is True and out["text"] == "it broke"
-    assert render(result(text("fine")))["is_error"] is False
+    assert out["isError"] is True and out["text"] == "it broke"
+    assert render(result(text("fine")))["isError"] is False
 
 
 def test_what_no_side_can_encode_is_replaced_and_counted() -> None:
     out, _ = render_result(result(text("bad \udcff byte"), structured={"x": float("nan"), "y": 1}), BIG, NONE)
-    assert out["sanitized"] == {"surrogates": 1, "non_finite": 1}
+    assert out["_meta"]["mcp-privsep/sanitized"] == {"surrogates": 1, "non_finite": 1}
     assert out["text"] == "bad \ufffd byte" and out["content"][0]["text"] == "bad \ufffd byte"
-    assert out["structured_content"] == {"x": None, "y": 1}
+    assert out["structuredContent"] == {"x": None, "y": 1}
     wire.dumps(out).encode("utf-8")  # the answer can be framed
-    assert "sanitized" not in render(result(text("clean")))
+    assert "_meta" not in render(result(text("clean")))
 
 
 # --- redaction ---------------------------------------------------------------------------------------------
@@ -177,7 +172,7 @@ def test_a_known_secret_is_redacted_everywhere() -> None:
         "k=[REDACTED:demo.K]",
         "[resource https://x/?k=[REDACTED:demo.K]]",
     ]
-    assert out["structured_content"] == {"token": "[REDACTED:demo.K]", "[REDACTED:demo.K]": ["[REDACTED:demo.K]"]}
+    assert out["structuredContent"] == {"token": "[REDACTED:demo.K]", "[REDACTED:demo.K]": ["[REDACTED:demo.K]"]}
     assert out["content"][0]["text"] == "the key is [REDACTED:demo.K]"
 
 
@@ -190,7 +185,7 @@ def test_redaction_comes_before_the_cap() -> None:
     # the secret straddles the cut: cutting first would leak its prefix
     res = result(text("x" * 20 + SECRET + "y" * 200))
     out, _ = render_result(res, 64, REDACTOR)
-    assert out["truncated"] is True
+    assert TRUNCATED in out.get("_meta", {})
     assert SECRET[:8] not in out["text"]
     assert out["text"].startswith("x" * 20 + "[REDACTED:demo.K]")
 
@@ -202,10 +197,11 @@ def test_over_the_cap_the_text_is_cut_and_blocks_and_structured_content_dropped(
     body = "a" * 1000
     out, size = render_result(result(text(body), structured={"n": 1}), 100, NONE)
     assert size > 1000
-    assert out["truncated"] is True
-    assert out["content"] == [] and "structured_content" not in out
+    assert TRUNCATED in out.get("_meta", {})
+    assert out["content"] == [{"type": "text", "text": out["text"]}] and "structuredContent" not in out
+    assert out["_meta"][TRUNCATED] == {"size": size, "cap": 100}
     assert out["text"] == "a" * 100 + f"\n[output truncated: the result was {size} bytes, over the 100-byte cap]"
-    assert out["is_error"] is False
+    assert out["isError"] is False
 
 
 def test_a_result_at_the_cap_is_whole() -> None:
@@ -213,21 +209,21 @@ def test_a_result_at_the_cap_is_whole() -> None:
     _, size = render_result(res, BIG, NONE)
     out, again = render_result(res, size, NONE)
     assert again == size
-    assert "truncated" not in out and out["text"] == "abc" and out["content"]
+    assert "_meta" not in out and out["text"] == "abc" and out["content"]
     out, _ = render_result(res, size - 1, NONE)
-    assert out["truncated"] is True
+    assert TRUNCATED in out.get("_meta", {})
 
 
 def test_large_structured_content_counts_against_the_cap() -> None:
     out, size = render_result(result(text("small"), structured={"blob": "z" * 500}), 200, NONE)
-    assert size >= 500 and out["truncated"] is True
+    assert size >= 500 and TRUNCATED in out.get("_meta", {})
     assert out["text"].startswith("small\n[output truncated")
-    assert "structured_content" not in out
+    assert "structuredContent" not in out
 
 
 def test_large_blocks_count_against_the_cap() -> None:
     out, size = render_result(result(T.ImageContent(type="image", data="A" * 4000, mime_type="image/png")), 500, NONE)
-    assert size > 4000 and out["truncated"] is True and out["content"] == []
+    assert size > 4000 and TRUNCATED in out.get("_meta", {}) and [b["type"] for b in out["content"]] == ["text"]
 
 
 def test_the_cut_never_splits_a_character() -> None:
@@ -239,7 +235,7 @@ def test_the_cut_never_splits_a_character() -> None:
 
 def test_the_error_flag_survives_the_cap() -> None:
     out, _ = render_result(result(text("e" * 500), is_error=True), 64, NONE)
-    assert out["is_error"] is True and out["truncated"] is True
+    assert out["isError"] is True and TRUNCATED in out.get("_meta", {})
 
 
 # --- definitions ------------------------------------------------------------------------------------------------
@@ -271,7 +267,8 @@ def spec(**extra: Any) -> T.Tool:
     return T.Tool(**fields)
 
 
-def test_definition_and_hints() -> None:
+def test_the_pinned_view_keeps_its_shape() -> None:
+    """Pins hash definition(): its keys (and annotation spellings) stay as they were, or every pin breaks."""
     bare = spec(description=None)
     assert definition(bare) == {
         "name": "echo",
@@ -281,18 +278,18 @@ def test_definition_and_hints() -> None:
     }
     assert hints(bare) == {}
     annotated = spec(annotations=T.ToolAnnotations(read_only_hint=True))
-    assert hints(annotated) == {"read_only_hint": True}
-    assert definition(annotated)["annotations"] == hints(annotated)
+    assert hints(annotated) == {"readOnlyHint": True}  # what clients read
+    assert definition(annotated)["annotations"] == {"read_only_hint": True}  # what pins were made of
 
 
-def test_described_shows_the_action_name_redacted() -> None:
+def test_described_is_the_wire_definition_redacted() -> None:
     schema = {"type": "object", "properties": {"key": {"type": "string", "default": SECRET}}}
     shown = described("demo.echo", spec(input_schema=schema), REDACTOR)
     assert shown["name"] == "demo.echo"
     assert shown["description"] == "Echo, using [REDACTED:demo.K]"
-    assert shown["input_schema"]["properties"]["key"]["default"] == "[REDACTED:demo.K]"
+    assert shown["inputSchema"]["properties"]["key"]["default"] == "[REDACTED:demo.K]"
     assert SECRET not in wire.dumps(shown)
-    assert set(shown) == {"name", "description", "input_schema", "annotations"}
+    assert set(shown) == {"name", "description", "inputSchema"}
 
 
 def test_catalog_entry_uses_the_action_name_and_a_default_schema() -> None:
@@ -305,21 +302,63 @@ def test_catalog_entry_uses_the_action_name_and_a_default_schema() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     assert catalog_entry("demo.echo", spec(input_schema=schema, description=None), NONE) == {
         "name": "demo.echo",
-        "description": "",
         "inputSchema": schema,
     }
 
 
 def test_catalog_entry_carries_annotations_when_there_are_any() -> None:
     entry = catalog_entry("demo.echo", spec(annotations=T.ToolAnnotations(read_only_hint=True)), NONE)
-    assert "annotations" in entry and len(entry["annotations"]) == 1
+    assert entry["annotations"] == {"readOnlyHint": True}
     assert "annotations" not in catalog_entry("demo.echo", spec(annotations=T.ToolAnnotations()), NONE)
 
 
-# BUG: catalog_entry promises "MCP's wire names" (it writes ``inputSchema`` itself), but its annotations
-# come from ``hints()`` in snake_case, so an MCP client of ``mcp stdio`` sees ``read_only_hint`` and
-# ignores it instead of ``readOnlyHint``.
-@pytest.mark.xfail(strict=True, reason="BUG: catalog_entry annotations use snake_case, not MCP's readOnlyHint")
+def test_every_field_of_a_definition_reaches_the_client_in_wire_form() -> None:
+    """title, outputSchema, icons, execution, _meta: a client that gets none of them works worse."""
+    full = T.Tool.model_validate(
+        {
+            "name": "shot",
+            "title": f"Screenshot {SECRET}",
+            "description": "d",
+            "inputSchema": {"type": "object"},
+            "outputSchema": {"type": "object", "properties": {"n": {"type": "integer"}}},
+            "annotations": {"title": "t", "readOnlyHint": True, "destructiveHint": False, "openWorldHint": True},
+            "icons": [{"src": "https://example.org/i.png", "mimeType": "image/png", "sizes": ["48x48"]}],
+            "execution": {"taskSupport": "optional"},
+            "_meta": {"example.org/k": 1},
+        }
+    )
+    entry = catalog_entry("demo.shot", full, REDACTOR)
+    assert entry == {
+        "name": "demo.shot",
+        "title": "Screenshot [REDACTED:demo.K]",
+        "description": "d",
+        "inputSchema": {"type": "object"},
+        "outputSchema": {"type": "object", "properties": {"n": {"type": "integer"}}},
+        "annotations": {"title": "t", "readOnlyHint": True, "destructiveHint": False, "openWorldHint": True},
+        "icons": [{"src": "https://example.org/i.png", "mimeType": "image/png", "sizes": ["48x48"]}],
+        "execution": {"taskSupport": "optional"},
+        "_meta": {"example.org/k": 1},
+    }
+    assert described("demo.shot", full, NONE)["outputSchema"] == entry["outputSchema"]
+
+
 def test_catalog_entry_annotations_use_mcp_wire_names() -> None:
     entry = catalog_entry("demo.echo", spec(annotations=T.ToolAnnotations(read_only_hint=True)), NONE)
     assert entry["annotations"] == {"readOnlyHint": True}
+
+
+def test_every_block_keeps_its_wire_fields() -> None:
+    """mimeType, annotations (lastModified), _meta, an embedded resource's mimeType: as the server sent them."""
+    blocks = [
+        {"type": "text", "text": "t", "annotations": {"audience": ["user"], "priority": 0.5}, "_meta": {"a/b": 1}},
+        {"type": "image", "data": "QUJD", "mimeType": "image/png", "annotations": {"lastModified": "2026-01-01"}},
+        {"type": "audio", "data": "QUJD", "mimeType": "audio/wav"},
+        {"type": "resource", "resource": {"uri": "file:///r", "mimeType": "text/plain", "text": "r"}},
+        {"type": "resource", "resource": {"uri": "file:///b", "mimeType": "application/x-b", "blob": "AAEC"}},
+        {"type": "resource_link", "uri": "file:///l", "name": "l", "mimeType": "text/markdown", "size": 3},
+    ]
+    res = T.CallToolResult.model_validate({"content": blocks, "_meta": {"example.org/trace": "x"}})
+    out = render(res)
+    assert out["content"] == blocks
+    assert out["_meta"] == {"example.org/trace": "x"}
+    assert out["text"].split("\n")[1:3] == ["[image image/png, 4 bytes base64]", "[audio audio/wav, 4 bytes base64]"]

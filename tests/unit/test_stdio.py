@@ -66,7 +66,7 @@ class Behaviour:
             return None
         if garbage:
             return b"\x00\x00\x00\x05nope!"
-        answer = {"ok": True, "result": {"text": text, "is_error": False, "content": []}}
+        answer = {"ok": True, "result": {"text": text, "isError": False, "content": []}}
         return [{"pending": "ab12", "wait": 5}, answer] if pending else answer
 
 

@@ -603,3 +603,30 @@ def test_kv_rules_apply_to_every_op_with_kv(table: str, op: str) -> None:
     assert "too many" in _rejected(obj, ops)
     obj["kv"] = [["a", 1]]
     assert "kv must be" in _rejected(obj, ops)
+
+
+# --- call_result: the CallToolResult the agent gets --------------------------------------------------
+
+
+def test_call_result_keeps_the_wire_fields_and_drops_the_joined_text() -> None:
+    blocks = [{"type": "audio", "data": "QUJD", "mimeType": "audio/wav"}]
+    meta = {"mcp-privsep/truncated": {"size": 9, "cap": 1}}
+    answer = {"content": blocks, "isError": False, "text": "x", "structuredContent": {"a": 1}, "_meta": meta}
+    assert wire.call_result(answer) == {
+        "content": blocks,
+        "isError": False,
+        "structuredContent": {"a": 1},
+        "_meta": meta,
+    }
+
+
+@pytest.mark.parametrize("bad", [None, [], "text", 3])
+def test_call_result_of_a_malformed_answer_is_none(bad: object) -> None:
+    assert wire.call_result(bad) is None
+
+
+def test_call_result_never_claims_an_error_it_was_not_told() -> None:
+    assert wire.call_result({"isError": "yes", "text": "t"}) == {
+        "content": [{"type": "text", "text": "t"}],
+        "isError": False,
+    }
