@@ -121,6 +121,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         )
         for line in sandbox_view.lines(s):
             click.echo(line)
+        for tool, why in (s.get("hidden") or {}).items():
+            click.echo(f"  {s.get('server', s['name'])}.{tool}: not offered ({why})")
 
 
 @cli.command()

@@ -128,6 +128,13 @@ class ServerError(PrivsepError):
         self.code = code
 
 
+class Cancelled(PrivsepError):
+    """The caller gave up on a call while its server worked on it (Ctrl-C, ``notifications/cancelled``)."""
+
+    exit_code = EX_INTERRUPTED
+    decision = "allow"  # the broker allowed the call; its caller cancelled it
+
+
 class NonFiniteNumber(ValueError):
     """A JSON number too large for a float (``1e400``): valid syntax, but no value any side can represent."""
 

@@ -300,6 +300,7 @@ _NUM = (int, float)
 _OPT_NUM = (int, float, type(None))
 _OBJ_OR_NONE = (dict, type(None))
 _LIST = (list,)
+_BOOL = (bool,)
 
 #: op -> {key: (allowed types, required)}; "v", "op" are always required.
 #: gate.sock. No request names its caller: the daemon knows it from the peer's uid (SO_PEERCRED).
@@ -311,6 +312,8 @@ OPS: dict[str, Schema] = {
         "kv": (_LIST, True),
         "args": (_OBJ_OR_NONE, True),
         "timeout": (_OPT_NUM, True),
+        # ask the server for progress; reports come back as interim {"progress": {...}} frames
+        "progress": (_BOOL, False),
     },
     "status": {},
     # mcp stdio: the allowed tools with their full pinned definitions
@@ -426,10 +429,12 @@ def exchange(
     wait: float,
     broker_uid: int | None,
     on_pending: Callable[[str], None] | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Answer:
     """Send one request to the daemon (gate.sock, or admin.sock for root) and return its answer.
 
-    Interim ``pending`` frames (a call held for approval) go to ``on_pending``.
+    Interim ``pending`` frames (a call held for approval) go to ``on_pending``,
+    ``progress`` frames (a call that asked for progress) to ``on_progress``.
     """
     try:
         frame = encode_frame(message, MAX_REQUEST_BYTES)
@@ -443,6 +448,10 @@ def exchange(
             while True:
                 header = recv_exact(sock, 4)
                 answer = decode_payload(recv_exact(sock, frame_length(header, MAX_RESPONSE_BYTES)))
+                report = answer.get("progress")
+                if on_progress is not None and isinstance(report, dict) and len(answer) == 1:
+                    on_progress(report)
+                    continue
                 pending = answer.get("pending")
                 if pending is None or on_pending is None:
                     return answer  # type: ignore[return-value]  # checked by the caller

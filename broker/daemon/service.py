@@ -44,6 +44,7 @@ from broker.core.errors import (
     EX_SOFTWARE,
     EX_TOOL_ERROR,
     ArgumentsRejected,
+    Cancelled,
     ConfigError,
     PrivsepError,
     ProtocolError,
@@ -424,16 +425,22 @@ class Broker:
         return Outcome(rec, error=error, counts=counts, reported=True)
 
     async def op_status(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
+        allowed = None
         try:
-            mentioned = set(self.allowlists.get(ctx.caller).servers())
+            allowed = self.allowlists.get(ctx.caller)
+            mentioned = set(allowed.servers())
             problem = ""
         except ConfigError as exc:
             mentioned, problem = set(), exc.message
-        servers = [
-            {"name": h.name, "state": h.state, "reason": h.reason, "tools": len(h.tools)}
-            for h in self.servers.all()
-            if h.name in mentioned
-        ]
+        servers = []
+        for h in self.servers.all():
+            if h.name not in mentioned:
+                continue
+            entry: dict[str, Any] = {"name": h.name, "state": h.state, "reason": h.reason, "tools": len(h.tools)}
+            hidden = sorted(f"{h.name}.{t}" for t in h.hidden if allowed.allows(f"{h.name}.{t}")) if allowed else []
+            if hidden:
+                entry["hidden"] = {t: h.hidden[t.split(".", 1)[1]] for t in hidden}
+            servers.append(entry)
         status: dict[str, Any] = {"broker": "up", "version": __version__, "servers": servers}
         if problem:
             status["allowlist"] = problem
@@ -548,8 +555,26 @@ class Broker:
         # two-phase audit: the intent is durable before the server is asked; a crash leaves it without an outcome
         await self.audit.record(**(ctx.record() | rec | {"phase": "intent"}))
         rec["phase"] = "outcome"
+        progress = _relay_progress(conn) if req.get("progress") is True else None
+        call = asyncio.ensure_future(handle.call(action.tool, args, timeout, verdict.spec, progress))
+        # the caller hanging up (Ctrl-C on mcp call, notifications/cancelled on mcp stdio) cancels the call at
+        # its server too: nothing it has not yet done happens for an answer no one waits for
+        hangup = asyncio.ensure_future(conn.closed())
         try:
-            result = await handle.call(action.tool, args, timeout, verdict.spec)
+            await asyncio.wait((call, hangup), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            call.cancel()
+            raise
+        finally:
+            hangup.cancel()
+        if not call.done():
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await call
+            rec["outcome"] = "cancelled"
+            return Outcome(rec, error=Cancelled(f"{tool}: cancelled by the caller"), counts=False)
+        try:
+            result = call.result()
         except mcp.MCPError as exc:
             rec["outcome"] = "server_error"
             if exc.code == -32602:
@@ -614,6 +639,8 @@ class Broker:
             "restarts": h.restarts,
             "transport": h.server.spec.transport,
         }
+        if h.hidden:
+            out["hidden"] = dict(h.hidden)
         if h.server.spec.transport == "stdio":
             started = h.started
             out["user"] = started.user if started is not None else None
@@ -723,6 +750,23 @@ ADMIN_ROUTES: dict[str, Route] = {
     "pin_accept": Route(Broker.admin_pin_accept, _ROOT),
     "explain": Route(Broker.admin_explain, _ROOT),
 }
+
+
+#: interim frames waiting in a connection's buffer beyond which progress reports are dropped (a slow reader)
+PROGRESS_BUFFER = 64 * 1024
+
+
+def _relay_progress(conn: Conn) -> Callable[[dict[str, Any]], None]:
+    """Progress reports of one call, to its own connection only, as interim frames; never waits on the peer."""
+
+    def relay(report: dict[str, Any]) -> None:
+        transport = conn.writer.transport
+        if transport.is_closing() or transport.get_write_buffer_size() > PROGRESS_BUFFER:
+            return
+        with contextlib.suppress(ProtocolError, ValueError):
+            conn.writer.write(wire.encode_frame({"progress": report}, wire.MAX_REQUEST_BYTES))
+
+    return relay
 
 
 async def _run_hook(command: list[str], payload: bytes, env: dict[str, str]) -> None:

@@ -1,13 +1,21 @@
 """``mcp stdio``: the gate as an MCP server on stdin/stdout, one sudo per session.
 
 Any MCP client can launch ``{"command": "mcp", "args": ["stdio"]}``. The
-session speaks newline-delimited JSON-RPC (the MCP stdio transport) and
-answers a closed set of methods: ``initialize``, ``ping``, ``tools/list``
-(exactly the caller's allowed tools, with their pinned definitions) and
-``tools/call`` (forwarded through the daemon with every policy and audit
-rule of ``mcp call``). Everything else is refused with "method not found".
-While the session is open the gate watches the allowlist and sends
-``notifications/tools/list_changed`` when it changes.
+session speaks newline-delimited JSON-RPC (the MCP stdio transport) in both
+protocol eras: the handshake era (``initialize``, then requests; ``ping``)
+and the stateless 2026-07-28 revision, where each request carries its
+version and capabilities in ``_meta`` and ``server/discover`` replaces the
+handshake (a version it does not serve gets -32022 with the ones it does).
+It answers a closed set of methods: ``tools/list`` (exactly the caller's
+allowed tools, with their pinned definitions) and ``tools/call`` (forwarded
+through the daemon with every policy and audit rule of ``mcp call``);
+everything else is refused with "method not found". A call with
+``_meta.progressToken`` gets the server's ``notifications/progress`` under
+that token; ``notifications/cancelled`` closes the call's connection, so
+the daemon cancels it at its server and it is never answered; the ``_meta``
+key ``mcp-privsep/timeout`` asks for a longer timeout (up to the daemon's
+``max_call_timeout``). While the session is open the gate watches the
+allowlist and sends ``notifications/tools/list_changed`` when it changes.
 
 One thread, one ``select`` loop: requests are forwarded over up to
 ``MAX_IN_FLIGHT`` persistent ``gate.sock`` connections, each carrying one
@@ -41,6 +49,17 @@ if TYPE_CHECKING:
     from broker.core.paths import Paths
 
 HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+#: revisions of the stateless era: no handshake, every request says its version in ``_meta``
+MODERN_VERSIONS = ("2026-07-28",)
+PROTOCOL_VERSION_META = "io.modelcontextprotocol/protocolVersion"
+CLIENT_CAPABILITIES_META = "io.modelcontextprotocol/clientCapabilities"
+SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
+SUBSCRIPTION_ID_META = "io.modelcontextprotocol/subscriptionId"
+MAX_LISTENS = 16
+UNSUPPORTED_PROTOCOL_VERSION = -32022
+#: ``tools/call`` ``_meta`` key: seconds the call may take (the daemon caps it at max_call_timeout)
+TIMEOUT_META = "mcp-privsep/timeout"
+MAX_TIMEOUT = 7 * 86400
 MAX_LINE = 4 * 1024 * 1024
 MAX_IN_FLIGHT = 16
 POLL_SECONDS = 1.0
@@ -55,6 +74,10 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
+INSTRUCTIONS = (
+    "Tools brokered by mcp-privsep: each call is checked against an allowlist and policy and "
+    "audited; credentials stay with the broker."
+)
 
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED)
 
@@ -62,13 +85,15 @@ _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED)
 class _Job:
     """One request for the daemon: a call, the catalog for tools/list, or a refusal report."""
 
-    __slots__ = ("frame", "kind", "msg_id", "wait")
+    __slots__ = ("frame", "kind", "msg_id", "progress", "wait")
 
-    def __init__(self, kind: str, msg_id: Any, frame: bytes, wait: float) -> None:
+    def __init__(self, kind: str, msg_id: Any, frame: bytes, wait: float, progress: Any = None) -> None:
         self.kind = kind
         self.msg_id = msg_id
         self.frame = frame
         self.wait = wait
+        #: the client's progress token, when it asked for progress
+        self.progress = progress
 
 
 class _Link:
@@ -111,6 +136,10 @@ class Session:
         self.busy: dict[int, _Link] = {}
         self.backlog: deque[_Job] = deque()
         self._out: list[bytes] = []
+        #: ids of requests in flight that came in the stateless era (their results say ``resultType``)
+        self._modern: set[Any] = set()
+        #: open ``subscriptions/listen`` streams (2026-07-28) that asked for tools/list_changed, by request id
+        self.listens: set[Any] = set()
         self.allowlists = allowlist.Cache(paths.allowlist, paths.allowlist_d)
         self.allowlist_key = self._allowlist_key()
 
@@ -128,10 +157,17 @@ class Session:
             self.out.flush()
 
     def reply(self, msg_id: Any, result: dict[str, Any]) -> None:
+        if msg_id in self._modern:
+            self._modern.discard(msg_id)
+            result = {**result, "resultType": "complete"}
         self.send({"jsonrpc": "2.0", "id": msg_id, "result": result})
 
-    def error(self, msg_id: Any, code: int, message: str) -> None:
-        self.send({"jsonrpc": "2.0", "id": msg_id, "error": {"code": code, "message": message}})
+    def error(self, msg_id: Any, code: int, message: str, data: Any = None) -> None:
+        self._modern.discard(msg_id)
+        error: dict[str, Any] = {"code": code, "message": message}
+        if data is not None:
+            error["data"] = data
+        self.send({"jsonrpc": "2.0", "id": msg_id, "error": error})
 
     # --- the allowlist ----------------------------------------------------------
 
@@ -148,6 +184,9 @@ class Session:
             self.allowlist_key = key
             if self.initialized:
                 self.send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+            for listen in sorted(self.listens, key=str):
+                params = {"_meta": {SUBSCRIPTION_ID_META: listen}}
+                self.send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed", "params": params})
 
     def check(self, tool: str | None) -> None:
         """The gate's own check on each request: a stat-keyed cache of the full, fail-closed read."""
@@ -182,7 +221,9 @@ class Session:
         if params is None:
             params = {}
         if "id" not in msg:
-            return  # notifications (initialized, cancelled, ...) need no answer
+            if method == "notifications/cancelled" and isinstance(params, dict):
+                self.cancel(params.get("requestId"))
+            return  # notifications need no answer (initialized, and cancelled: the request is never answered)
         if type(msg_id) not in (int, str) or not isinstance(params, dict):
             self.error(msg_id if type(msg_id) in (int, str) else None, INVALID_REQUEST, "invalid request")
             return
@@ -193,6 +234,21 @@ class Session:
             else:
                 self.error(msg_id, INVALID_PARAMS, why)
             return
+        meta = params.get("_meta")
+        if method != "initialize" and isinstance(meta, dict) and PROTOCOL_VERSION_META in meta:
+            # the stateless era (2026-07-28): this request carries its own version; no handshake is needed
+            if not self._modern_envelope(msg_id, meta):
+                return
+            if method == "server/discover":
+                self.reply(msg_id, self.discover())
+                return
+            if method == "subscriptions/listen":
+                self.listen(msg_id, params)
+                return
+            if method not in ("tools/list", "tools/call"):  # ping and the rest are gone from that era
+                self.error(msg_id, METHOD_NOT_FOUND, f"method not found: {method[:100]}")
+                return
+            self._modern.add(msg_id)
         if method == "initialize":
             self.initialize(msg_id, params)
         elif method == "ping":
@@ -204,6 +260,50 @@ class Session:
         else:
             self.error(msg_id, METHOD_NOT_FOUND, f"method not found: {method[:100]}")
 
+    def _modern_envelope(self, msg_id: Any, meta: dict[str, Any]) -> bool:
+        """Whether a stateless-era request's envelope is one this session serves; else it is answered."""
+        version = meta.get(PROTOCOL_VERSION_META)
+        if not isinstance(version, str) or not isinstance(meta.get(CLIENT_CAPABILITIES_META), dict):
+            why = (
+                f"params._meta needs {PROTOCOL_VERSION_META!r} (a string) and {CLIENT_CAPABILITIES_META!r} (an object)"
+            )
+            self.error(msg_id, INVALID_PARAMS, why)
+            return False
+        if version not in MODERN_VERSIONS:
+            data = {"supported": list(MODERN_VERSIONS), "requested": version[:100]}
+            self.error(msg_id, UNSUPPORTED_PROTOCOL_VERSION, "Unsupported protocol version", data)
+            return False
+        return True
+
+    def listen(self, msg_id: Any, params: dict[str, Any]) -> None:
+        """``subscriptions/listen`` (2026-07-28): a stream left open; of its filter, toolsListChanged is honoured."""
+        wanted = params.get("notifications")
+        if not isinstance(wanted, dict):
+            self.error(msg_id, INVALID_PARAMS, "subscriptions/listen needs params.notifications (an object)")
+            return
+        if msg_id in self.listens or len(self.listens) >= MAX_LISTENS:
+            self.error(msg_id, INVALID_REQUEST, f"at most {MAX_LISTENS} listen streams, each with its own id")
+            return
+        honored = {"toolsListChanged": True} if wanted.get("toolsListChanged") is True else {}
+        if honored:
+            self.listens.add(msg_id)
+        ack = {"notifications": honored, "_meta": {SUBSCRIPTION_ID_META: msg_id}}
+        self.send({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged", "params": ack})
+        if not honored:  # nothing it could be told: the stream ends at once
+            self.reply(msg_id, {"resultType": "complete", "_meta": {SUBSCRIPTION_ID_META: msg_id}})
+
+    def discover(self) -> dict[str, Any]:
+        """``server/discover`` (2026-07-28): what ``initialize`` says in the handshake era, without a session."""
+        return {
+            "supportedVersions": list(MODERN_VERSIONS),
+            "capabilities": {"tools": {"listChanged": True}},
+            "instructions": INSTRUCTIONS,
+            "ttlMs": 0,
+            "cacheScope": "private",
+            "resultType": "complete",
+            "_meta": {SERVER_INFO_META: {"name": "mcp-privsep", "version": __version__}},
+        }
+
     def initialize(self, msg_id: Any, params: dict[str, Any]) -> None:
         requested = params.get("protocolVersion")
         version = requested if requested in HANDSHAKE_VERSIONS else HANDSHAKE_VERSIONS[-1]
@@ -214,10 +314,7 @@ class Session:
                 "protocolVersion": version,
                 "capabilities": {"tools": {"listChanged": True}},
                 "serverInfo": {"name": "mcp-privsep", "version": __version__},
-                "instructions": (
-                    "Tools brokered by mcp-privsep: each call is checked against an allowlist and policy and "
-                    "audited; credentials stay with the broker."
-                ),
+                "instructions": INSTRUCTIONS,
             },
         )
 
@@ -247,13 +344,43 @@ class Session:
             self.reply(msg_id, _refusal(str(exc), exc.exit_code))
             self.report(name, exc)
             return
-        message = wire.request("call", tool=name, kv=[], args=args, timeout=None)
+        meta = params.get("_meta")
+        meta = meta if isinstance(meta, dict) else {}
+        timeout = meta.get(TIMEOUT_META)
+        if timeout is not None and (type(timeout) not in (int, float) or not 0 < timeout <= MAX_TIMEOUT):
+            self.error(msg_id, INVALID_PARAMS, f"_meta.{TIMEOUT_META} must be a number of seconds, more than 0")
+            return
+        token = meta.get("progressToken")
+        if token is not None and type(token) not in (int, str):
+            self.error(msg_id, INVALID_PARAMS, "_meta.progressToken must be a string or an integer")
+            return
+        fields: dict[str, Any] = {"tool": name, "kv": [], "args": args, "timeout": timeout}
+        if token is not None:
+            fields["progress"] = True
         try:
-            frame = wire.encode_frame(message, wire.MAX_REQUEST_BYTES)
+            frame = wire.encode_frame(wire.request("call", **fields), wire.MAX_REQUEST_BYTES)
         except ProtocolError as exc:
             self.reply(msg_id, _refusal(f"request too large or malformed: {exc}", 64))
             return
-        self.submit(_Job("call", msg_id, frame, CALL_WAIT))
+        self.submit(_Job("call", msg_id, frame, CALL_WAIT, token))
+
+    def cancel(self, msg_id: Any) -> None:
+        """The client gave up on a call (its link is closed: the daemon cancels it at its server) or a listen."""
+        if type(msg_id) not in (int, str):
+            return
+        if msg_id in self.listens:
+            self.listens.discard(msg_id)
+            return
+        for job in list(self.backlog):
+            if job.kind == "call" and job.msg_id == msg_id:
+                self.backlog.remove(job)  # never sent: nothing ran
+                return
+        for link in list(self.busy.values()):
+            if link.job is not None and link.job.kind == "call" and link.job.msg_id == msg_id:
+                del self.busy[link.fd]
+                link.job = None
+                link.close()
+                return
 
     def report(self, tool: str, exc: PrivsepError) -> None:
         """Let the daemon audit a refusal the gate made itself (its answer is not awaited)."""
@@ -340,6 +467,11 @@ class Session:
             except ProtocolError as exc:
                 self._drop(link, f"broker unavailable: {exc}")
                 return
+            report = answer.get("progress")
+            if isinstance(report, dict) and set(answer) == {"progress"}:
+                if link.job.progress is not None:
+                    self.send(_progress(link.job.progress, report))
+                continue
             pending = answer.get("pending")
             if pending is not None:
                 # held for an operator's approval: say so on stderr, then wait as long as it may take
@@ -386,7 +518,10 @@ class Session:
                 return
             result = answer.get("result")
             tools = result.get("tools", []) if isinstance(result, dict) else []
-            self.reply(job.msg_id, {"tools": tools})
+            listed: dict[str, Any] = {"tools": tools}
+            if job.msg_id in self._modern:  # a cacheable result in that era: never cached (the allowlist may change)
+                listed.update(ttlMs=0, cacheScope="private")
+            self.reply(job.msg_id, listed)
             return
         if not answer.get("ok"):
             rpc = answer.get("rpc_error")
@@ -419,6 +554,15 @@ def _refusal(message: str, exit_code: int) -> dict[str, Any]:
         "content": [{"type": "text", "text": f"mcp-privsep refused the call (exit {exit_code}): {text}"}],
         "isError": True,
     }
+
+
+def _progress(token: Any, report: dict[str, Any]) -> dict[str, Any]:
+    """``notifications/progress`` for the client's own token, from the daemon's checked report."""
+    params: dict[str, Any] = {"progressToken": token}
+    for key, kinds in (("progress", (int, float)), ("total", (int, float)), ("message", (str,))):
+        if type(report.get(key)) in kinds:
+            params[key] = report[key]
+    return {"jsonrpc": "2.0", "method": "notifications/progress", "params": params}
 
 
 def serve(session: Session, fd: int = 0) -> int:

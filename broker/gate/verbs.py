@@ -316,6 +316,10 @@ def _print_status(result: Any, out: TextIO) -> None:
         if s.get("reason"):
             line += f" ({s['reason']})"
         out.write(line + "\n")
+        hidden = s.get("hidden")
+        if isinstance(hidden, dict):
+            for tool, why in hidden.items():
+                out.write(f"  {tool}: not offered ({why})\n")
 
 
 def _fail(req: Request | None, exc: PrivsepError, out: TextIO, err: TextIO) -> int:
@@ -404,17 +408,60 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
     fields: dict[str, Any] = {}
     if req.verb in ("describe", "call"):
         fields["tool"] = req.tool
+    on_progress = None
     if req.verb == "call":
         fields.update(kv=req.kv, args=req.args, timeout=req.timeout)
+        if _is_terminal(err):  # a person watching: one line that updates in place; otherwise quiet
+            fields["progress"] = True
+            on_progress = ProgressLine(err)
     wait = (req.timeout + 10.0) if req.timeout is not None else DEFAULT_WAIT
 
-    answer = wire.exchange(paths.gate_sock, wire.request(req.verb, **fields), wait, broker_uid, on_pending)
+    request = wire.request(req.verb, **fields)
+    try:
+        answer = wire.exchange(paths.gate_sock, request, wait, broker_uid, on_pending, on_progress)
+    finally:
+        if on_progress is not None:
+            on_progress.clear()
     if not answer.get("ok"):
         refused = answer.get("exit")
         if type(refused) is not int or refused not in REFUSAL_EXIT_CODES:
             refused = EX_SOFTWARE
         return _fail(req, PrivsepError(str(answer.get("error", "the broker refused")), refused), out, err)
     return _print_result(req, answer, out, err)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (OSError, ValueError):
+        return False
+
+
+class ProgressLine:
+    """A call's progress on a terminal: one line, rewritten in place, cleared before the result."""
+
+    WIDTH = 100
+
+    def __init__(self, err: TextIO) -> None:
+        self.err = err
+        self.shown = False
+
+    def __call__(self, report: dict[str, Any]) -> None:
+        value, total, message = report.get("progress"), report.get("total"), report.get("message")
+        if type(value) not in (int, float):
+            return
+        text = f"{value:g}/{total:g}" if type(total) in (int, float) else f"{value:g}"
+        if isinstance(message, str) and message:
+            # a server's words on a person's terminal: no control character (no escape sequence) gets through
+            text += ": " + "".join(c if c.isprintable() else " " for c in message)
+        self.err.write(f"\rmcp: progress {text}"[: self.WIDTH] + "\x1b[K")
+        self.err.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.err.write("\r\x1b[K")
+            self.err.flush()
 
 
 #: the first line of the frame the ``mcp`` shim hands the gate on stdin: "mcp-args 1 COUNT STDIN_BYTES"

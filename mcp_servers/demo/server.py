@@ -1,6 +1,7 @@
 """A small real MCP server for the demo and the tests.
 
-Tools: ``echo``, ``add``, ``slow``, ``fail``, ``big``, ``whoami`` (the uid the
+Tools: ``echo``, ``add``, ``slow``, ``work`` (progress, and a mark left
+when it completes), ``fail``, ``big``, ``whoami`` (the uid the
 server runs as) and ``secret`` (returns ``DEMO_SECRET`` from its environment,
 which the broker fills from the server's secret env file; it exists so tests
 can prove the agent never sees it unredacted), ``secret_encoded`` (the same
@@ -87,6 +88,24 @@ def add(a: int, b: int) -> int:
 async def slow(seconds: float = 1.0) -> str:
     await asyncio.sleep(seconds)
     return f"slept {seconds}"
+
+
+@server.tool(
+    description="Work for the given seconds in steps, reporting progress, then leave a mark "
+    "(a file in the server's home, named by tag): a cancelled call leaves none."
+)
+async def work(ctx: Context, seconds: float = 2.0, steps: int = 4, tag: str = "work") -> str:
+    if tag and (not tag.replace("-", "").replace("_", "").isalnum() or len(tag) > 40):
+        raise ToolError("tag: letters, digits, - and _ only (at most 40); empty: no mark")
+    steps = max(1, min(steps, 1000))
+    for i in range(steps):
+        await ctx.report_progress(i, steps, f"step {i + 1} of {steps}")
+        await asyncio.sleep(max(0.0, seconds) / steps)
+    await ctx.report_progress(steps, steps, "done")
+    if tag:
+        with open(os.path.join(os.environ["HOME"], f"work-{tag}.done"), "w", encoding="utf-8") as fh:
+            fh.write("done\n")
+    return f"worked {seconds} s in {steps} steps"
 
 
 @server.tool(description="Always fail with a tool error.")

@@ -32,7 +32,7 @@ def test_stdio_session_lists_calls_refuses_and_sees_allowlist_edits(live: Instal
             changed.set()
 
     async def session() -> None:
-        async with _client(live, message_handler=on_message) as client:
+        async with _client(live, message_handler=on_message, mode="legacy") as client:
             names = sorted(t.name for t in (await client.list_tools()).tools)
             assert names == ["demo.add", "demo.echo"]
             result = await client.call_tool("demo.echo", {"text": "over stdio"})
@@ -53,6 +53,59 @@ def test_stdio_session_lists_calls_refuses_and_sees_allowlist_edits(live: Instal
             assert not who.is_error and "mcp-srv-demo" in who.content[0].text
 
     asyncio.run(session())
+
+
+def test_a_stateless_client_listens_for_allowlist_edits(live: Installation) -> None:
+    """2026-07-28: no session to push on; the client opens subscriptions/listen and is told there."""
+    live.set_allowlist(STDIO_ALLOWLIST)
+
+    async def session() -> list[str]:
+        async with _client(live, mode="2026-07-28") as client:
+            async with client.listen(tools_list_changed=True) as sub:
+                assert sub.honored.tools_list_changed is True
+                live.set_allowlist(STDIO_ALLOWLIST + "demo.whoami\n")
+                await asyncio.wait_for(sub.__anext__(), 10)
+            return sorted(t.name for t in (await client.list_tools()).tools)
+
+    assert asyncio.run(session()) == ["demo.add", "demo.echo", "demo.whoami"]
+
+
+def test_the_sdk_client_in_every_mode_lists_and_calls(live: Installation) -> None:
+    """auto (server/discover, no fallback needed), legacy (initialize) and pinned to 2026-07-28."""
+    live.set_allowlist(STDIO_ALLOWLIST)
+    seen: dict[str, tuple[list[str], str, str]] = {}
+
+    async def session(mode: str) -> None:
+        async with _client(live, mode=mode) as client:
+            names = sorted(t.name for t in (await client.list_tools()).tools)
+            result = await client.call_tool("demo.add", {"a": 20, "b": 22})
+            seen[mode] = (names, result.content[0].text, str(client.protocol_version))
+
+    for mode in ("auto", "legacy", "2026-07-28"):
+        asyncio.run(session(mode))
+    for mode, (names, text, _version) in seen.items():
+        assert (names, text) == (["demo.add", "demo.echo"], "42"), mode
+    assert seen["legacy"][2] == "2025-11-25"
+    assert seen["2026-07-28"][2] == "2026-07-28" and seen["auto"][2] == "2026-07-28"  # auto took the new era
+
+
+def test_an_unknown_stateless_version_gets_32022(live: Installation) -> None:
+    import subprocess
+
+    meta = {"io.modelcontextprotocol/protocolVersion": "2099-01-01", "io.modelcontextprotocol/clientCapabilities": {}}
+    line = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": meta}}) + "\n"
+    r = subprocess.run(
+        [RUNUSER, "-u", AGENT1, "--", live.paths.mcp, "stdio"],
+        input=line,
+        capture_output=True,
+        text=True,
+        env=dict(AGENT_ENV),
+        cwd="/",
+        timeout=30,
+    )
+    answer = json.loads(r.stdout.splitlines()[0])
+    assert answer["error"]["code"] == -32022
+    assert answer["error"]["data"] == {"supported": ["2026-07-28"], "requested": "2099-01-01"}
 
 
 def test_stdio_refuses_every_other_method(live: Installation) -> None:
@@ -124,7 +177,8 @@ def test_skill_describes_the_allowed_tools(live: Installation) -> None:
     live.set_allowlist(STDIO_ALLOWLIST)
     r = live.mcp("skill")
     assert r.code == 0, r.err
-    assert r.out.startswith("# Tools through mcp-privsep")
+    assert r.out.startswith("---\nname: mcp-privsep\ndescription: ")  # a skill file's YAML front matter
+    assert "\n---\n\n# Tools through mcp-privsep\n" in r.out
     assert "### demo.echo" in r.out and "### demo.add" in r.out and "demo.whoami" not in r.out
     assert "`a` (integer, required)" in r.out
     assert "cannot read those credentials" in r.out

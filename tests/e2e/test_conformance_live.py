@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +42,9 @@ ALLOWED = [
     "get-resource-reference",
     "get-sum",
 ]
+#: allowlisted too: the first is never listed (it needs task-augmented calls, which the broker does not make)
+TASK_ONLY = "simulate-research-query"
+LONG = "trigger-long-running-operation"
 
 
 def _node() -> str:
@@ -92,7 +96,7 @@ def everything(inst: Installation, everything_cmd: list[str]) -> Iterator[Instal
         assert inst.ctl("reload").code == 0
         up = wait_for(lambda: servers(inst).get("everything", {}).get("state") == "up", 60)
         assert up, (servers(inst).get("everything"), inst.log_tail())
-        inst.set_allowlist(ALLOWLIST + "".join(f"everything.{t}\n" for t in ALLOWED))
+        inst.set_allowlist(ALLOWLIST + "".join(f"everything.{t}\n" for t in (*ALLOWED, TASK_ONLY, LONG)))
         yield inst
     finally:
         os.unlink(conf)
@@ -144,8 +148,8 @@ def test_definitions_and_results_arrive_as_the_server_sent_them(
         return ref, got
 
     (ref_tools, ref_calls), (tools, calls) = asyncio.run(both())
-    # exactly the allowlisted tools, each definition field for field under its server.tool name
-    assert sorted(tools) == sorted(ALLOWED)
+    # exactly the allowlisted tools (less the task-only one), each definition field for field
+    assert sorted(tools) == sorted([*ALLOWED, LONG])
     for name in ALLOWED:
         assert tools[name] == {**ref_tools[name], "name": f"everything.{name}"}, name
     assert tools["echo"]["annotations"]["readOnlyHint"] is True and tools["echo"]["title"]
@@ -187,3 +191,43 @@ def test_describe_shows_the_whole_definition(everything: Installation) -> None:
     assert shown["name"] == "everything.get-structured-content"
     assert {"title", "inputSchema", "outputSchema", "annotations"} <= set(shown)
     assert shown["annotations"]["readOnlyHint"] is True
+
+
+def test_a_task_only_tool_is_not_offered_and_status_says_why(everything: Installation) -> None:
+    r = everything.mcp("status")
+    assert f"everything.{TASK_ONLY}: not offered (task-only" in r.out, r.out
+    assert f"everything.{TASK_ONLY}" not in everything.mcp("list").out
+    r = everything.mcp("call", f"everything.{TASK_ONLY}", "topic=x")
+    assert r.code != 0 and "Traceback" not in r.err, r
+    assert f"everything.{TASK_ONLY}: not offered" in everything.ctl("status").out
+
+
+def test_a_cancelled_long_running_operation_stops_at_the_server(everything: Installation) -> None:
+    """Its progress stops, its result never arrives, and the audit says cancelled."""
+    from tests.e2e.test_cancel_progress_live import Session
+
+    s = Session(everything)
+    try:
+        call = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {
+                "name": f"everything.{LONG}",
+                "arguments": {"duration": 6, "steps": 12},
+                "_meta": {"progressToken": "long"},
+            },
+        }
+        s.send(call)
+        first = s.until(lambda m: m.get("method") == "notifications/progress", 20)
+        assert first is not None and first["params"]["progressToken"] == "long", first
+        s.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}})
+        time.sleep(0.5)
+        s.read(0.3)  # what was already on its way
+        after = s.read(7.0)
+    finally:
+        s.close()
+    assert not [m for m in after if m.get("method") == "notifications/progress"], after
+    assert not any(m.get("id") == 1 for m in after), after
+    outcomes = [r.get("outcome") for r in everything.records() if r.get("tool") == f"everything.{LONG}"]
+    assert outcomes[-1] == "cancelled", outcomes

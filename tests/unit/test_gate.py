@@ -989,3 +989,23 @@ def test_run_with_a_closed_stdin_says_so() -> None:
     assert done.returncode == 64
     line = one_line(done)
     assert "standard input" in line and "cannot write the answer" not in line
+
+
+# --- progress on a terminal -----------------------------------------------------------------------
+
+
+def test_the_progress_line_updates_in_place_and_lets_no_control_character_through() -> None:
+    from broker.gate.verbs import ProgressLine
+
+    err = io.StringIO()
+    line = ProgressLine(err)
+    line({"progress": 1, "total": 4, "message": "step \x1b[2Jone\x07"})
+    line({"progress": 2.5})
+    line({"progress": "x"})  # not a number: nothing
+    line.clear()
+    out = err.getvalue()
+    assert out == "\rmcp: progress 1/4: step  [2Jone \x1b[K\rmcp: progress 2.5\x1b[K\r\x1b[K"
+    assert "\x1b[2J" not in out and "\x07" not in out
+    quiet = io.StringIO()
+    ProgressLine(quiet).clear()
+    assert quiet.getvalue() == ""  # nothing shown, nothing to clear

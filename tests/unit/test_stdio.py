@@ -67,6 +67,10 @@ class Behaviour:
         if garbage:
             return b"\x00\x00\x00\x05nope!"
         answer = {"ok": True, "result": {"text": text, "isError": False, "content": []}}
+        if text == "progress":
+            return [{"progress": {"progress": 1, "total": 2, "message": "half"}}, answer]
+        if text.startswith("slow"):
+            time.sleep(1.5)
         return [{"pending": "ab12", "wait": 5}, answer] if pending else answer
 
 
@@ -238,6 +242,147 @@ def test_pending_approval_is_said_on_stderr_then_answered(root: str, daemon: Fak
     assert run.finish() == 0
     assert text_of(run.answers()[1]) == "held"
     assert run.err.getvalue() == "mcp: pending approval ab12, waiting\n"
+
+
+def call_meta(i: int, text: str, meta: dict[str, Any]) -> dict[str, Any]:
+    msg = call(i, text)
+    msg["params"]["_meta"] = meta
+    return msg
+
+
+def lines_of(run: Run) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out_lines(run.out.getvalue())]
+
+
+def test_progress_is_relayed_to_the_call_that_asked_under_its_own_token(root: str, daemon: FakeDaemon) -> None:
+    run = Run(root)
+    run.send(call_meta(1, "progress", {"progressToken": "tok-1"}), call(2, "progress"))
+    assert run.finish() == 0
+    out = lines_of(run)
+    notes = [m for m in out if m.get("method") == "notifications/progress"]
+    assert notes == [
+        {
+            "jsonrpc": "2.0",
+            "method": "notifications/progress",
+            "params": {"progressToken": "tok-1", "progress": 1, "total": 2, "message": "half"},
+        }
+    ]  # call 2 asked for none: the daemon's report for it is dropped
+    assert out.index(notes[0]) < [m.get("id") for m in out].index(1)  # before its answer
+    asked = {r["args"]["text"]: r for r in daemon.ops("call") if r["args"]["text"] == "progress"}
+    assert [r.get("progress") for r in daemon.ops("call")] == [True, None]
+    assert asked
+
+
+def test_a_cancelled_call_is_never_answered_and_its_link_is_closed(root: str, daemon: FakeDaemon) -> None:
+    run = Run(root)
+    run.send(call(1, "slow-cancelled"))
+    time.sleep(0.3)
+    run.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1, "reason": "user"}})
+    run.send(call(2, "after"))
+    started = time.monotonic()
+    assert run.finish() == 0
+    assert time.monotonic() - started < 1.4  # nothing waited for the cancelled call's answer
+    answers = run.answers()
+    assert 1 not in answers and text_of(answers[2]) == "after"
+    assert daemon.calls() == ["slow-cancelled", "after"]
+
+
+def test_a_call_cancelled_before_it_was_sent_is_never_sent(root: str, daemon: FakeDaemon) -> None:
+    run = Run(root)
+    run.session.backlog.append(stdio._Job("call", 7, b"", 1.0))  # queued behind a full session
+    run.session.cancel(7)
+    assert not run.session.backlog
+    run.session.cancel({"not": "an id"})  # ignored
+    assert run.finish() == 0
+
+
+@pytest.mark.parametrize(
+    ("meta", "sent"),
+    [({"mcp-privsep/timeout": 12.5}, 12.5), ({"mcp-privsep/timeout": 3}, 3), ({}, None), ({"other/x": 1}, None)],
+)
+def test_a_client_may_ask_for_its_own_timeout(root: str, daemon: FakeDaemon, meta: dict, sent: object) -> None:
+    run = Run(root)
+    run.send(call_meta(1, "t", meta))
+    assert run.finish() == 0
+    assert text_of(run.answers()[1]) == "t"
+    assert [r["timeout"] for r in daemon.ops("call")] == [sent]
+
+
+@pytest.mark.parametrize("bad", [0, -1, "10", True, None, 1e9])
+def test_a_bad_timeout_is_an_invalid_params_error(root: str, daemon: FakeDaemon, bad: object) -> None:
+    run = Run(root)
+    run.send(call_meta(1, "t", {"mcp-privsep/timeout": bad}))
+    assert run.finish() == 0
+    answer = run.answers()[1]
+    if bad is None:
+        assert text_of(answer) == "t"  # absent and null are alike
+    else:
+        assert answer["error"]["code"] == -32602 and daemon.ops("call") == []
+
+
+# --- the stateless era (2026-07-28) ------------------------------------------------------------------
+
+MODERN = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+def modern(i: int, method: str, params: dict[str, Any] | None = None, meta: dict[str, Any] = MODERN) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": i, "method": method, "params": {**(params or {}), "_meta": meta}}
+
+
+def test_a_stateless_client_discovers_lists_and_calls_without_a_handshake(root: str, daemon: FakeDaemon) -> None:
+    run = Run(root)
+    run.send(
+        modern(1, "server/discover"),
+        modern(2, "tools/list"),
+        modern(3, "tools/call", {"name": "demo.echo", "arguments": {"text": "stateless"}}),
+        modern(4, "tools/call", {"name": "demo.secret", "arguments": {}}),
+    )
+    assert run.finish() == 0
+    a = run.answers()
+    found = a[1]["result"]
+    assert found["supportedVersions"] == ["2026-07-28"] and found["resultType"] == "complete"
+    assert found["capabilities"] == {"tools": {"listChanged": True}}
+    assert found["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "mcp-privsep"
+    assert a[2]["result"] == {
+        "tools": [{"name": "demo.echo"}],
+        "ttlMs": 0,
+        "cacheScope": "private",
+        "resultType": "complete",
+    }
+    assert a[3]["result"]["resultType"] == "complete" and text_of(a[3]) == "stateless"
+    assert a[4]["result"]["isError"] is True and a[4]["result"]["resultType"] == "complete"  # refused, in its era
+    assert daemon.calls() == ["stateless"]
+
+
+def test_an_unknown_version_gets_32022_with_the_supported_ones(root: str, daemon: FakeDaemon) -> None:
+    run = Run(root)
+    meta = {**MODERN, "io.modelcontextprotocol/protocolVersion": "2099-01-01"}
+    run.send(modern(1, "tools/call", {"name": "demo.echo", "arguments": {"text": "x"}}, meta))
+    run.send(modern(2, "tools/list", meta={"io.modelcontextprotocol/protocolVersion": "2026-07-28"}))
+    run.send(modern(3, "ping"))
+    assert run.finish() == 0
+    a = run.answers()
+    assert a[1]["error"] == {
+        "code": -32022,
+        "message": "Unsupported protocol version",
+        "data": {"supported": ["2026-07-28"], "requested": "2099-01-01"},
+    }
+    assert a[2]["error"]["code"] == -32602  # no clientCapabilities: a malformed envelope
+    assert a[3]["error"]["code"] == -32601  # ping is gone from the stateless era
+    assert daemon.calls() == []  # nothing ran
+
+
+def test_both_eras_on_one_connection(root: str, daemon: FakeDaemon) -> None:
+    run = Run(root)
+    init = {"protocolVersion": "2026-07-28", "capabilities": {}, "clientInfo": {"name": "c", "version": "1"}}
+    run.send({"jsonrpc": "2.0", "id": "i", "method": "initialize", "params": init})
+    run.send(call(1, "legacy"), modern(2, "tools/call", {"name": "demo.echo", "arguments": {"text": "modern"}}))
+    run.send({"jsonrpc": "2.0", "id": "p", "method": "ping"})
+    assert run.finish() == 0
+    a = run.answers()
+    assert a["i"]["result"]["protocolVersion"] == "2025-11-25"  # initialize negotiates within its own era
+    assert "resultType" not in a[1]["result"] and a[2]["result"]["resultType"] == "complete"
+    assert a["p"]["result"] == {}
 
 
 def test_tools_list_goes_to_the_daemon_catalog(root: str, daemon: FakeDaemon) -> None:

@@ -63,6 +63,12 @@ for line in sys.stdin:
             send({"jsonrpc": "2.0", "id": "s2", "method": "ping"})
         if args.get("sleep"):
             time.sleep(args["sleep"])
+        if args.get("progress"):
+            token = msg["params"].get("_meta", {}).get("progressToken")
+            for params in ({"progressToken": token, "progress": 1, "total": 3, "message": "m" * 900},
+                           {"progressToken": 999, "progress": 2}, {"progressToken": token, "progress": "x"},
+                           {"progressToken": token, "progress": 3, "total": "3", "message": 5}):
+                send({"jsonrpc": "2.0", "method": "notifications/progress", "params": params})
         n = args.get("n", 1)
         send({"jsonrpc": "2.0", "id": mid, "result": {"content": [{"type": "text", "text": str(n)}],
               "structuredContent": {"n": n}}})
@@ -123,6 +129,38 @@ def test_handshake_list_and_call_the_demo_server() -> None:
             await client.send_ping()
 
     run(go)
+
+
+def test_progress_reaches_the_call_that_asked_and_nothing_else(tmp_path: Path) -> None:
+    client, log, _launch = raw_client(tmp_path)
+    got: list[dict[str, Any]] = []
+
+    async def go() -> None:
+        async with client:
+            await client.list_tools()
+            await client.call_tool("count", {"n": 1, "progress": True}, progress=got.append)
+            await client.call_tool("count", {"n": 2, "progress": True})  # asked for none: none relayed
+
+    run(go)
+    # the right token only, bounded, typed: a wrong token, a non-number and wrong types are dropped
+    assert got == [{"progress": 1, "total": 3, "message": "m" * 500}, {"progress": 3}]
+    sent = [json.loads(line) for line in log.read_text().splitlines()]
+    calls = [m for m in sent if m.get("method") == "tools/call"]
+    assert calls[0]["params"]["_meta"] == {"progressToken": calls[0]["id"]}  # the broker's own token: its id
+    assert "_meta" not in calls[1]["params"]
+
+
+def test_progress_of_the_demo_servers_work() -> None:
+    got: list[dict[str, Any]] = []
+
+    async def go() -> None:
+        async with demo_client() as client:
+            await client.list_tools()
+            done = await client.call_tool("work", {"seconds": 0.2, "steps": 2, "tag": ""}, progress=got.append)
+            assert not done.is_error
+
+    run(go)
+    assert got[-1] == {"progress": 2, "total": 2, "message": "done"} and len(got) == 3
 
 
 def test_requests_from_the_server_to_the_client_are_refused() -> None:

@@ -267,7 +267,7 @@ ADMIN_VALID: dict[str, dict] = {
     "explain": {"v": V, "op": "explain", "caller": "alice", "tool": "demo.echo", "kv": [["a", "b"]]},
 }
 
-_SAMPLES: dict[type, object] = {str: "x", int: 1, float: 1.5, list: [], dict: {}, type(None): None}
+_SAMPLES: dict[type, object] = {str: "x", int: 1, float: 1.5, list: [], dict: {}, type(None): None, bool: True}
 
 
 def _sample_request(ops: dict, op: str) -> dict:
@@ -377,7 +377,7 @@ def test_no_gate_op_has_a_caller_key() -> None:
         assert not set(spec) & {"caller", "uid", "user", "gid", "pid"}, op
     assert set(OPS["list"]) == set(OPS["status"]) == set(OPS["catalog"]) == set()
     assert set(OPS["describe"]) == {"tool"}
-    assert set(OPS["call"]) == {"tool", "kv", "args", "timeout"}
+    assert set(OPS["call"]) == {"tool", "kv", "args", "timeout", "progress"}
     assert set(OPS["report"]) == {"verb", "tool", "exit", "reason"}
 
 

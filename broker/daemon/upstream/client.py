@@ -9,10 +9,14 @@ as the SDK's types (``mcp.types``) either way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
 
 import mcp
+
+#: what a server said of a call's progress (MCP's ``notifications/progress`` params, less the token)
+Progress = Callable[[dict[str, Any]], None]
 
 
 class Upstream(Protocol):
@@ -26,8 +30,11 @@ class Upstream(Protocol):
 
     async def list_tools(self, cursor: str | None = None) -> mcp.types.ListToolsResult: ...
 
-    async def call_tool(self, name: str, arguments: dict[str, Any], timeout: float) -> mcp.types.CallToolResult:
-        """Call a tool. The caller cancels at its deadline; ``timeout`` is for transports with a read timeout."""
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], timeout: float, progress: Progress | None = None
+    ) -> mcp.types.CallToolResult:
+        """Call a tool. The caller cancels at its deadline (the transport tells the server); ``timeout`` is for
+        transports with a read timeout; with ``progress``, the server is asked for progress, each report to it."""
         ...
 
     async def send_ping(self) -> None: ...

@@ -29,7 +29,7 @@ from broker.core import wire
 from broker.core.errors import PrivsepError, TempFail, Unavailable
 from broker.core.servers import instance_name
 from broker.daemon.config import Server
-from broker.daemon.upstream.client import Upstream
+from broker.daemon.upstream.client import Progress, Upstream
 from broker.daemon.upstream.http import HttpClient
 from broker.daemon.upstream.spawner import SpawnerClient, Started
 from broker.daemon.upstream.stdio import ServerProcess, StdioClient
@@ -75,6 +75,8 @@ class ServerHandle:
         self.max_tools = max_tools
         self.client: Upstream | None = None
         self.tools: dict[str, mcp.types.Tool] = {}
+        #: tools the server offers that no agent is shown, each with why (task-only tools)
+        self.hidden: dict[str, str] = {}
         self.state: ServerState = "starting"
         self.reason = ""
         self.restarts = 0
@@ -172,6 +174,10 @@ class ServerHandle:
         async with contextlib.AsyncExitStack() as stack:
             await asyncio.wait_for(stack.enter_async_context(client), self.connect_timeout)
             tools = await self._list_all(client)
+            self.hidden = {name: TASK_ONLY for name, t in tools.items() if _task_only(t)}
+            tools = {name: t for name, t in tools.items() if name not in self.hidden}
+            if self.hidden:
+                log.warning("server %s: %s hidden (%s)", self.name, ", ".join(sorted(self.hidden)), TASK_ONLY)
             self.tools = tools
             self.client = client
             self.state = "up"
@@ -259,7 +265,12 @@ class ServerHandle:
         self._changed = asyncio.Event()
 
     async def call(
-        self, tool: str, arguments: dict[str, Any], timeout: float, spec: mcp.types.Tool | None = None
+        self,
+        tool: str,
+        arguments: dict[str, Any],
+        timeout: float,
+        spec: mcp.types.Tool | None = None,
+        progress: Progress | None = None,
     ) -> mcp.types.CallToolResult:
         """Call a tool; the daemon's own timeout answers 75, a dead server 69.
 
@@ -275,7 +286,7 @@ class ServerHandle:
         try:
             # asyncio.timeout, not wait_for: wait_for wraps the call in one more task on every call
             async with asyncio.timeout(remaining):
-                return await client.call_tool(tool, arguments, remaining)
+                return await client.call_tool(tool, arguments, remaining, progress)
         except TimeoutError:
             self._background.add(task := asyncio.create_task(self._check_alive(client)))
             task.add_done_callback(self._background.discard)
@@ -348,3 +359,13 @@ def _describe_failure(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return "I/O error"
     return type(exc).__name__
+
+
+#: why a task-only tool is never offered
+TASK_ONLY = "task-only: it can only be called as a task, and the broker does not run tasks"
+
+
+def _task_only(tool: mcp.types.Tool) -> bool:
+    """A tool whose server requires task-augmented calls (2025-11-25 ``execution.taskSupport``)."""
+    execution = getattr(tool, "execution", None)
+    return getattr(execution, "task_support", None) == "required"

@@ -14,6 +14,8 @@ import mcp
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from broker.daemon.upstream.client import Progress
+
 CONNECT_SECONDS = 30.0
 #: the SDK's own read timeout is a backstop only: the handle cancels a call at its deadline
 READ_SECONDS = 3600.0
@@ -40,9 +42,25 @@ class HttpClient:
     async def list_tools(self, cursor: str | None = None) -> mcp.types.ListToolsResult:
         return await self._client.list_tools(cursor=cursor)
 
-    async def call_tool(self, name: str, arguments: dict[str, Any], timeout: float) -> mcp.types.CallToolResult:
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], timeout: float, progress: Progress | None = None
+    ) -> mcp.types.CallToolResult:
+        relay = None
+        if progress is not None:
+            report_to = progress
+
+            async def relay(progress: float, total: float | None, message: str | None) -> None:
+                report: dict[str, Any] = {"progress": progress}
+                if total is not None:
+                    report["total"] = total
+                if message is not None:
+                    report["message"] = message[:500]
+                report_to(report)
+
         try:
-            return await self._client.call_tool(name, arguments, read_timeout_seconds=timeout + 1)
+            return await self._client.call_tool(
+                name, arguments, read_timeout_seconds=timeout + 1, progress_callback=relay
+            )
         except RuntimeError as exc:  # the SDK client's verdict on structured content that breaks its schema
             raise mcp.MCPError(-32603, str(exc)[:500]) from None
 

@@ -35,6 +35,8 @@ from typing import Any, Protocol
 import mcp
 import mcp.types
 
+from broker.daemon.upstream.client import Progress
+
 log = logging.getLogger("mcp-brokerd")
 
 PROTOCOL_VERSION = "2025-11-25"
@@ -123,6 +125,8 @@ class StdioClient:
         self._closed_why = ""
         self._validators: dict[str, Any] = {}
         self._schemas: dict[str, dict[str, Any] | None] = {}
+        #: progress tokens of calls in flight (the broker's own: the request's id) -> where reports go
+        self._progress: dict[int, Progress] = {}
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -204,12 +208,18 @@ class StdioClient:
         except (OSError, RuntimeError):  # a dead server: broken pipe, or a transport already closed
             raise _closed() from None
 
-    async def _request(self, method: str, params: dict[str, Any] | None = None) -> Any:
+    async def _request(
+        self, method: str, params: dict[str, Any] | None = None, progress: Progress | None = None
+    ) -> Any:
         self._next_id += 1
         msg_id = self._next_id
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = fut
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": msg_id, "method": method}
+        if progress is not None:
+            # the token is the broker's (its request id), never the agent's: reports map back to this call only
+            params = {**(params or {}), "_meta": {"progressToken": msg_id}}
+            self._progress[msg_id] = progress
         if params is not None:
             message["params"] = params
         try:
@@ -223,6 +233,7 @@ class StdioClient:
             raise
         finally:
             self._pending.pop(msg_id, None)
+            self._progress.pop(msg_id, None)
 
     def _notify_cancelled(self, msg_id: int) -> None:
         proc = self.proc
@@ -319,7 +330,9 @@ class StdioClient:
         method = msg.get("method")
         if isinstance(method, str):
             if "id" not in msg:
-                return  # notifications (progress, logging, list_changed): nothing the broker acts on
+                if method == "notifications/progress":
+                    self._on_progress(msg.get("params"))
+                return  # other notifications (logging, list_changed): nothing the broker acts on
             if method == "ping":
                 await self._answer({"jsonrpc": "2.0", "id": msg["id"], "result": {}})
             else:  # sampling, elicitation, roots: the broker never lends the agent's side to a server
@@ -342,6 +355,24 @@ class StdioClient:
             fut.set_result(msg["result"])
         else:
             fut.set_exception(mcp.MCPError(INTERNAL_ERROR, "malformed response from the server"))
+
+    def _on_progress(self, params: object) -> None:
+        """A progress report for a call in flight that asked for them; anything else is dropped."""
+        if not isinstance(params, dict):
+            return
+        token = params.get("progressToken")
+        relay = self._progress.get(token) if type(token) is int else None
+        value = params.get("progress")
+        if relay is None or type(value) not in (int, float):
+            return
+        report: dict[str, Any] = {"progress": value}
+        total = params.get("total")
+        if type(total) in (int, float):
+            report["total"] = total
+        message = params.get("message")
+        if isinstance(message, str):
+            report["message"] = message[:500]
+        relay(report)
 
     async def _answer(self, message: dict[str, Any]) -> None:
         with contextlib.suppress(mcp.MCPError):
@@ -370,10 +401,10 @@ class StdioClient:
         return listed
 
     async def call_tool(
-        self, name: str, arguments: dict[str, Any], timeout: float | None = None
+        self, name: str, arguments: dict[str, Any], timeout: float | None = None, progress: Progress | None = None
     ) -> mcp.types.CallToolResult:
         """Call a tool; the caller bounds the wait (``timeout`` is not needed: a pipe has no read timeout)."""
-        raw = await self._request("tools/call", {"name": name, "arguments": arguments})
+        raw = await self._request("tools/call", {"name": name, "arguments": arguments}, progress)
         try:
             result = mcp.types.CallToolResult.model_validate(raw)
         except ValueError as exc:
