@@ -318,6 +318,8 @@ OPS: dict[str, Schema] = {
     "status": {},
     # mcp stdio: the allowed tools with their full pinned definitions
     "catalog": {},
+    # mcp stdio: held open; the daemon sends {"changed": true} whenever the caller's tool list changes
+    "watch": {},
     # the gate's own refusals, forwarded so the daemon can audit them (they count only against their caller)
     "report": {
         "verb": (_STR, True),

@@ -488,6 +488,46 @@ class Broker:
         ]
         return Outcome(verdict.record() | {"decision": "allow"}, {"tools": tools})
 
+    def catalog_key(self, allowed: Allowlist, caller: str) -> tuple[Any, ...]:
+        """What an ``mcp stdio`` session's tools/list would show ``caller``, as a comparable key (no waiting)."""
+        key: list[tuple[str, int, str]] = []
+        for action in allowed.actions:
+            server_name, _, tool_name = action.partition(".")
+            handle = self.servers.get(server_name, caller)
+            spec = handle.tools.get(tool_name) if handle is not None and handle.state == "up" else None
+            if spec is not None:
+                key.append((action, id(spec), self.pins.check(action, spec)))
+        return tuple(key)
+
+    async def op_watch(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
+        """``mcp stdio``'s change feed: a ``{"changed": true}`` frame whenever the caller's tool list changes.
+
+        Whatever changed it: a server up or down, a server's own list change
+        (it is listed again), a pin accepted or a definition blocked, the
+        allowlist. Held until the session hangs up; one record, at the end.
+        """
+        verdict = decide(Query(ctx.caller, "list"), self)
+        if verdict.allowlist is None:
+            return Outcome(verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
+        last = self.catalog_key(verdict.allowlist, ctx.caller)
+        hangup = asyncio.ensure_future(conn.closed())
+        try:
+            while not hangup.done():
+                await asyncio.wait({hangup}, timeout=WATCH_SECONDS)
+                try:
+                    allowed = self.allowlists.get(ctx.caller)
+                except ConfigError:
+                    continue  # a broken allowlist: the session's own check says so on its next request
+                key = self.catalog_key(allowed, ctx.caller)
+                if key != last:
+                    last = key
+                    await conn.send({"changed": True})
+        except (ConnectionError, BrokenPipeError):
+            pass
+        finally:
+            hangup.cancel()
+        return Outcome(verdict.record() | {"decision": "allow"}, {})
+
     async def op_describe(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
         verdict = await self.decided(Query(ctx.caller, "describe", _action(req["tool"])), READY_WAIT)
         if not verdict.admitted:
@@ -733,6 +773,7 @@ GATE_ROUTES: dict[str, Route] = {
     "call": Route(Broker.op_call, _GATE),
     "status": Route(Broker.op_status, _GATE),
     "catalog": Route(Broker.op_catalog, _GATE),
+    "watch": Route(Broker.op_watch, _GATE),
     "report": Route(Broker.op_report, _GATE),
 }
 
@@ -752,6 +793,8 @@ ADMIN_ROUTES: dict[str, Route] = {
 }
 
 
+#: how often a watching session's tool list is compared (in the daemon, without a request)
+WATCH_SECONDS = 1.0
 #: interim frames waiting in a connection's buffer beyond which progress reports are dropped (a slow reader)
 PROGRESS_BUFFER = 64 * 1024
 

@@ -68,6 +68,8 @@ CALL_WAIT = 900.0
 LIST_WAIT = 60.0
 REPORT_WAIT = 5.0
 SEND_TIMEOUT = 30.0
+#: seconds before a watch connection the daemon closed is opened again
+WATCH_RETRY = 5.0
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -140,6 +142,9 @@ class Session:
         self._modern: set[Any] = set()
         #: open ``subscriptions/listen`` streams (2026-07-28) that asked for tools/list_changed, by request id
         self.listens: set[Any] = set()
+        #: the ``watch`` connection: the daemon's word that the caller's tool list changed
+        self.watcher: _Link | None = None
+        self.watch_retry = 0.0
         self.allowlists = allowlist.Cache(paths.allowlist, paths.allowlist_d)
         self.allowlist_key = self._allowlist_key()
 
@@ -182,11 +187,63 @@ class Session:
         key = self._allowlist_key()
         if key != self.allowlist_key:
             self.allowlist_key = key
-            if self.initialized:
-                self.send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
-            for listen in sorted(self.listens, key=str):
-                params = {"_meta": {SUBSCRIPTION_ID_META: listen}}
-                self.send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed", "params": params})
+            if self.watcher is None:  # with a watch open, the daemon says so (it sees the allowlist too)
+                self.notify_changed()
+
+    def notify_changed(self) -> None:
+        """Tell the client its tool list changed: in its session, and on every listen stream that asked."""
+        if self.initialized:
+            self.send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        for listen in sorted(self.listens, key=str):
+            params = {"_meta": {SUBSCRIPTION_ID_META: listen}}
+            self.send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed", "params": params})
+
+    # --- the daemon's change feed (servers up or down, pins, a server's own list change) -----------
+
+    def ensure_watch(self, now: float) -> None:
+        """Hold a ``watch`` connection open while someone listens (a session, or a listen stream)."""
+        if self.watcher is not None or not (self.initialized or self.listens) or now < self.watch_retry:
+            return
+        try:
+            link = _Link(self.connect())
+            link.sock.settimeout(SEND_TIMEOUT)
+            link.sock.sendall(wire.encode_frame(wire.request("watch"), wire.MAX_REQUEST_BYTES))
+            link.sock.setblocking(False)
+        except (OSError, PrivsepError):
+            self.watch_retry = now + WATCH_RETRY
+            return
+        self.watcher = link
+
+    def on_watch_readable(self) -> None:
+        link = self.watcher
+        assert link is not None
+        try:
+            chunk = link.sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:  # the daemon restarted, or refused: the allowlist poll covers until it is back
+            link.close()
+            self.watcher = None
+            self.watch_retry = time.monotonic() + WATCH_RETRY
+            return
+        link.buf += chunk
+        while len(link.buf) >= 4:
+            try:
+                n = wire.frame_length(link.buf[:4], wire.MAX_RESPONSE_BYTES)
+            except ProtocolError:
+                link.buf = b""
+                return
+            if len(link.buf) < 4 + n:
+                return
+            payload, link.buf = link.buf[4 : 4 + n], link.buf[4 + n :]
+            try:
+                frame = wire.decode_payload(payload)
+            except ProtocolError:
+                continue
+            if frame == {"changed": True}:
+                self.notify_changed()
 
     def check(self, tool: str | None) -> None:
         """The gate's own check on each request: a stat-keyed cache of the full, fail-closed read."""
@@ -541,8 +598,9 @@ class Session:
         self.reply(job.msg_id, result)
 
     def close(self) -> None:
-        for link in [*self.idle, *self.busy.values()]:
+        for link in [*self.idle, *self.busy.values(), *([self.watcher] if self.watcher else [])]:
             link.close()
+        self.watcher = None
         self.idle.clear()
         self.busy.clear()
 
@@ -574,6 +632,8 @@ def serve(session: Session, fd: int = 0) -> int:
     try:
         while not (eof and not session.busy and not session.backlog):
             watch = list(session.busy)
+            if session.watcher is not None:
+                watch.append(session.watcher.fd)
             reading = not eof and not session.full and not session.backlog
             if reading:
                 watch.append(fd)
@@ -590,9 +650,13 @@ def serve(session: Session, fd: int = 0) -> int:
             # at most once a second, busy or idle: edits are noticed without re-reading per message
             if now - last_poll >= POLL_SECONDS:
                 session.poll_allowlist()
+                session.ensure_watch(now)
                 last_poll = now
             for ready_fd in ready:
                 if ready_fd == fd:
+                    continue
+                if session.watcher is not None and ready_fd == session.watcher.fd:
+                    session.on_watch_readable()
                     continue
                 link = session.busy.get(ready_fd)
                 if link is not None:

@@ -1,7 +1,7 @@
 """A small real MCP server for the demo and the tests.
 
 Tools: ``echo``, ``add``, ``slow``, ``work`` (progress, and a mark left
-when it completes), ``fail``, ``big``, ``whoami`` (the uid the
+when it completes), ``grow`` (adds a tool and says the list changed), ``fail``, ``big``, ``whoami`` (the uid the
 server runs as) and ``secret`` (returns ``DEMO_SECRET`` from its environment,
 which the broker fills from the server's secret env file; it exists so tests
 can prove the agent never sees it unredacted), ``secret_encoded`` (the same
@@ -106,6 +106,16 @@ async def work(ctx: Context, seconds: float = 2.0, steps: int = 4, tag: str = "w
         with open(os.path.join(os.environ["HOME"], f"work-{tag}.done"), "w", encoding="utf-8") as fh:
             fh.write("done\n")
     return f"worked {seconds} s in {steps} steps"
+
+
+@server.tool(description="Add a tool named 'grown' (it says hello) and tell the client the tool list changed.")
+async def grow(ctx: Context) -> str:
+    def grown() -> str:
+        return "hello from a tool that was not there"
+
+    server.add_tool(grown, name="grown", description="A tool added while the server runs.")
+    await ctx.session.send_tool_list_changed()
+    return "grown"
 
 
 @server.tool(description="Always fail with a tool error.")

@@ -228,3 +228,31 @@ def test_mcp_call_shows_progress_on_a_terminal_only(work: Installation) -> None:
 def _started(inst: Installation, tag: str) -> bool:
     """The call's intent is recorded: it has reached the server."""
     return any(r.get("tool") == "demo.work" and r.get("phase") == "intent" for r in inst.records()[-5:])
+
+
+# --- tools/list_changed, whatever changed the list --------------------------------------------------
+
+
+def _changes(s: Session, seconds: float) -> list[dict[str, Any]]:
+    return [m for m in s.read(seconds) if m.get("method") == "notifications/tools/list_changed"]
+
+
+def test_list_changed_when_a_server_goes_down_and_up_and_when_it_changes_its_own_list(work: Installation) -> None:
+    work.set_allowlist(WORK + "demo.grow\ndemo.grown\ndemo.crash\n")
+    s = Session(work)
+    try:
+        s.read(2.5)  # the session's watch is open (it opens within a second of initialize)
+        # the server's own word: it adds a tool and says so; the broker lists it again and tells the session
+        s.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "demo.grow", "arguments": {}}})
+        got = s.read(4.0)
+        assert any(m.get("id") == 1 for m in got), got
+        assert [m for m in got if m.get("method") == "notifications/tools/list_changed"], got
+        s.send({"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
+        listed = s.until(lambda m: m.get("id") == 2, 20)
+        assert listed is not None and "demo.grown" in {t["name"] for t in listed["result"]["tools"]}
+        # the server dies: its tools go (told), it is restarted: they come back (told again)
+        s.send({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "demo.crash", "arguments": {}}})
+        seen = [m for m in s.read(8.0) if m.get("method") == "notifications/tools/list_changed"]
+        assert seen, "no list_changed after the server went down and came back"
+    finally:
+        s.close()

@@ -250,6 +250,7 @@ VALID: dict[str, dict] = {
     },
     "status": {"v": V, "op": "status"},
     "catalog": {"v": V, "op": "catalog"},
+    "watch": {"v": V, "op": "watch"},
     "report": {
         "v": V,
         "op": "report",
@@ -375,7 +376,7 @@ def test_first_version_requests_are_refused(op: str) -> None:
 def test_no_gate_op_has_a_caller_key() -> None:
     for op, spec in OPS.items():
         assert not set(spec) & {"caller", "uid", "user", "gid", "pid"}, op
-    assert set(OPS["list"]) == set(OPS["status"]) == set(OPS["catalog"]) == set()
+    assert set(OPS["list"]) == set(OPS["status"]) == set(OPS["catalog"]) == set(OPS["watch"]) == set()
     assert set(OPS["describe"]) == {"tool"}
     assert set(OPS["call"]) == {"tool", "kv", "args", "timeout", "progress"}
     assert set(OPS["report"]) == {"verb", "tool", "exit", "reason"}

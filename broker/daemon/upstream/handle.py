@@ -77,6 +77,8 @@ class ServerHandle:
         self.tools: dict[str, mcp.types.Tool] = {}
         #: tools the server offers that no agent is shown, each with why (task-only tools)
         self.hidden: dict[str, str] = {}
+        self._relisting: asyncio.Future[None] | None = None
+        self._relist_again = False
         self.state: ServerState = "starting"
         self.reason = ""
         self.restarts = 0
@@ -136,12 +138,44 @@ class ServerHandle:
                 launch,
                 errlog=self.errlog,
                 on_close=self.mark_broken,  # an exited server is restarted now, not at the next ping
+                on_list_changed=self.list_changed,
                 client_version=__version__,
                 max_message=self.max_message,
             )
         if srv.url is None:
             raise Unavailable("its url is not known yet (the spawner has not read its env file)")
-        return HttpClient(srv.url, srv.headers)
+        return HttpClient(srv.url, srv.headers, on_list_changed=self.list_changed)
+
+    def list_changed(self) -> None:
+        """The server says its tools changed: list them again (once at a time; a burst makes one more)."""
+        if self._relisting is not None and not self._relisting.done():
+            self._relist_again = True
+            return
+        self._relisting = asyncio.ensure_future(self._relist())
+
+    async def _relist(self) -> None:
+        while True:
+            self._relist_again = False
+            client = self.client
+            if client is None or self.state != "up":
+                return
+            try:
+                tools = await self._list_all(client)
+            except (_Broken, mcp.MCPError, OSError, TimeoutError, httpx2.HTTPError) as exc:
+                log.warning("server %s: listing its tools again failed: %s", self.name, exc)
+                return
+            if self.client is client:
+                self._apply(tools)
+                log.info("server %s changed its tools: %d now", self.name, len(self.tools))
+            if not self._relist_again:
+                return
+
+    def _apply(self, tools: dict[str, mcp.types.Tool]) -> None:
+        """Offer ``tools``, less those no agent may be shown (each call is checked against its pin anyway)."""
+        self.hidden = {name: TASK_ONLY for name, t in tools.items() if _task_only(t)}
+        if self.hidden:
+            log.warning("server %s: %s hidden (%s)", self.name, ", ".join(sorted(self.hidden)), TASK_ONLY)
+        self.tools = {name: t for name, t in tools.items() if name not in self.hidden}
 
     async def _supervise(self) -> None:
         backoff = 0.25
@@ -173,12 +207,8 @@ class ServerHandle:
             self.state = "starting"
         async with contextlib.AsyncExitStack() as stack:
             await asyncio.wait_for(stack.enter_async_context(client), self.connect_timeout)
-            tools = await self._list_all(client)
-            self.hidden = {name: TASK_ONLY for name, t in tools.items() if _task_only(t)}
-            tools = {name: t for name, t in tools.items() if name not in self.hidden}
-            if self.hidden:
-                log.warning("server %s: %s hidden (%s)", self.name, ", ".join(sorted(self.hidden)), TASK_ONLY)
-            self.tools = tools
+            self._apply(await self._list_all(client))
+            tools = self.tools
             self.client = client
             self.state = "up"
             self._start_failed = False

@@ -6,6 +6,7 @@ redirects are not followed, so a credential is never sent to another host.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -24,11 +25,20 @@ READ_SECONDS = 3600.0
 class HttpClient:
     """One streamable-HTTP MCP session."""
 
-    def __init__(self, url: str, headers: dict[str, str]) -> None:
+    def __init__(self, url: str, headers: dict[str, str], on_list_changed: Callable[[], None] | None = None) -> None:
         http = httpx2.AsyncClient(
             headers=headers, timeout=httpx2.Timeout(CONNECT_SECONDS, read=READ_SECONDS), follow_redirects=False
         )
-        self._client = Client(streamable_http_client(url, http_client=http), mode="legacy")
+        self.on_list_changed = on_list_changed
+        self._client = Client(
+            streamable_http_client(url, http_client=http), mode="legacy", message_handler=self._on_message
+        )
+
+    async def _on_message(self, message: Any) -> None:
+        """Server notifications: a tools list change is acted on; the rest (logging, progress ...) is not."""
+        method = getattr(message, "method", None) or getattr(getattr(message, "root", None), "method", None)
+        if method == "notifications/tools/list_changed" and self.on_list_changed is not None:
+            self.on_list_changed()
 
     async def __aenter__(self) -> HttpClient:
         await self._client.__aenter__()

@@ -108,12 +108,14 @@ class StdioClient:
         *,
         errlog: Callable[[str], None],
         on_close: Callable[[str], None] | None = None,
+        on_list_changed: Callable[[], None] | None = None,
         client_version: str = "0",
         max_message: int = MAX_MESSAGE,
     ) -> None:
         self.launch = launch
         self.errlog = errlog
         self.on_close = on_close
+        self.on_list_changed = on_list_changed
         self.client_version = client_version
         self.max_message = max_message
         self.proc: ServerProcess | None = None
@@ -332,7 +334,9 @@ class StdioClient:
             if "id" not in msg:
                 if method == "notifications/progress":
                     self._on_progress(msg.get("params"))
-                return  # other notifications (logging, list_changed): nothing the broker acts on
+                elif method == "notifications/tools/list_changed" and self.on_list_changed is not None:
+                    self.on_list_changed()
+                return  # other notifications (logging, resources ...): nothing the broker acts on
             if method == "ping":
                 await self._answer({"jsonrpc": "2.0", "id": msg["id"], "result": {}})
             else:  # sampling, elicitation, roots: the broker never lends the agent's side to a server
