@@ -512,7 +512,7 @@ def deny(ctx: click.Context, actions: tuple[str, ...], user: str | None) -> None
 @click.option("--dry-run", is_flag=True, help="Print the report and the TOML; write nothing.")
 @click.pass_context
 def import_(ctx: click.Context, file: str, name_prefix: str, skip: tuple[str, ...], dry_run: bool) -> None:
-    """Import an mcporter, Claude Desktop or Cursor config (only the FILE named).
+    """Import an mcporter, Claude Desktop, Cursor or OpenClaw config (only the FILE named).
 
     Servers go to servers.d/imported.toml, their secrets to secrets/NAME.env;
     the report says what moved where and never prints a secret.

@@ -10,7 +10,10 @@ discovery, never anything from the working directory) in one of these shapes:
   ``headers``, ``bearerToken``/``bearerTokenEnv`` and ``${VAR}``,
   ``${VAR:-fallback}`` or ``$env:VAR`` placeholders;
 * a **Claude Desktop / Cursor** ``mcpServers`` JSON (``command``/``args``/``env``
-  or ``url``/``headers``, optionally ``type``), or VS Code's ``servers``.
+  or ``url``/``headers``, optionally ``type``), or VS Code's ``servers``;
+* **OpenClaw**'s ``openclaw.json``, whose servers are under ``mcp.servers``
+  (the same entry shapes). An entry that launches ``mcp stdio`` is the broker
+  itself, wired into the client: it is skipped, with a note.
 
 Every server becomes a ``[servers.NAME]`` table in
 ``servers.d/imported.toml`` (written with tomli-w; an existing server name is
@@ -251,9 +254,15 @@ def read_config(path: str) -> tuple[dict[str, Any], str]:
         jsonc = True
     if not isinstance(doc, dict):
         raise ImportProblem(f"{path}: expected a JSON object with 'mcpServers'")
+    openclaw = doc.get("mcp")
+    if "mcpServers" not in doc and isinstance(openclaw, dict) and isinstance(openclaw.get("servers"), dict):
+        # OpenClaw's openclaw.json: its MCP servers are under mcp.servers
+        return _entries(openclaw["servers"], []), "OpenClaw openclaw.json (mcp.servers)"
     key = "mcpServers" if "mcpServers" in doc else "servers" if "servers" in doc else None
     if key is None or not isinstance(doc[key], dict):
-        raise ImportProblem(f"{path}: no 'mcpServers' object (expected an mcporter, Claude Desktop or Cursor config)")
+        raise ImportProblem(
+            f"{path}: no 'mcpServers' object (expected an mcporter, Claude Desktop, Cursor or OpenClaw config)"
+        )
     mcporter_keys = {"imports", "daemonIdleTimeoutMs", "daemon_idle_timeout_ms"}
     entry_keys = {k for e in doc[key].values() if isinstance(e, dict) for k in e}
     mcporter = (
@@ -275,7 +284,25 @@ def read_config(path: str) -> tuple[dict[str, Any], str]:
             f"({', '.join(map(str, doc['imports'])) if isinstance(doc['imports'], list) else doc['imports']}): "
             "not followed; mcp-privsep never reads editor configs by itself: import each file explicitly"
         )
-    return {"servers": doc[key], "notes": notes}, fmt
+    return _entries(doc[key], notes), fmt
+
+
+def _entries(servers: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """The servers to import: a client's own entry for ``mcp stdio`` (the broker itself) is left out."""
+    kept: dict[str, Any] = {}
+    for name, entry in servers.items():
+        if isinstance(entry, dict) and _is_the_broker(entry):
+            notes.append(f"{name}: skipped: it is mcp-privsep itself ('mcp stdio'), not a server to broker")
+            continue
+        kept[name] = entry
+    return {"servers": kept, "notes": notes}
+
+
+def _is_the_broker(entry: dict[str, Any]) -> bool:
+    command, args = entry.get("command"), entry.get("args")
+    if isinstance(command, list) and command:
+        command, args = command[0], command[1:]
+    return isinstance(command, str) and os.path.basename(command) == "mcp" and args == ["stdio"]
 
 
 # --- converting -------------------------------------------------------------------------

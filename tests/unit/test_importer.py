@@ -119,6 +119,37 @@ def test_claude_desktop_config(tmp_root: str, paths: Paths) -> None:
     assert "debug" not in text  # env values go to the env file even when they are not credentials
 
 
+OPENCLAW = {
+    "agents": {"defaults": {"model": "x"}},
+    "mcp": {
+        "servers": {
+            "privsep": {"command": "/usr/local/bin/mcp", "args": ["stdio"]},
+            "search": {
+                "command": "/usr/bin/python3",
+                "args": ["-m", "search_mcp"],
+                "env": {"SEARCH_KEY": "sk-9a8b7c6d5e4f"},
+            },
+            "ha": {
+                "url": "http://127.0.0.1:8123/api/mcp",
+                "headers": {"Authorization": "Bearer eyJhbGciOiJIUzI1NiJ9.e30.c2ln"},
+            },
+        }
+    },
+}
+
+
+def test_openclaw_config(tmp_root: str, paths: Paths) -> None:
+    plan = importer.plan(_file(tmp_root, OPENCLAW, "openclaw.json"), paths)
+    assert plan.format == "OpenClaw openclaw.json (mcp.servers)"
+    s = _by_name(plan)
+    assert set(s) == {"search", "ha"}  # the client's own mcp stdio entry is the broker itself: skipped
+    assert _env(s["search"]) == {"SEARCH_KEY": "sk-9a8b7c6d5e4f"}
+    assert s["ha"].table["headers"] == {"Authorization": "Bearer ${BEARER_TOKEN}"}
+    assert any("privsep: skipped: it is mcp-privsep itself" in n for n in plan.notes), plan.notes
+    text = importer.toml_text(plan)
+    assert "sk-9a8b7c6d5e4f" not in text and "mcp" not in tomllib.loads(text).get("servers", {})
+
+
 def test_the_report_says_where_things_went_and_never_prints_a_secret(tmp_root: str, paths: Paths) -> None:
     plan = importer.plan(_file(tmp_root, CLAUDE), paths)
     report = "\n".join(importer.report(plan))
