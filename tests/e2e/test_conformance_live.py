@@ -16,8 +16,10 @@ environment) is refused without running.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import time
@@ -231,3 +233,104 @@ def test_a_cancelled_long_running_operation_stops_at_the_server(everything: Inst
     assert not any(m.get("id") == 1 for m in after), after
     outcomes = [r.get("outcome") for r in everything.records() if r.get("tool") == f"everything.{LONG}"]
     assert outcomes[-1] == "cancelled", outcomes
+
+
+# --- published clients in node: the MCP Inspector CLI and mcporter, as the agent ----------------------
+
+#: pinned; the Inspector CLI needs Node >= 22, which the ``node`` package of the npm registry provides
+CLIENT_PACKAGES = ("node@24.21.0", "@modelcontextprotocol/inspector@2.12.0", "mcporter@0.12.3")
+CLIENTS = (
+    "/var/cache/mcp-privsep-e2e/npm/clients-" + hashlib.sha256(" ".join(CLIENT_PACKAGES).encode()).hexdigest()[:12]
+)
+BIN = f"{CLIENTS}/node_modules/.bin"
+
+
+@pytest.fixture(scope="module")
+def clients(everything_cmd: list[str]) -> str:
+    """The pinned Node clients, installed into the cache once (npm registry); their bin directory."""
+    if not all(os.path.exists(f"{BIN}/{b}") for b in ("node", "mcp-inspector", "mcporter")):
+        os.makedirs(CLIENTS, exist_ok=True)
+        r = subprocess.run(
+            ["npm", "install", "--prefix", CLIENTS, "--no-audit", "--no-fund", "--no-save", *CLIENT_PACKAGES],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=900,
+        )
+        if r.returncode != 0:
+            pytest.fail(f"npm install {' '.join(CLIENT_PACKAGES)} failed: {r.stderr[-2000:]}")
+    subprocess.run(["chmod", "-R", "a+rX,go-w", "/var/cache/mcp-privsep-e2e"], check=True)
+    version = subprocess.run([f"{BIN}/node", "--version"], capture_output=True, text=True, check=True).stdout
+    assert version.startswith("v24."), version
+    return BIN
+
+
+@pytest.fixture(scope="module")
+def reference(everything_cmd: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """server-everything's own tools and results, by the SDK's client, with no broker in between."""
+
+    async def go() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with direct(everything_cmd) as client:
+            return await _tools_and_calls(client, "")
+
+    return asyncio.run(go())
+
+
+def node_client(inst: Installation, *argv: str) -> Any:
+    """A Node client as the agent, with the cached Node first on PATH and a home of the agent's own."""
+    home = f"{inst.root}/agent-node-home"
+    if not os.path.isdir(home):
+        os.makedirs(home, mode=0o700)
+        pw = pwd.getpwnam(AGENT1)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+    env = ["env", f"PATH={BIN}:/usr/local/bin:/usr/bin:/bin", f"HOME={home}", "LANG=C.UTF-8"]
+    return subprocess.run(
+        [RUNUSER, "-u", AGENT1, "--", *env, *argv], capture_output=True, text=True, check=False, timeout=120, cwd="/"
+    )
+
+
+def _image(result: dict[str, Any]) -> dict[str, Any]:
+    images = [b for b in result["content"] if b.get("type") == "image"]
+    assert len(images) == 1, result
+    return images[0]
+
+
+def test_the_inspector_cli_lists_and_calls(
+    everything: Installation, clients: str, reference: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    ref_tools, ref_calls = reference
+    inspector = [f"{clients}/mcp-inspector", "--cli", everything.paths.mcp, "stdio"]
+    r = node_client(everything, *inspector, "--method", "tools/list")
+    assert r.returncode == 0, r.stderr[-2000:]
+    listed = {t["name"]: t for t in json.loads(r.stdout)["tools"] if t["name"].startswith("everything.")}
+    assert sorted(listed) == sorted(f"everything.{t}" for t in (*ALLOWED, LONG))
+    for name in ALLOWED:
+        assert listed[f"everything.{name}"] == {**ref_tools[name], "name": f"everything.{name}"}, name
+    r = node_client(everything, *inspector, "--method", "tools/call", "--tool-name", "everything.get-tiny-image")
+    assert r.returncode == 0, r.stderr[-2000:]
+    image, ref_image = _image(json.loads(r.stdout)), _image(ref_calls["get-tiny-image"])
+    assert image["mimeType"] == "image/png" and image["data"] == ref_image["data"]
+    r = node_client(everything, *inspector, "--method", "tools/call", "--tool-name", "everything.get-env")
+    # not listed, so refused by the client itself, or by the broker: either way it never runs
+    said = r.stdout + r.stderr
+    assert r.returncode != 0 and ("not in the allowlist" in said or "not found" in said) and "PATH=" not in said, r
+
+
+def test_mcporter_lists_and_calls(
+    everything: Installation, clients: str, reference: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    _ref_tools, ref_calls = reference
+    stdio = ["--stdio", f"{everything.paths.mcp} stdio"]
+    r = node_client(everything, f"{clients}/mcporter", "list", *stdio, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = {t["name"] for t in json.loads(r.stdout)["tools"]}
+    assert {f"everything.{t}" for t in ALLOWED} <= names and f"everything.{TASK_ONLY}" not in names
+    r = node_client(everything, f"{clients}/mcporter", "call", *stdio, "everything.get-tiny-image", "--output", "json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    image, ref_image = _image(json.loads(r.stdout)), _image(ref_calls["get-tiny-image"])
+    assert image["mimeType"] == "image/png" and image["data"] == ref_image["data"]
+    r = node_client(
+        everything, f"{clients}/mcporter", "call", *stdio, "everything.get-sum", "a=2", "b=40", "--output", "json"
+    )
+    ref_sum = {k: v for k, v in ref_calls["get-sum"].items() if k != "resultType"}  # the SDK model's default
+    assert r.returncode == 0 and json.loads(r.stdout) == ref_sum, r
