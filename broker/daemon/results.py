@@ -19,6 +19,8 @@ from broker.daemon.redact import Redactor
 #: ``_meta`` keys the broker adds to a result (MCP reserves no prefix for them: a reverse-DNS-like one of its own)
 SANITIZED = "mcp-privsep/sanitized"
 TRUNCATED = "mcp-privsep/truncated"
+#: ``_meta`` keys MCP reserves for the protocol itself: a server's say of its own hop, never passed on
+PROTOCOL_KEYS = "io.modelcontextprotocol/"
 
 
 def first_line(text: str | None) -> str:
@@ -115,7 +117,12 @@ def render_result(result: mcp.types.CallToolResult, cap: int, redactor: Redactor
     out: dict[str, Any] = {"content": blocks, "isError": bool(result.is_error), "text": text}
     if structured is not None:
         out["structuredContent"] = structured
-    notes: dict[str, Any] = dict(redactor.deep(meta)) if isinstance(meta, dict) else {}
+    # the protocol's own keys (io.modelcontextprotocol/...) are of the hop between the broker and its server
+    notes: dict[str, Any] = {
+        k: v
+        for k, v in (redactor.deep(meta) if isinstance(meta, dict) else {}).items()
+        if not k.startswith(PROTOCOL_KEYS)
+    }
     if fixed:
         notes[SANITIZED] = fixed
     size = max(len(wire.to_utf8(text)), len(wire.dumps(blocks)), len(wire.dumps(structured)))

@@ -1,15 +1,19 @@
-"""A published server behind the broker, a published client in front of it: what one sends, the other gets.
+"""Published servers behind the broker, published clients in front of it: what one sends, the other gets.
 
-The server is ``@modelcontextprotocol/server-everything`` (pinned, installed
-from the npm registry into a cache on first use), run by the real daemon
-under its own user in its sandbox. The client is the MCP Python SDK's
-``Client``, speaking to ``mcp stdio`` as the agent through sudo. The
-reference is the same server spoken to directly by the same client, so
-nothing here is the broker's own idea of MCP: tool definitions arrive
-field for field (title, annotations under their wire names, outputSchema,
+Servers: ``@modelcontextprotocol/server-everything`` over stdio (run by the
+real daemon under its own user, in its sandbox) and over streamable HTTP,
+and ``mcp-server-time`` and ``mcp-server-git`` from PyPI; all pinned,
+installed from the registries into ``/var/cache/mcp-privsep-e2e`` on first
+use. Clients, as the agent through sudo and ``mcp stdio``: the MCP Python
+SDK's ``Client``, the MCP Inspector CLI (on Node 24 from the npm registry)
+and mcporter. The reference is each server spoken to directly, so nothing
+here is the broker's own idea of MCP: tool definitions arrive field for
+field (title, annotations under their wire names, outputSchema,
 execution), an image arrives with its bytes and MIME type, resource links
-and embedded resources keep theirs, structured content is intact, and a
-tool that is not allowlisted (``get-env``, which would print the server's
+and embedded resources keep theirs, structured content is intact,
+progress is relayed, a cancelled long-running operation stops at its
+server, a task-only tool is not offered (and status says why), and a tool
+that is not allowlisted (``get-env``, which would print the server's
 environment) is refused without running.
 """
 
@@ -21,14 +25,18 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 
+from broker.core.servers import server_user_for
 from tests.e2e.harness import AGENT1, AGENT_ENV, ALLOWLIST, RUNUSER, Installation, servers, wait_for, write_servers_d
 
 PACKAGE = "@modelcontextprotocol/server-everything"
@@ -334,3 +342,173 @@ def test_mcporter_lists_and_calls(
     )
     ref_sum = {k: v for k, v in ref_calls["get-sum"].items() if k != "resultType"}  # the SDK model's default
     assert r.returncode == 0 and json.loads(r.stdout) == ref_sum, r
+
+
+# --- published Python servers: mcp-server-time and mcp-server-git (PyPI), behind the broker -------------
+
+PY_SERVERS = ("mcp-server-time==2026.10.19", "mcp-server-git==2026.10.19")
+PY_VENV = "/var/cache/mcp-privsep-e2e/py/servers-" + hashlib.sha256(" ".join(PY_SERVERS).encode()).hexdigest()[:12]
+PY_TOOLS = {"time": ["get_current_time", "convert_time"], "git": ["git_log", "git_status"]}
+
+
+@pytest.fixture(scope="module")
+def py_servers(inst: Installation) -> Iterator[tuple[Installation, str]]:
+    """Both servers in a virtualenv of their own (the system's Python, pinned versions), and a repository."""
+    if not os.path.exists(f"{PY_VENV}/bin/mcp-server-git"):
+        subprocess.run(["/usr/bin/python3", "-m", "venv", PY_VENV], check=True, timeout=120)
+        r = subprocess.run(
+            [f"{PY_VENV}/bin/pip", "install", "-q", "--disable-pip-version-check", *PY_SERVERS],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=900,
+        )
+        if r.returncode != 0:
+            pytest.fail(f"pip install {' '.join(PY_SERVERS)} failed: {r.stderr[-2000:]}")
+    if shutil.which("git") is None:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "git"], capture_output=True, check=False, timeout=600)
+    subprocess.run(["chmod", "-R", "a+rX,go-w", "/var/cache/mcp-privsep-e2e"], check=True)
+    repo = f"{inst.root}/repo"
+    os.makedirs(repo, exist_ok=True)
+    git = ["git", "-C", repo, "-c", "user.name=e2e", "-c", "user.email=e2e@example.org"]
+    subprocess.run(["git", "init", "-q", repo], check=True)
+    with open(f"{repo}/README", "w") as fh:
+        fh.write("a repository behind the broker\n")
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run(
+        [*git, "commit", "-q", "-m", "first commit"],
+        check=True,
+        env={**os.environ, "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z", "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z"},
+    )
+    conf = write_servers_d(
+        inst,
+        "pyservers.toml",
+        f'[servers.time]\ncommand = "{PY_VENV}/bin/mcp-server-time"\n\n'
+        f'[servers.git]\ncommand = "{PY_VENV}/bin/mcp-server-git"\nargs = ["--repository", "{repo}"]\n',
+    )
+    if inst.daemon is None or inst.daemon.poll() is not None:
+        inst.start_daemon()
+    try:
+        assert inst.ctl("reload").code == 0
+        owner = pwd.getpwnam(server_user_for("git"))  # git refuses a repository of another user's
+        subprocess.run(["chown", "-R", f"{owner.pw_uid}:{owner.pw_gid}", repo], check=True)
+        up = wait_for(lambda: all(servers(inst).get(n, {}).get("state") == "up" for n in PY_TOOLS), 60)
+        assert up, ({n: servers(inst).get(n) for n in PY_TOOLS}, inst.log_tail())
+        inst.set_allowlist(ALLOWLIST + "".join(f"{s}.{t}\n" for s, ts in PY_TOOLS.items() for t in ts))
+        yield inst, repo
+    finally:
+        os.unlink(conf)
+        inst.set_allowlist(ALLOWLIST)
+        inst.ctl("reload")
+
+
+def as_server_user(server: str, command: list[str]) -> Client:
+    """The server spoken to directly, as its own user (git trusts only its own repositories), in the era the
+    broker speaks to it (the handshake: a stateless-era server stamps its own serverInfo into each result)."""
+    args = ["-u", server_user_for(server), "--", *command]
+    return Client(StdioServerParameters(command=RUNUSER, args=args, env=dict(AGENT_ENV), cwd="/"), mode="legacy")
+
+
+def test_published_python_servers_behind_the_broker(py_servers: tuple[Installation, str]) -> None:
+    inst, repo = py_servers
+    calls = {
+        "time": ("convert_time", {"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"}),
+        "git": ("git_log", {"repo_path": repo, "max_count": 1}),
+    }
+    commands = {
+        "time": [f"{PY_VENV}/bin/mcp-server-time"],
+        "git": [f"{PY_VENV}/bin/mcp-server-git", "--repository", repo],
+    }
+
+    async def both(server: str) -> tuple[Any, Any, Any, Any]:
+        tool, args = calls[server]
+        async with as_server_user(server, commands[server]) as ref_client:
+            ref_tools = {t.name: wire(t) for t in (await ref_client.list_tools()).tools}
+            ref = wire(await ref_client.call_tool(tool, args))
+        async with through_broker(inst) as client:
+            listed = {t.name: wire(t) for t in (await client.list_tools()).tools if t.name.startswith(f"{server}.")}
+            got = wire(await client.call_tool(f"{server}.{tool}", args))
+        return ref_tools, ref, listed, got
+
+    for server, tools in PY_TOOLS.items():
+        ref_tools, ref, listed, got = asyncio.run(both(server))
+        assert sorted(listed) == sorted(f"{server}.{t}" for t in tools), server
+        for t in tools:
+            assert listed[f"{server}.{t}"] == {**ref_tools[t], "name": f"{server}.{t}"}, (server, t)
+        assert got == ref and not got.get("isError"), (server, got, ref)
+
+
+# --- server-everything over streamable HTTP -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def everything_http(inst: Installation, everything_cmd: list[str]) -> Iterator[tuple[Installation, str]]:
+    """server-everything's streamable-HTTP transport (as nobody, on a free loopback port), behind the broker."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nobody = pwd.getpwnam("nobody")
+    log = open(f"{inst.root}/everything-http.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [everything_cmd[0], everything_cmd[1], "streamableHttp"],
+        env={"PATH": "/usr/bin:/bin", "PORT": str(port), "HOME": "/"},
+        user=nobody.pw_uid,
+        group=nobody.pw_gid,
+        extra_groups=[],
+        cwd="/",
+        stdout=log,
+        stderr=log,
+    )
+    url = f"http://127.0.0.1:{port}/mcp"
+    conf = ""
+    try:
+        assert wait_for(lambda: _listening(port), 30), Path(f"{inst.root}/everything-http.log").read_text()
+        conf = write_servers_d(inst, "everything-http.toml", f'[servers.evhttp]\nurl = "{url}"\n')
+        assert inst.ctl("reload").code == 0
+        up = wait_for(lambda: servers(inst).get("evhttp", {}).get("state") == "up", 60)
+        assert up, (servers(inst).get("evhttp"), inst.log_tail())
+        inst.set_allowlist(ALLOWLIST + "".join(f"evhttp.{t}\n" for t in (*ALLOWED, LONG)))
+        yield inst, url
+    finally:
+        if conf:
+            os.unlink(conf)
+        inst.set_allowlist(ALLOWLIST)
+        inst.ctl("reload")
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), 0.2):
+            return True
+    except OSError:
+        return False
+
+
+def test_server_everything_over_streamable_http(everything_http: tuple[Installation, str]) -> None:
+    inst, url = everything_http
+    progress: list[float] = []
+
+    async def both() -> tuple[tuple[dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]:
+        async with Client(streamable_http_client(url), mode="legacy") as ref_client:
+            ref = await _tools_and_calls(ref_client, "")
+        async with through_broker(inst) as client:
+            got = await _tools_and_calls(client, "evhttp.")
+
+            async def on_progress(value: float, total: float | None, message: str | None) -> None:
+                progress.append(value)
+
+            done = await client.call_tool(f"evhttp.{LONG}", {"duration": 1, "steps": 4}, progress_callback=on_progress)
+            assert not done.is_error
+        return ref, got
+
+    (ref_tools, ref_calls), (tools, calls) = asyncio.run(both())
+    assert sorted(tools) == sorted([*ALLOWED, LONG])
+    for name in ALLOWED:
+        assert tools[name] == {**ref_tools[name], "name": f"evhttp.{name}"}, name
+    image, ref_image = _image(calls["get-tiny-image"]), _image(ref_calls["get-tiny-image"])
+    assert image["mimeType"] == "image/png" and image["data"] == ref_image["data"]
+    assert calls["get-structured-content"] == ref_calls["get-structured-content"]
+    assert progress and progress == sorted(progress), progress  # relayed from the HTTP server, through the broker

@@ -357,8 +357,9 @@ def test_every_block_keeps_its_wire_fields() -> None:
         {"type": "resource", "resource": {"uri": "file:///b", "mimeType": "application/x-b", "blob": "AAEC"}},
         {"type": "resource_link", "uri": "file:///l", "name": "l", "mimeType": "text/markdown", "size": 3},
     ]
-    res = T.CallToolResult.model_validate({"content": blocks, "_meta": {"example.org/trace": "x"}})
+    meta = {"example.org/trace": "x", "io.modelcontextprotocol/serverInfo": {"name": "upstream", "version": "1"}}
+    res = T.CallToolResult.model_validate({"content": blocks, "_meta": meta})
     out = render(res)
     assert out["content"] == blocks
-    assert out["_meta"] == {"example.org/trace": "x"}
+    assert out["_meta"] == {"example.org/trace": "x"}  # the protocol's own keys were of the upstream hop
     assert out["text"].split("\n")[1:3] == ["[image image/png, 4 bytes base64]", "[audio audio/wav, 4 bytes base64]"]

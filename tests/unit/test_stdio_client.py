@@ -46,10 +46,27 @@ def send(obj):
     sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
 TOOLS = [{"name": "count", "inputSchema": {"type": "object"},
           "outputSchema": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}]
+MODERN = "io.modelcontextprotocol/protocolVersion"
 for line in sys.stdin:
     msg = json.loads(line)
     log.write(line)
     mid, method = msg.get("id"), msg.get("method")
+    if mode == "modern" and mid is not None:  # the stateless era only: no handshake, an envelope on everything
+        meta = (msg.get("params") or {}).get("_meta") or {}
+        if method == "initialize":
+            send({"jsonrpc": "2.0", "id": mid, "error": {"code": -32022, "message": "Unsupported protocol version",
+                  "data": {"supported": ["2026-07-28"], "requested": msg["params"]["protocolVersion"]}}})
+            continue
+        if meta.get(MODERN) != "2026-07-28" or "io.modelcontextprotocol/clientCapabilities" not in meta:
+            send({"jsonrpc": "2.0", "id": mid, "error": {"code": -32602, "message": "no envelope"}})
+            continue
+        if method == "server/discover":
+            send({"jsonrpc": "2.0", "id": mid, "result": {"supportedVersions": ["2026-07-28"], "capabilities": {},
+                  "resultType": "complete", "ttlMs": 0, "cacheScope": "private"}})
+            continue
+        if method == "ping":
+            send({"jsonrpc": "2.0", "id": mid, "error": {"code": -32601, "message": "Method not found"}})
+            continue
     if method == "initialize":
         version = os.environ.get("VERSION") or msg["params"]["protocolVersion"]
         send({"jsonrpc": "2.0", "id": mid, "result": {"protocolVersion": version,
@@ -129,6 +146,31 @@ def test_handshake_list_and_call_the_demo_server() -> None:
             await client.send_ping()
 
     run(go)
+
+
+def test_a_server_of_the_stateless_era_only_is_spoken_to_in_its_era(tmp_path: Path) -> None:
+    client, log, _launch = raw_client(tmp_path, "modern")
+
+    async def go() -> None:
+        async with client:
+            assert client.protocol_version == "2026-07-28"
+            assert [t.name for t in (await client.list_tools()).tools] == ["count"]
+            result = await client.call_tool("count", {"n": 4})
+            assert result.structured_content == {"n": 4}
+            await client.send_ping()  # no ping in that era: server/discover says it is alive
+
+    run(go)
+    sent = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [m.get("method") for m in sent] == [
+        "initialize",
+        "server/discover",
+        "tools/list",
+        "tools/call",
+        "server/discover",
+    ]  # no notifications/initialized: there is no handshake to finish
+    for m in sent[1:]:
+        assert m["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] == "2026-07-28"
+        assert m["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"] == {}
 
 
 def test_progress_reaches_the_call_that_asked_and_nothing_else(tmp_path: Path) -> None:

@@ -42,6 +42,12 @@ log = logging.getLogger("mcp-brokerd")
 PROTOCOL_VERSION = "2025-11-25"
 #: versions this client can speak; a server answering another one is refused
 SUPPORTED_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+#: the stateless era: no handshake; every request carries its version and the client's capabilities in _meta
+MODERN_VERSION = "2026-07-28"
+UNSUPPORTED_PROTOCOL_VERSION = -32022
+PROTOCOL_VERSION_META = "io.modelcontextprotocol/protocolVersion"
+CLIENT_CAPABILITIES_META = "io.modelcontextprotocol/clientCapabilities"
+CLIENT_INFO_META = "io.modelcontextprotocol/clientInfo"
 #: a server message larger than this is dropped while it is read (the call it answers fails)
 MAX_MESSAGE = 16 * 1024 * 1024
 READ_CHUNK = 1 << 16
@@ -139,23 +145,39 @@ class StdioClient:
         if self.proc.stderr is not None:
             self._stderr = loop.create_task(self._stderr_loop(self.errlog))
         try:
-            init = await self._request(
-                "initialize",
-                {
-                    "protocolVersion": PROTOCOL_VERSION,
-                    "capabilities": {},
-                    "clientInfo": {"name": "mcp-privsep", "version": self.client_version},
-                },
-            )
-            version = init.get("protocolVersion") if isinstance(init, dict) else None
-            if version not in SUPPORTED_VERSIONS:
-                raise mcp.MCPError(INTERNAL_ERROR, f"unsupported protocol version {str(version)[:40]!r}")
-            self.protocol_version = str(version)
-            await self._send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+            try:
+                init = await self._request(
+                    "initialize",
+                    {
+                        "protocolVersion": PROTOCOL_VERSION,
+                        "capabilities": {},
+                        "clientInfo": {"name": "mcp-privsep", "version": self.client_version},
+                    },
+                )
+            except mcp.MCPError as exc:
+                # a server of the stateless era only: it refuses the handshake, naming the versions it speaks
+                supported = exc.error.data.get("supported") if isinstance(exc.error.data, dict) else None
+                if exc.error.code != UNSUPPORTED_PROTOCOL_VERSION or MODERN_VERSION not in (supported or []):
+                    raise
+                await self._discover()
+            else:
+                version = init.get("protocolVersion") if isinstance(init, dict) else None
+                if version not in SUPPORTED_VERSIONS:
+                    raise mcp.MCPError(INTERNAL_ERROR, f"unsupported protocol version {str(version)[:40]!r}")
+                self.protocol_version = str(version)
+                await self._send({"jsonrpc": "2.0", "method": "notifications/initialized"})
         except BaseException:
             await self.aclose()
             raise
         return self
+
+    async def _discover(self) -> None:
+        """Speak the stateless era from now on: ``server/discover`` must name it; every request then says it."""
+        self.protocol_version = MODERN_VERSION
+        found = await self._request("server/discover", {})
+        versions = found.get("supportedVersions") if isinstance(found, dict) else None
+        if not isinstance(versions, list) or MODERN_VERSION not in versions:
+            raise mcp.MCPError(INTERNAL_ERROR, "the server speaks neither a handshake version nor 2026-07-28")
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -218,10 +240,17 @@ class StdioClient:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = fut
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": msg_id, "method": method}
+        meta: dict[str, Any] = {}
+        if self.protocol_version == MODERN_VERSION:
+            meta[PROTOCOL_VERSION_META] = MODERN_VERSION
+            meta[CLIENT_CAPABILITIES_META] = {}
+            meta[CLIENT_INFO_META] = {"name": "mcp-privsep", "version": self.client_version}
         if progress is not None:
             # the token is the broker's (its request id), never the agent's: reports map back to this call only
-            params = {**(params or {}), "_meta": {"progressToken": msg_id}}
+            meta["progressToken"] = msg_id
             self._progress[msg_id] = progress
+        if meta:
+            params = {**(params or {}), "_meta": meta}
         if params is not None:
             message["params"] = params
         try:
@@ -391,7 +420,8 @@ class StdioClient:
     # --- MCP ---------------------------------------------------------------------------------
 
     async def send_ping(self) -> None:
-        await self._request("ping")
+        """Is it alive? ``ping``; in the stateless era, which has none, ``server/discover``."""
+        await self._request("server/discover" if self.protocol_version == MODERN_VERSION else "ping", {})
 
     async def list_tools(self, cursor: str | None = None) -> mcp.types.ListToolsResult:
         result = await self._request("tools/list", {"cursor": cursor} if cursor else {})
