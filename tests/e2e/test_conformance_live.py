@@ -114,11 +114,11 @@ def everything(inst: Installation, everything_cmd: list[str]) -> Iterator[Instal
         inst.ctl("reload")
 
 
-def through_broker(inst: Installation) -> Client:
+def through_broker(inst: Installation, mode: str = "auto") -> Client:
     params = StdioServerParameters(
         command=RUNUSER, args=["-u", AGENT1, "--", inst.paths.mcp, "stdio"], env=dict(AGENT_ENV), cwd="/"
     )
-    return Client(params)
+    return Client(params, mode=mode)
 
 
 def direct(cmd: list[str]) -> Client:
@@ -144,13 +144,14 @@ async def _tools_and_calls(client: Client, prefix: str) -> tuple[dict[str, Any],
     return tools, {k: wire(v) for k, v in calls.items()}
 
 
+@pytest.mark.parametrize("mode", ["auto", "legacy", "2026-07-28"])
 def test_definitions_and_results_arrive_as_the_server_sent_them(
-    everything: Installation, everything_cmd: list[str]
+    everything: Installation, everything_cmd: list[str], mode: str
 ) -> None:
     async def both() -> tuple[tuple[dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]:
         async with direct(everything_cmd) as ref_client:
             ref = await _tools_and_calls(ref_client, "")
-        async with through_broker(everything) as client:
+        async with through_broker(everything, mode) as client:
             got = await _tools_and_calls(client, "everything.")
             refused = await client.call_tool("everything.get-env", {})
             assert refused.is_error and "not in the allowlist" in refused.content[0].text
