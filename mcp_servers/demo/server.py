@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
+import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -186,9 +187,56 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
+class _StatelessOnly:
+    """ASGI middleware: refuse the ``initialize`` handshake as a server of the 2026-07-28 era only would."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope.get("type") != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        body, messages = b"", []
+        while True:
+            message = await receive()
+            messages.append(message)
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None
+        if isinstance(request, dict) and request.get("method") == "initialize":
+            error = {
+                "code": -32022,
+                "message": "Unsupported protocol version",
+                "data": {
+                    "supported": ["2026-07-28"],
+                    "requested": str(request.get("params", {}).get("protocolVersion")),
+                },
+            }
+            payload = json.dumps({"jsonrpc": "2.0", "id": request.get("id"), "error": error}).encode()
+            await send(
+                {"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json")]}
+            )
+            await send({"type": "http.response.body", "body": payload})
+            return
+        replay = iter(messages)
+
+        async def again() -> Any:
+            return next(replay, None) or await receive()  # the body as read, then the connection as it goes
+
+        await self.app(scope, again, send)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mcp_servers.demo", description=__doc__)
     parser.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP on loopback")
+    parser.add_argument(
+        "--stateless-only", action="store_true", help="over HTTP, refuse the initialize handshake (2026-07-28 only)"
+    )
     ns = parser.parse_args(argv)
     if ns.http is None:
         server.run()
@@ -202,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         return 78
     import uvicorn
 
-    app = _BearerAuth(server.streamable_http_app(host=host.strip("[]")), token)
+    inner = server.streamable_http_app(host=host.strip("[]"))
+    app = _BearerAuth(_StatelessOnly(inner) if ns.stateless_only else inner, token)
     uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="warning")
     return 0

@@ -256,3 +256,82 @@ def test_list_changed_when_a_server_goes_down_and_up_and_when_it_changes_its_own
         assert seen, "no list_changed after the server went down and came back"
     finally:
         s.close()
+
+
+# --- an upstream of the stateless era only, over streamable HTTP ---------------------------------------------
+
+
+@pytest.fixture
+def stateless(work: Installation) -> Iterator[Installation]:
+    """The demo server over HTTP refusing the handshake (2026-07-28 only), behind the broker with its token."""
+    import pwd
+    import socket
+    import subprocess
+
+    from tests.e2e.harness import PYTHON, write, write_servers_d
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = uuid.uuid4().hex
+    broker = pwd.getpwnam("mcp-broker")
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "mcp_servers.demo", "--http", f"127.0.0.1:{port}", "--stateless-only"],
+        env={"PATH": "/usr/bin:/bin", "DEMO_TOKEN": token, "HOME": "/"},
+        user=broker.pw_uid,
+        group=broker.pw_gid,
+        extra_groups=[],
+        cwd="/",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env_file = f"{work.paths.secrets}/stateless.env"
+    write(env_file, f"STATELESS_TOKEN={token}\n", 0, 0, 0o600)
+    conf = write_servers_d(
+        work,
+        "stateless.toml",
+        f'[servers.stateless]\nurl = "http://127.0.0.1:{port}/mcp"\nenv_file = "{env_file}"\n'
+        'headers = { Authorization = "Bearer ${STATELESS_TOKEN}" }\n',
+    )
+    try:
+        assert wait_for(lambda: _port_open(port), 30)
+        assert work.ctl("reload").code == 0
+        from tests.e2e.harness import servers
+
+        assert wait_for(lambda: servers(work).get("stateless", {}).get("state") == "up", 30), servers(work)
+        work.set_allowlist(WORK + "stateless.echo\nstateless.work\n")
+        yield work
+    finally:
+        os.unlink(conf)
+        os.unlink(env_file)
+        work.ctl("reload")
+        proc.terminate()
+        proc.wait(10)
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), 0.2):
+            return True
+    except OSError:
+        return False
+
+
+def test_an_upstream_of_the_stateless_era_only_is_spoken_to_in_its_era(stateless: Installation) -> None:
+    r = stateless.mcp("call", "stateless.echo", "text=over the stateless era")
+    assert (r.code, r.out) == (0, "over the stateless era\n"), r
+    s = Session(stateless)
+    try:
+        msg = work_call(1, "", 0.8, token="st")
+        msg["params"]["name"] = "stateless.work"
+        s.send(msg)
+        got = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(m.get("id") == 1 for m in got):
+            got += s.read(0.5)
+    finally:
+        s.close()
+    assert [m for m in got if m.get("method") == "notifications/progress"], got
+    assert next(m for m in got if m.get("id") == 1)["result"]["isError"] is False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import httpx2
 import mcp
@@ -18,6 +18,8 @@ from mcp.client.streamable_http import streamable_http_client
 from broker.daemon.upstream.client import Progress
 
 CONNECT_SECONDS = 30.0
+MODERN_VERSION: Literal["2026-07-28"] = "2026-07-28"
+UNSUPPORTED_PROTOCOL_VERSION = -32022
 #: the SDK's own read timeout is a backstop only: the handle cancels a call at its deadline
 READ_SECONDS = 3600.0
 
@@ -26,13 +28,17 @@ class HttpClient:
     """One streamable-HTTP MCP session."""
 
     def __init__(self, url: str, headers: dict[str, str], on_list_changed: Callable[[], None] | None = None) -> None:
-        http = httpx2.AsyncClient(
-            headers=headers, timeout=httpx2.Timeout(CONNECT_SECONDS, read=READ_SECONDS), follow_redirects=False
-        )
+        self.url = url
+        self.headers = headers
         self.on_list_changed = on_list_changed
-        self._client = Client(
-            streamable_http_client(url, http_client=http), mode="legacy", message_handler=self._on_message
+        self.protocol_version = ""
+        self._client = self._connector("legacy")
+
+    def _connector(self, mode: Literal["legacy", "2026-07-28"]) -> Client:
+        http = httpx2.AsyncClient(
+            headers=self.headers, timeout=httpx2.Timeout(CONNECT_SECONDS, read=READ_SECONDS), follow_redirects=False
         )
+        return Client(streamable_http_client(self.url, http_client=http), mode=mode, message_handler=self._on_message)
 
     async def _on_message(self, message: Any) -> None:
         """Server notifications: a tools list change is acted on; the rest (logging, progress ...) is not."""
@@ -41,7 +47,16 @@ class HttpClient:
             self.on_list_changed()
 
     async def __aenter__(self) -> HttpClient:
-        await self._client.__aenter__()
+        try:
+            await self._client.__aenter__()
+        except (mcp.MCPError, BaseExceptionGroup) as exc:  # the SDK's task group wraps what its session raised
+            # a server of the stateless era only refuses the handshake, naming what it speaks: speak that (the
+            # SDK's client then sends the envelope and the HTTP headers that revision requires)
+            if not _refuses_the_handshake(exc):
+                raise
+            self._client = self._connector(MODERN_VERSION)
+            await self._client.__aenter__()
+        self.protocol_version = self._client.protocol_version
         return self
 
     async def __aexit__(
@@ -75,4 +90,18 @@ class HttpClient:
             raise mcp.MCPError(-32603, str(exc)[:500]) from None
 
     async def send_ping(self) -> None:
-        await self._client.send_ping()
+        """Is it alive? ``ping``; in the stateless era, which has none, ``server/discover``."""
+        if self.protocol_version == MODERN_VERSION:
+            await self._client.session.send_discover(MODERN_VERSION)
+        else:
+            await self._client.send_ping()
+
+
+def _refuses_the_handshake(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or holds) the -32022 answer of a server that speaks 2026-07-28 only."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_refuses_the_handshake(e) for e in exc.exceptions)
+    if not isinstance(exc, mcp.MCPError):
+        return False
+    data = exc.error.data if isinstance(exc.error.data, dict) else {}
+    return exc.error.code == UNSUPPORTED_PROTOCOL_VERSION and MODERN_VERSION in (data.get("supported") or [])
