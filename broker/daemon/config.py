@@ -118,6 +118,8 @@ class Server:
     secrets: Secrets | None = None
     #: why the spawner cannot serve it (its env file, its user), if it cannot
     problem: str | None = None
+    #: the host's ``[sandbox] disable``: a stdio server started under other protections must be started again
+    host: frozenset[str] = frozenset()
 
     @property
     def url(self) -> str | None:
@@ -133,7 +135,8 @@ class Server:
 
     def fingerprint(self) -> tuple[Any, ...]:
         """Equal fingerprints mean a reload can keep the running session."""
-        return (self.spec.fingerprint(), self.secrets.fingerprint if self.secrets else None, self.problem)
+        host = tuple(sorted(self.host)) if self.spec.transport == "stdio" else ()
+        return (self.spec.fingerprint(), self.secrets.fingerprint if self.secrets else None, self.problem, host)
 
 
 @dataclass
@@ -162,6 +165,7 @@ def load(paths: Paths) -> Config:
     problems: list[str] = []
     files = core_servers.config_files(paths)
     settings: BrokerSettings | None = None
+    host: frozenset[str] = frozenset()
     documents: list[tuple[str, dict[str, Any]]] = []
     policy: dict[str, tuple[str, ActionPolicy]] = {}
     for path in files:
@@ -187,7 +191,7 @@ def load(paths: Paths) -> Config:
                 problems.append(f"{path}: [sandbox] belongs in {paths.broker_toml}")
             else:
                 try:
-                    core_servers.host_settings(model.sandbox, path)
+                    host = core_servers.host_settings(model.sandbox, path)
                 except ConfigError as exc:
                     problems.extend(exc.problems)
         for action, rules in model.policy.items():
@@ -202,7 +206,7 @@ def load(paths: Paths) -> Config:
         raise ConfigError(problems[0] + extra, problems)
     return Config(
         settings=settings or BrokerSettings(),
-        servers={name: Server(name, d.source, d) for name, d in defs.items()},
+        servers={name: Server(name, d.source, d, host=host) for name, d in defs.items()},
         files=files,
         policy={a: rules for a, (_p, rules) in policy.items()},
     )

@@ -342,10 +342,13 @@ args = ["{mal.root}/malicious_server.py"]
         assert lenient["sandbox"]["landlock"] == 0
         assert any("landlock" in w for w in lenient["sandbox_warnings"]), lenient
         assert "WITHOUT landlock" in mal.ctl("status").out
+        # a server that was running under Landlock is started again under the host's new setting by that reload
+        assert wait_for(lambda: servers(mal)["mal"].get("sandbox", {}).get("landlock") == 0, 30), servers(mal)["mal"]
     finally:
         os.unlink(conf)
         mal.write_broker_toml()
         assert mal.ctl("reload").code == 0
+    assert wait_for(lambda: (servers(mal)["mal"].get("sandbox", {}).get("landlock") or 0) >= 1, 30)
 
 
 def test_the_spawner_ends_with_the_daemon_and_takes_every_server_with_it(mal: Installation) -> None:

@@ -471,3 +471,14 @@ def test_fingerprint_tracks_secrets_and_problem(tree: Tree) -> None:
     server.problem = "its env file is missing"
     broken = server.fingerprint()
     assert len({bare, one, two, broken}) == 4
+
+
+def test_a_stdio_servers_fingerprint_follows_the_hosts_sandbox_settings(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """reload must restart a stdio server when [sandbox] disable changes: it runs under other protections."""
+    from broker.core.servers import parse_server
+    from broker.daemon.config import Server
+
+    stdio = parse_server("x", {"command": "/bin/tool"}, "t")
+    http = parse_server("h", {"url": "http://127.0.0.1:1/mcp"}, "t")
+    assert Server("x", "t", stdio).fingerprint() != Server("x", "t", stdio, host=frozenset({"landlock"})).fingerprint()
+    assert Server("h", "t", http).fingerprint() == Server("h", "t", http, host=frozenset({"landlock"})).fingerprint()
