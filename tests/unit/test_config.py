@@ -473,7 +473,7 @@ def test_fingerprint_tracks_secrets_and_problem(tree: Tree) -> None:
     assert len({bare, one, two, broken}) == 4
 
 
-def test_a_stdio_servers_fingerprint_follows_the_hosts_sandbox_settings(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_stdio_servers_fingerprint_follows_the_hosts_sandbox_settings() -> None:
     """reload must restart a stdio server when [sandbox] disable changes: it runs under other protections."""
     from broker.core.servers import parse_server
     from broker.daemon.config import Server
