@@ -20,11 +20,13 @@ environment) is refused without running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -513,3 +515,66 @@ def test_server_everything_over_streamable_http(everything_http: tuple[Installat
     assert image["mimeType"] == "image/png" and image["data"] == ref_image["data"]
     assert calls["get-structured-content"] == ref_calls["get-structured-content"]
     assert progress and progress == sorted(progress), progress  # relayed from the HTTP server, through the broker
+
+
+# --- the SDK's own progress, cancellation and list_changed, with server-everything -------------------------
+
+
+def test_the_sdk_client_sees_progress_cancels_and_is_told_of_changes(everything: Installation) -> None:
+    inst = everything
+    changes: list[str] = []
+    progress: list[float] = []
+
+    async def on_message(message: Any) -> None:
+        if "tools/list_changed" in repr(message) or "ToolListChanged" in type(message).__name__:
+            changes.append("changed")
+
+    async def session() -> None:
+        async with Client(
+            StdioServerParameters(
+                command=RUNUSER, args=["-u", AGENT1, "--", inst.paths.mcp, "stdio"], env=dict(AGENT_ENV), cwd="/"
+            ),
+            mode="legacy",
+            message_handler=on_message,
+        ) as client:
+            first = asyncio.Event()
+
+            async def on_progress(value: float, total: float | None, message: str | None) -> None:
+                progress.append(value)
+                first.set()
+
+            call = asyncio.ensure_future(
+                client.call_tool(f"everything.{LONG}", {"duration": 8, "steps": 16}, progress_callback=on_progress)
+            )
+            await asyncio.wait_for(first.wait(), 20)
+            call.cancel()  # the SDK tells the session notifications/cancelled
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await call
+            await asyncio.sleep(3)
+            seen = len(progress)
+            await asyncio.sleep(3)
+            assert len(progress) == seen, progress  # no progress after the cancel: the server stopped
+            await asyncio.sleep(1.5)  # the session's watch is open
+            fewer = [t for t in (*ALLOWED, LONG) if t != "get-sum"]  # a tool it sees goes
+            inst.set_allowlist(ALLOWLIST + "".join(f"everything.{t}\n" for t in fewer))
+            for _ in range(50):
+                if changes:
+                    break
+                await asyncio.sleep(0.2)
+            assert changes, "no list_changed after an allowlist edit"
+            changes.clear()
+            for pid in inst.server_pids(marker=ENTRY):
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if changes:
+                    break
+                await asyncio.sleep(0.2)
+            assert changes, "no list_changed after the server restarted"
+
+    try:
+        asyncio.run(session())
+    finally:
+        inst.set_allowlist(ALLOWLIST + "".join(f"everything.{t}\n" for t in (*ALLOWED, TASK_ONLY, LONG)))
+        wait_for(lambda: servers(inst).get("everything", {}).get("state") == "up", 30)
+    outcomes = [r.get("outcome") for r in inst.records() if r.get("tool") == f"everything.{LONG}"]
+    assert outcomes[-1] == "cancelled", outcomes
