@@ -24,7 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: the interpreter every test server runs with (outside the venv: it is what a server's account may execute)
@@ -152,6 +152,16 @@ def wait_no_uid(uid: int, timeout: float = 3.0) -> list[int]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.02)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Whether ``predicate`` holds within ``timeout`` seconds (polled)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def cmdline(pid: int) -> list[str]:

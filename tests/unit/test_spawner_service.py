@@ -726,7 +726,8 @@ def hostile_run(setup: Setup, frames: list[Frame], tail: bytes | None, load_firs
                 ):
                     assert checked["ok"] is False, req
                 check_processes(setup, sp, me)
-                assert sp.fd_count() == baseline, "the spawner kept a descriptor"
+                # it closes its copies of a start's pipes just after sending them: give it that moment
+                assert h.wait_until(lambda: sp.fd_count() == baseline, 2.0), "the spawner kept a descriptor"
             finally:
                 channel.close_all(fds)
         if not fatal and tail is not None:
