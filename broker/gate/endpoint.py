@@ -14,8 +14,12 @@ everything else is refused with "method not found". A call with
 that token; ``notifications/cancelled`` closes the call's connection, so
 the daemon cancels it at its server and it is never answered; the ``_meta``
 key ``mcp-privsep/timeout`` asks for a longer timeout (up to the daemon's
-``max_call_timeout``). While the session is open the gate watches the
-allowlist and sends ``notifications/tools/list_changed`` when it changes.
+``max_call_timeout``). While the session is open (or a 2026-07-28 client
+listens on ``subscriptions/listen``), one ``watch`` connection carries the
+daemon's word that the caller's tool list changed (the allowlist, a server
+up or down or changing its own list, a pin), and the client gets
+``notifications/tools/list_changed``; without that connection (a daemon
+restarting) the gate's own look at the allowlist, once a second, says so.
 
 One thread, one ``select`` loop: requests are forwarded over up to
 ``MAX_IN_FLIGHT`` persistent ``gate.sock`` connections, each carrying one

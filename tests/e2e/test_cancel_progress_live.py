@@ -71,6 +71,14 @@ class Session:
                 out.append(json.loads(line))
         return out
 
+    def through(self, msg_id: Any, seconds: float) -> list[dict[str, Any]]:
+        """Every message up to and with the answer to ``msg_id`` (or all there were within ``seconds``)."""
+        got: list[dict[str, Any]] = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not any(m.get("id") == msg_id for m in got):
+            got += self.read(0.5)
+        return got
+
     def until(self, pred: Any, seconds: float) -> dict[str, Any] | None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -108,10 +116,7 @@ def test_progress_reaches_the_caller_and_the_call_completes(work: Installation) 
     s = Session(work)
     try:
         s.send(work_call(1, tag, 1.6, token="p-1"))
-        got: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any(m.get("id") == 1 for m in got):
-            got += s.read(0.5)
+        got = s.through(1, 30)
     finally:
         s.close()
     progress = [m["params"] for m in got if m.get("method") == "notifications/progress"]
@@ -129,10 +134,7 @@ def test_progress_from_a_streamable_http_server_reaches_the_caller(work: Install
         msg = work_call(1, "", 1.0, token=7)  # no mark: that server's HOME is not its own
         msg["params"]["name"] = "web.work"
         s.send(msg)
-        got: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any(m.get("id") == 1 for m in got):
-            got += s.read(0.5)
+        got = s.through(1, 30)
     finally:
         s.close()
     progress = [m["params"] for m in got if m.get("method") == "notifications/progress"]
@@ -327,10 +329,7 @@ def test_an_upstream_of_the_stateless_era_only_is_spoken_to_in_its_era(stateless
         msg = work_call(1, "", 0.8, token="st")
         msg["params"]["name"] = "stateless.work"
         s.send(msg)
-        got = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any(m.get("id") == 1 for m in got):
-            got += s.read(0.5)
+        got = s.through(1, 30)
     finally:
         s.close()
     assert [m for m in got if m.get("method") == "notifications/progress"], got
