@@ -259,11 +259,13 @@ def install_servers(paths: Paths, agents: list[str], report: Report) -> None:
         pw = ensure_system_user(core_servers.server_user_for(defn.name, agent), home, report)
         ensure_dir(home, pw.pw_uid, pw.pw_gid, layout.child("server_homes").mode)
         if agent is None:
-            adopt_files_roots(defn, pw, report)
+            adopt_files_roots(defn, pw, report, paths.hidden_from_servers())
     secure_secrets(paths, found, report)
 
 
-def adopt_files_roots(defn: core_servers.ServerDef, owner: pwd.struct_passwd, report: Report) -> None:
+def adopt_files_roots(
+    defn: core_servers.ServerDef, owner: pwd.struct_passwd, report: Report, broker_dirs: tuple[str, ...] = ()
+) -> None:
     """Give a files server's read-write roots that the broker's user owns to the server's own user.
 
     The first version ran every server as ``mcp-broker``, so the roots it
@@ -279,6 +281,11 @@ def adopt_files_roots(defn: core_servers.ServerDef, owner: pwd.struct_passwd, re
     for root in core_servers.files_server_roots(defn.args) or ():
         if not root.startswith("/"):
             continue  # in its home ({home}), which is its own already
+        real = os.path.realpath(root)
+        clash = [d for d in broker_dirs if _overlaps(real, os.path.realpath(d))]
+        if clash:  # the broker's own files (its audit trail, its state) never change hands; the spawner refuses it
+            report.add(f"server {defn.name}: {root} is (or holds) the broker's {clash[0]}: left as it is")
+            continue
         try:
             st = os.lstat(root)
         except OSError:
@@ -317,6 +324,11 @@ def secure_secrets(paths: Paths, found: dict[str, core_servers.ServerDef], repor
             os.chown(path, 0, 0, follow_symlinks=False)
             os.chmod(path, 0o600)
             report.add(f"secret {path}: now root's, 0600 (only the spawner reads secrets)")
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Whether one of two absolute paths is the other or lies inside it."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
 
 EXAMPLE_BROKER_TOML = """\

@@ -79,3 +79,18 @@ def test_a_root_that_is_a_link_is_not_followed(tmp_path: Path, users: tuple) -> 
     report = Report()
     adopt_files_roots(files_server(f"inbox={tmp_path}/inbox:rw"), owner, report)
     assert os.lstat(real).st_uid == broker.pw_uid and report.lines == []
+
+
+def test_the_brokers_own_directories_never_change_hands(tmp_path: Path, users: tuple) -> None:
+    """A files server rooted at (or above) the broker's state: its audit trail must stay the broker's."""
+    broker, owner = users
+    state = tmp_path / "var" / "lib" / "mcp-privsep"
+    state.mkdir(parents=True)
+    (state / "state.db").write_text("x")
+    for p in (tmp_path / "var", tmp_path / "var" / "lib", state, state / "state.db"):
+        os.chown(p, broker.pw_uid, broker.pw_gid)
+    for root in (state, tmp_path / "var"):  # the directory itself, and one that holds it
+        report = Report()
+        adopt_files_roots(files_server(f"x={root}:rw"), owner, report, (str(state),))
+        assert os.lstat(state / "state.db").st_uid == broker.pw_uid and os.lstat(state).st_uid == broker.pw_uid
+        assert report.lines == [f"server files: {root} is (or holds) the broker's {state}: left as it is"]
