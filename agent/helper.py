@@ -168,9 +168,9 @@ def _after_tool(argv: list[str]) -> int:
 
 #: the skill's YAML front matter: OpenClaw and Claude skills need a name ([a-z0-9-], at most 64) and a description
 SKILL_NAME = "mcp-privsep"
-SKILL_DESCRIPTION = (
-    "Use the operator's allowed tools (mail, files, home automation ...) with the mcp command: "
-    "mcp list, mcp describe SERVER.TOOL, mcp call SERVER.TOOL key=value. Credentials stay in the broker."
+SKILL_DESCRIPTION = (  # one line, under 160 characters (OpenClaw shows it in its skill discovery)
+    "Use the operator's allowed tools with the mcp command: mcp list, mcp describe SERVER.TOOL, "
+    "mcp call SERVER.TOOL key=value. Credentials stay in the broker."
 )
 
 
