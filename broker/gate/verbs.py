@@ -430,6 +430,18 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
     return _print_result(req, answer, out, err)
 
 
+def _interrupt_once(_signum: int, _frame: object) -> None:
+    """SIGINT: KeyboardInterrupt the first time only. A terminal's Ctrl-C reaches the gate twice (itself, and
+    relayed by sudo); the second must not break into the handling of the first."""
+    if _INTERRUPTED:
+        return
+    _INTERRUPTED.append(True)
+    raise KeyboardInterrupt
+
+
+_INTERRUPTED: list[bool] = []
+
+
 def _is_terminal(stream: TextIO) -> bool:
     try:
         return stream.isatty()
@@ -592,6 +604,9 @@ def run(root: str = "/", broker_uid: int | None = None) -> None:
     cannot be delivered. Ctrl-C is exit 130 with one line.
     """
     code = EX_SOFTWARE
+    import _signal  # type: ignore[import-not-found]  # loaded at start-up already (signal would import enum)
+
+    _signal.signal(_signal.SIGINT, _interrupt_once)
     try:
         os.chdir("/")
         os.umask(0o077)
