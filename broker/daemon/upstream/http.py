@@ -32,13 +32,22 @@ class HttpClient:
         self.headers = headers
         self.on_list_changed = on_list_changed
         self.protocol_version = ""
+        self._http: httpx2.AsyncClient | None = None
         self._client = self._connector("legacy")
 
     def _connector(self, mode: Literal["legacy", "2026-07-28"]) -> Client:
-        http = httpx2.AsyncClient(
+        # the SDK leaves an HTTP client it was given open: this session closes its own (see aclose)
+        self._http = httpx2.AsyncClient(
             headers=self.headers, timeout=httpx2.Timeout(CONNECT_SECONDS, read=READ_SECONDS), follow_redirects=False
         )
-        return Client(streamable_http_client(self.url, http_client=http), mode=mode, message_handler=self._on_message)
+        return Client(
+            streamable_http_client(self.url, http_client=self._http), mode=mode, message_handler=self._on_message
+        )
+
+    async def _close_http(self) -> None:
+        http, self._http = self._http, None
+        if http is not None:
+            await http.aclose()
 
     async def _on_message(self, message: Any) -> None:
         """Server notifications: a tools list change is acted on; the rest (logging, progress ...) is not."""
@@ -48,21 +57,29 @@ class HttpClient:
 
     async def __aenter__(self) -> HttpClient:
         try:
-            await self._client.__aenter__()
-        except (mcp.MCPError, BaseExceptionGroup) as exc:  # the SDK's task group wraps what its session raised
-            # a server of the stateless era only refuses the handshake, naming what it speaks: speak that (the
-            # SDK's client then sends the envelope and the HTTP headers that revision requires)
-            if not _refuses_the_handshake(exc):
-                raise
-            self._client = self._connector(MODERN_VERSION)
-            await self._client.__aenter__()
+            try:
+                await self._client.__aenter__()
+            except (mcp.MCPError, BaseExceptionGroup) as exc:  # the SDK's task group wraps what its session raised
+                # a server of the stateless era only refuses the handshake, naming what it speaks: speak that
+                # (the SDK's client then sends the envelope and the HTTP headers that revision requires)
+                if not _refuses_the_handshake(exc):
+                    raise
+                await self._close_http()
+                self._client = self._connector(MODERN_VERSION)
+                await self._client.__aenter__()
+        except BaseException:
+            await self._close_http()
+            raise
         self.protocol_version = self._client.protocol_version
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._client.__aexit__(exc_type, exc, tb)
+        try:
+            await self._client.__aexit__(exc_type, exc, tb)
+        finally:
+            await self._close_http()
 
     async def list_tools(self, cursor: str | None = None) -> mcp.types.ListToolsResult:
         return await self._client.list_tools(cursor=cursor)
