@@ -38,9 +38,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=PATH[:ro|:rw]",
         help="a root the agent may use by NAME; read-only unless it ends in :rw (repeatable)",
     )
+    parser.add_argument(
+        "--quota",
+        action="append",
+        default=[],
+        metavar="NAME=SIZE[,FILES]",
+        help=(
+            "the quota of read-write root NAME: SIZE bytes (K, M, G, T: binary units) of regular files and FILES "
+            f"entries; without it a :rw root gets {confine.human_size(confine.QUOTA_BYTES_DEFAULT)} and "
+            f"{confine.QUOTA_FILES_DEFAULT} entries (repeatable)"
+        ),
+    )
     ns = parser.parse_args(argv)
     try:
-        roots = [confine.parse_root(spec) for spec in ns.root]
+        roots = confine.apply_quotas([confine.parse_root(spec) for spec in ns.root], ns.quota)
         confine.check_roots(roots)
     except confine.ConfigError as exc:
         print(f"files: {exc}", file=sys.stderr)

@@ -20,6 +20,11 @@ between two calls makes the next ``openat`` fail, it cannot redirect it.
   calls (``renameat2(RENAME_NOREPLACE)`` unless overwriting is asked for);
   unlink, rmdir, mkdir and rename are all ``dir_fd``-relative.
 - Read-only roots refuse every write before anything is touched.
+- Every read-write root has a quota (bytes of its regular files and the
+  number of its entries; by default 1 GiB and 100,000): ``write``, ``append``
+  and ``mkdir`` measure the root first (a walk by descriptor that never
+  follows a link) and refuse, before anything is created, what would take it
+  over. See :class:`Usage`.
 - Work is bounded: read sizes, write sizes, directory listings, recursive
   deletes, and search (files visited, bytes read, results, time).
 
@@ -41,9 +46,10 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,6 +66,16 @@ LIST_DEFAULT = 500
 LIST_MAX = 5000
 LIST_SCAN_MAX = 100_000  # names read from one directory before giving up on sorting the rest
 DELETE_MAX = 10_000
+
+#: the quota of a read-write root without ``--quota``: what it may hold, counted as the bytes of its
+#: regular files and its entries of every kind (files, directories, links...; the root itself not)
+QUOTA_BYTES_DEFAULT = 1 << 30
+QUOTA_FILES_DEFAULT = 100_000
+QUOTA_MAX = 1 << 62
+#: directories nested deeper than this in a root cannot be measured: writes to it are refused
+USAGE_DEPTH_MAX = 1000
+_SIZE = re.compile(r"(\d+)([KMGT]?)(?:i?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 SEARCH_RESULTS_DEFAULT = 100
 SEARCH_RESULTS_MAX = 1000
@@ -104,11 +120,13 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Root:
-    """One configured root: the name the agent sees, the host path it hides, and its mode."""
+    """One configured root: the name the agent sees, the host path it hides, its mode and (rw) its quota."""
 
     name: str
     path: str
     writable: bool
+    quota_bytes: int = QUOTA_BYTES_DEFAULT
+    quota_files: int = QUOTA_FILES_DEFAULT
 
     def open(self) -> int:
         """An ``O_PATH`` descriptor on the root directory itself (the operator's path is trusted)."""
@@ -132,6 +150,52 @@ def parse_root(spec: str) -> Root:
     if not os.path.isabs(path):
         raise ConfigError(f"--root {spec!r}: the path must be absolute")
     return Root(name, os.path.normpath(path), mode == "rw")
+
+
+def parse_quota(spec: str) -> tuple[str, int, int | None]:
+    """``NAME=SIZE[,FILES]`` to ``(name, bytes, files or None)``; SIZE is bytes or ``512K``/``64M``/``2G``/``1T``."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not ROOT_NAME.fullmatch(name):
+        raise ConfigError(f"--quota {spec!r}: expected NAME=SIZE[,FILES], like inbox=512M,10000")
+    size, comma, files = rest.partition(",")
+    match = _SIZE.fullmatch(size.strip())
+    if not match:
+        raise ConfigError(f"--quota {spec!r}: the size must be bytes or a number with K, M, G or T (binary units)")
+    nbytes = int(match.group(1)) * _UNITS[match.group(2).upper()]
+    count: int | None = None
+    if comma:
+        if not files.strip().isdecimal():
+            raise ConfigError(f"--quota {spec!r}: FILES must be a whole number of entries")
+        count = int(files.strip())
+    if nbytes > QUOTA_MAX or (count or 0) > QUOTA_MAX:
+        raise ConfigError(f"--quota {spec!r}: too large")
+    return name, nbytes, count
+
+
+def apply_quotas(roots: Sequence[Root], specs: Sequence[str]) -> list[Root]:
+    """The roots with each ``--quota`` applied; a quota for an unknown or read-only root, or given twice, is refused."""
+    by_name = {r.name: r for r in roots}
+    done: set[str] = set()
+    for spec in specs:
+        name, nbytes, count = parse_quota(spec)
+        root = by_name.get(name)
+        if root is None:
+            raise ConfigError(f"--quota {spec!r}: there is no root {name!r}")
+        if not root.writable:
+            raise ConfigError(f"--quota {spec!r}: root {name!r} is read-only; quotas apply to :rw roots")
+        if name in done:
+            raise ConfigError(f"--quota: root {name!r} is given a quota twice")
+        done.add(name)
+        by_name[name] = replace(root, quota_bytes=nbytes, quota_files=root.quota_files if count is None else count)
+    return [by_name[r.name] for r in roots]
+
+
+def human_size(n: int) -> str:
+    """``1 GiB``, ``512 MiB``, ``1.5 KiB``, ``100 bytes``."""
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor:
+            return f"{n / factor:.4g} {unit}"
+    return f"{n} bytes"
 
 
 def check_roots(roots: Sequence[Root]) -> None:
@@ -362,11 +426,151 @@ class _Search:
         return self.stopped is not None
 
 
+@dataclass
+class Usage:
+    """What a root holds: bytes of its regular files (a hard-linked inode once) and its entries of every kind.
+
+    Measured by :func:`measure`, walking the root by descriptor from a
+    descriptor on it, never following a symbolic link (a link counts as one
+    entry and no bytes, wherever it points). ``partial`` when the walk stopped
+    early because it was already past a limit: the numbers are then at least
+    what the root holds.
+    """
+
+    bytes: int = 0
+    files: int = 0
+    partial: bool = False
+    #: past a stop limit of :func:`measure`
+    over: bool = False
+
+
+def _scan_usage(fd: int, usage: Usage, seen: set[tuple[int, int]], stop_bytes: int, stop_files: int) -> list[str]:
+    """Count the entries of one directory into ``usage``; the names of its subdirectories.
+
+    Past a limit it stops, sets ``usage.over`` and, when entries are left
+    uncounted, ``usage.partial``.
+    """
+    dirs: list[str] = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            usage.files += 1
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # gone meanwhile: counted as an entry, no bytes
+            if stat.S_ISREG(st.st_mode):
+                if st.st_nlink > 1:
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                usage.bytes += st.st_size
+            elif stat.S_ISDIR(st.st_mode):
+                dirs.append(entry.name)
+            if usage.bytes > stop_bytes or usage.files > stop_files:
+                usage.over = True
+                usage.partial = next(it, None) is not None
+                break
+    return dirs
+
+
+def measure(root: Root, stop_bytes: int = QUOTA_MAX, stop_files: int = QUOTA_MAX) -> Usage:
+    """The :class:`Usage` of ``root``, stopping once it holds more than ``stop_bytes`` or ``stop_files``.
+
+    One descriptor per level of the directory being walked (never one per
+    pending directory); a directory that cannot be opened counts as one
+    entry. Deeper than :data:`USAGE_DEPTH_MAX` levels: a :class:`FilesError`.
+    """
+    usage = Usage()
+    seen: set[tuple[int, int]] = set()
+    pfd = root.open()
+    stack: list[tuple[int, list[str]]] = []
+    try:
+        try:
+            top = os.open(".", _READ_DIR, dir_fd=pfd)
+        except OSError as exc:
+            raise _oserror(f"root '{root.name}': cannot measure its usage", exc) from None
+        stack.append((top, []))
+        try:
+            stack[-1][1].extend(_scan_usage(top, usage, seen, stop_bytes, stop_files))
+        except OSError as exc:
+            raise _oserror(f"root '{root.name}': cannot measure its usage", exc) from None
+        while stack and not usage.over:
+            fd, dirs = stack[-1]
+            if not dirs:
+                _close(fd)
+                stack.pop()
+                continue
+            try:
+                child = os.open(dirs.pop(), _READ_DIR, dir_fd=fd)
+            except OSError:
+                continue  # unreadable, or swapped for a link: its entry is counted, its contents cannot be
+            stack.append((child, []))
+            if len(stack) > USAGE_DEPTH_MAX:
+                raise FilesError(
+                    f"root '{root.name}' is nested deeper than {USAGE_DEPTH_MAX} levels: its usage cannot be "
+                    "measured, so writes to it are refused",
+                    errno.EDQUOT,
+                )
+            try:
+                stack[-1][1].extend(_scan_usage(child, usage, seen, stop_bytes, stop_files))
+            except OSError:
+                continue
+        if usage.over and any(dirs for _fd, dirs in stack):
+            usage.partial = True  # directories left unwalked
+    finally:
+        for fd, _dirs in stack:
+            _close(fd)
+        _close(pfd)
+    return usage
+
+
+def _quota_text(root: Root) -> str:
+    size = human_size(root.quota_bytes)
+    if root.quota_bytes >= 1024:
+        size += f" = {root.quota_bytes} bytes"
+    return f"{size}, {root.quota_files} entries"
+
+
+class _Budget:
+    """The room left in one root for one operation: measured once, then charged growth by growth."""
+
+    def __init__(self, root: Root) -> None:
+        self.root = root
+        self.usage: Usage | None = None
+
+    def charge(self, where: str, nbytes: int, entries: int) -> None:
+        """Refuse (EDQUOT) unless ``nbytes`` more bytes and ``entries`` more entries fit in the quota."""
+        root = self.root
+        if nbytes <= 0 and entries <= 0:
+            return  # shrinking, or no change, is always allowed (even in a root already over its quota)
+        if self.usage is None:  # a limit is only watched for what is charged: a partial walk is then over it
+            self.usage = measure(
+                root,
+                root.quota_bytes - nbytes if nbytes > 0 else QUOTA_MAX,
+                root.quota_files - entries if entries > 0 else QUOTA_MAX,
+            )
+        used = self.usage
+        if (nbytes > 0 and used.bytes + nbytes > root.quota_bytes) or (
+            entries > 0 and used.files + entries > root.quota_files
+        ):
+            least = "at least " if used.partial else ""
+            raise FilesError(
+                f"{where}: over the quota of root '{root.name}' ({_quota_text(root)}): it holds {least}"
+                f"{used.bytes} bytes in {used.files} entries and this needs {max(nbytes, 0)} bytes and "
+                f"{max(entries, 0)} entries more; nothing was written",
+                errno.EDQUOT,
+            )
+        used.bytes += nbytes
+        used.files += entries
+
+
 class Share:
     """The configured roots and every file operation on them."""
 
     def __init__(self, roots: Sequence[Root]) -> None:
         self.roots = {r.name: r for r in roots}
+        #: held from measuring a root to the end of the write it allows, so two calls cannot both take the room
+        self._quota_lock = threading.Lock()
 
     # --- resolution -----------------------------------------------------------------------
 
@@ -447,9 +651,20 @@ class Share:
     # --- read tools -----------------------------------------------------------------------
 
     def list_roots(self) -> dict[str, Any]:
-        return {
-            "roots": [{"name": r.name, "mode": "rw" if r.writable else "ro"} for r in self.roots.values()],
-        }
+        """Each root's name and mode; a read-write root also its quota and what it holds now."""
+        found: list[dict[str, Any]] = []
+        for r in self.roots.values():
+            item: dict[str, Any] = {"name": r.name, "mode": "rw" if r.writable else "ro"}
+            if r.writable:
+                item["quota"] = {"bytes": r.quota_bytes, "files": r.quota_files}
+                try:
+                    used = measure(r, r.quota_bytes, r.quota_files)  # bounded: it stops once over the quota
+                except FilesError:
+                    item["used"] = None
+                else:
+                    item["used"] = {"bytes": used.bytes, "files": used.files, "at_least": used.partial}
+            found.append(item)
+        return {"roots": found}
 
     def stat(self, root_name: str, path: str) -> dict[str, Any]:
         root = self.root(root_name)
@@ -692,7 +907,8 @@ class Share:
         if not parts:
             raise FilesError(f"{where}: is a directory", errno.EISDIR)
         name = parts[-1]
-        with self._dir(root, parts[:-1]) as dfd:
+        with self._quota_lock, self._dir(root, parts[:-1]) as dfd:
+            replaced = self._charge_write(root, dfd, name, where, len(data), overwrite)
             tmp = f".files-{secrets.token_hex(8)}.tmp"
             try:
                 fd = os.open(tmp, _CREATE, _FILE_MODE, dir_fd=dfd)
@@ -704,16 +920,7 @@ class Share:
                     os.fsync(fd)
                 finally:
                     _close(fd)
-                replaced = False
-                if overwrite:
-                    try:
-                        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        pass
-                    else:
-                        if not stat.S_ISREG(st.st_mode):
-                            raise _refuse_kind(where, st.st_mode)
-                        replaced = True
+                if overwrite:  # what is there was checked (a regular file, or nothing) by _charge_write
                     os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
                 else:
                     try:
@@ -732,9 +939,37 @@ class Share:
                 raise
         return {"root": root.name, "path": _rel(parts), "size": len(data), "replaced": replaced}
 
+    @staticmethod
+    def _charge_write(root: Root, dfd: int, name: str, where: str, size: int, overwrite: bool) -> bool:
+        """Refuse a write of ``size`` bytes to ``name`` that would take the root over its quota; True: it replaces.
+
+        A new file needs its bytes and one entry; replacing a regular file
+        needs only the growth (its old bytes are freed, unless another hard
+        link keeps them). Refusals that the write itself would make anyway
+        (it exists and ``overwrite`` is false; it is not a regular file) are
+        made here first, so a full root does not hide them.
+        """
+        try:
+            old = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            _Budget(root).charge(where, size, 1)
+            return False
+        except OSError as exc:
+            raise _oserror(where, exc) from None
+        if not overwrite:
+            raise FilesError(f"{where}: already exists; pass overwrite=true to replace it", errno.EEXIST)
+        if not stat.S_ISREG(old.st_mode):
+            raise _refuse_kind(where, old.st_mode)
+        _Budget(root).charge(where, size - (old.st_size if old.st_nlink == 1 else 0), 0)
+        return True
+
     def append(
         self, root_name: str, path: str, content: str, encoding: str = "text", create: bool = False
     ) -> dict[str, Any]:
+        with self._quota_lock:
+            return self._append(root_name, path, content, encoding, create)
+
+    def _append(self, root_name: str, path: str, content: str, encoding: str, create: bool) -> dict[str, Any]:
         root = self._writable(root_name, "append")
         parts = split_path(path)
         data = decode_content(content, encoding)
@@ -743,12 +978,14 @@ class Share:
             raise FilesError(f"{where}: is a directory", errno.EISDIR)
         name = parts[-1]
         created = False
+        budget = _Budget(root)
         with self._dir(root, parts[:-1]) as dfd:
             try:
                 fd, st = self._open_file(dfd, name, os.O_WRONLY | os.O_APPEND, where)
             except FilesError as exc:
                 if exc.errno != errno.ENOENT or not create:
                     raise
+                budget.charge(where, len(data), 1)  # before it is created: a refusal leaves nothing behind
                 try:
                     fd = os.open(name, _CREATE | os.O_APPEND, _FILE_MODE, dir_fd=dfd)
                     st = os.fstat(fd)
@@ -762,6 +999,8 @@ class Share:
                     "appending is refused",
                     errno.EPERM,
                 )
+            if not created:
+                budget.charge(where, len(data), 0)
             _write_all(fd, data)
             os.fsync(fd)
             size = os.fstat(fd).st_size
@@ -772,19 +1011,28 @@ class Share:
         return {"root": root.name, "path": _rel(parts), "appended": len(data), "size": size, "created": created}
 
     def mkdir(self, root_name: str, path: str, parents: bool = False) -> dict[str, Any]:
+        with self._quota_lock:
+            return self._mkdir(root_name, path, parents)
+
+    def _mkdir(self, root_name: str, path: str, parents: bool) -> dict[str, Any]:
         root = self._writable(root_name, "mkdir")
         parts = split_path(path)
         if not parts:
             return {"root": root.name, "path": "", "created": False}
+        budget = _Budget(root)  # each directory made is one entry
         if not parents:
             with self._dir(root, parts[:-1]) as dfd:
-                created = self._mkdir_one(root, parts, dfd)
+                created = self._mkdir_one(root, parts, dfd, budget)
             return {"root": root.name, "path": _rel(parts), "created": created}
         fd = root.open()
         created = False
+        charged = False
         try:
             for i, part in enumerate(parts):
-                created = self._mkdir_one(root, parts[: i + 1], fd)
+                if not charged and not _exists(fd, part):  # this one and every one below it: charged at once
+                    budget.charge(show(root, parts), 0, len(parts) - i)
+                    charged = True
+                created = self._mkdir_one(root, parts[: i + 1], fd, None if charged else budget)
                 try:
                     nfd = os.open(part, _PATH_DIR, dir_fd=fd)
                 except OSError as exc:
@@ -795,10 +1043,12 @@ class Share:
             _close(fd)
         return {"root": root.name, "path": _rel(parts), "created": created}
 
-    def _mkdir_one(self, root: Root, parts: Sequence[str], dfd: int) -> bool:
-        """mkdir the last of ``parts`` in ``dfd``; False when a directory is already there."""
+    def _mkdir_one(self, root: Root, parts: Sequence[str], dfd: int, budget: _Budget | None) -> bool:
+        """mkdir the last of ``parts`` in ``dfd`` (charged to ``budget`` unless None); False when one is there."""
         where = show(root, parts)
         try:
+            if budget is not None and not _exists(dfd, parts[-1]):
+                budget.charge(where, 0, 1)
             os.mkdir(parts[-1], _DIR_MODE, dir_fd=dfd)
             return True
         except FileExistsError:
@@ -815,6 +1065,12 @@ class Share:
             raise _oserror(where, exc) from None
 
     def move(self, root_name: str, src: str, dst: str, overwrite: bool = False) -> dict[str, Any]:
+        # no quota to charge (a move within a root changes nothing it holds), but under the quota lock: a move
+        # racing a write could otherwise take away the file whose bytes the write counted as freed
+        with self._quota_lock:
+            return self._move(root_name, src, dst, overwrite)
+
+    def _move(self, root_name: str, src: str, dst: str, overwrite: bool) -> dict[str, Any]:
         root = self._writable(root_name, "move")
         sparts, dparts = split_path(src), split_path(dst)
         swhere, dwhere = show(root, sparts), show(root, dparts)
@@ -914,6 +1170,17 @@ class Share:
             _close(fd)
         os.rmdir(name, dir_fd=parent)
         return deleted + 1
+
+
+def _exists(dfd: int, name: str) -> bool:
+    """Whether ``name`` is in ``dfd`` (as anything, a link too); an error other than ENOENT says yes."""
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # the action itself will report it
+    return True
 
 
 def _pread_all(fd: int, size: int, offset: int) -> bytes:

@@ -6,6 +6,9 @@ lives in :mod:`mcp_servers.files.cli`)::
     python -m mcp_servers.files --root nas=/srv/nas:ro --root inbox=/srv/agent-inbox:rw
 
 Each ``--root NAME=PATH[:ro|:rw]`` is read-only unless it ends in ``:rw``.
+Each read-write root has a quota, ``--quota NAME=SIZE[,FILES]`` (by default
+1 GiB of regular files and 100,000 entries): a write, append or mkdir that
+would take the root over it is refused before anything is written.
 The agent sees only the root names, never the host paths. Tools: ``roots``,
 ``list``, ``stat``, ``read`` and ``search`` (read-only), and, in read-write
 roots only, ``write``, ``append``, ``mkdir``, ``move`` and ``delete``. Every
@@ -32,7 +35,8 @@ server: MCPServer[Any] = MCPServer(
     version="1",
     instructions=(
         "A confined file share. Call 'roots' to see the roots and whether each is read-only (ro) or "
-        "read-write (rw). Every path is relative to its root; '..', absolute paths and symbolic links are refused."
+        "read-write (rw), and each rw root's quota and usage. Every path is relative to its root; '..', absolute "
+        "paths and symbolic links are refused."
     ),
 )
 
@@ -61,6 +65,9 @@ EncodingArg = Annotated[
 ]
 
 
+_QUOTA = " Refused, with nothing written, when it would take the root over its quota (see 'roots')."
+
+
 def configure(roots: list[confine.Root]) -> None:
     """Serve these roots (the command line does this; tests may too)."""
     global _share  # the one piece of process state, set once at start-up
@@ -80,7 +87,11 @@ def _run(call: Callable[[Share], dict[str, Any]]) -> dict[str, Any]:
 
 
 @server.tool(
-    description="List the roots of this share and whether each is read-only ('ro') or read-write ('rw').",
+    description=(
+        "List the roots of this share and whether each is read-only ('ro') or read-write ('rw'). A rw root also "
+        "shows its quota ('quota': bytes of regular files and number of entries it may hold) and what it holds "
+        "now ('used'; at_least=true when it is already over and was not counted to the end)."
+    ),
     annotations=READ_ONLY,
 )
 def roots() -> dict[str, Any]:
@@ -167,7 +178,8 @@ def search(
 @server.tool(
     description=(
         "Write a file in a read-write root, atomically (a temporary file renamed into place). Refuses to replace "
-        "an existing file unless overwrite=true; never replaces a directory or a symbolic link."
+        "an existing file unless overwrite=true; never replaces a directory or a symbolic link. Replacing a file "
+        "counts only its growth against the quota." + _QUOTA
     ),
     annotations=_hints(read_only=False, destructive=True, idempotent=True),
 )
@@ -182,7 +194,7 @@ def write(
 
 
 @server.tool(
-    description="Append to a regular file in a read-write root (create=true makes it when missing).",
+    description="Append to a regular file in a read-write root (create=true makes it when missing)." + _QUOTA,
     annotations=_hints(read_only=False, destructive=False, idempotent=False),
 )
 def append(
@@ -197,7 +209,8 @@ def append(
 
 @server.tool(
     description=(
-        "Make a directory in a read-write root (parents=true makes missing parents too); an existing one is fine."
+        "Make a directory in a read-write root (parents=true makes missing parents too); an existing one is fine. "
+        "Each directory made is one entry of the quota." + _QUOTA
     ),
     annotations=_hints(read_only=False, destructive=False, idempotent=True),
 )

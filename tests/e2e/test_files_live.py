@@ -8,6 +8,9 @@ read-only root and writing the read-write one work (the file on disk belongs
 to mcp-broker); every escape (``..``, an absolute path, a link planted by
 root, a write to the read-only root, a FIFO, a device) fails with one clear
 line, exit 1, no host path, and leaves an audit record naming the tool.
+The read-write root has a small quota (``--quota inbox=16K,50``): a write
+beyond it fails the same way and leaves nothing on disk. ``check`` refuses
+a root that overlaps the broker's own directories.
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ def share(inst: Installation) -> Iterator[Share]:
             f"""
 [servers.files]
 command = "{PYTHON}"
-args = ["-m", "mcp_servers.files", "--root", "nas={s.ro}:ro", "--root", "inbox={s.rw}:rw"]
+args = ["-m", "mcp_servers.files", "--root", "nas={s.ro}:ro", "--root", "inbox={s.rw}:rw", "--quota", "inbox=16K,50"]
 """,
             0,
             pwd.getpwnam("mcp-broker").pw_gid,
@@ -142,10 +145,9 @@ def _clean(inst: Installation, share: Share, text: str) -> None:
 def test_agent_reads_the_ro_root_and_writes_the_rw_root(files: Installation, share: Share) -> None:
     roots = files.mcp("call", "files.roots", "--json")
     assert roots.code == 0, roots
-    assert json.loads(roots.out)["structuredContent"]["roots"] == [
-        {"name": "nas", "mode": "ro"},
-        {"name": "inbox", "mode": "rw"},
-    ]
+    shown = json.loads(roots.out)["structuredContent"]["roots"]
+    assert [(r["name"], r["mode"]) for r in shown] == [("nas", "ro"), ("inbox", "rw")]
+    assert "quota" not in shown[0] and shown[1]["quota"] == {"bytes": 16384, "files": 50}, shown
     r = files.mcp("call", "files.read", "root=nas", "path=docs/hello.txt", "--json")
     assert r.code == 0, r
     assert json.loads(r.out)["structuredContent"]["content"] == "hello from the NAS\n"
@@ -227,6 +229,52 @@ def test_every_escape_fails_clearly_and_is_audited(files: Installation, share: S
         assert rec["caller"] == "mcpt-agent1"
     # and the server is still healthy afterwards
     assert files.mcp("call", "files.read", "root=nas", "path=docs/hello.txt").code == 0
+
+
+def test_a_write_beyond_the_quota_fails_as_the_agent(files: Installation, share: Share) -> None:
+    first = files.mcp("call", "files.write", "root=inbox", "path=quota-a.bin", "content=" + "a" * 10_000)
+    assert first.code == 0, first
+    before = _tree(share.rw)
+    r = files.mcp("call", "files.write", "root=inbox", "path=quota-b.bin", "content=" + "b" * 10_000, timeout=30)
+    said = r.out + r.err
+    assert r.code == 1, r
+    assert "inbox:quota-b.bin: over the quota of root 'inbox' (16 KiB = 16384 bytes, 50 entries)" in said, said
+    assert "nothing was written" in said and said.strip().count("\n") == 0, said
+    _clean(files, share, said)
+    assert _tree(share.rw) == before and not os.path.exists(f"{share.rw}/quota-b.bin")  # no file, no temporary
+    grow = files.mcp("call", "files.append", "root=inbox", "path=quota-a.bin", "content=" + "c" * 7000)
+    assert grow.code == 1 and "over the quota of root 'inbox'" in grow.out + grow.err, grow
+    with open(f"{share.rw}/quota-a.bin", encoding="utf-8") as fh:
+        assert fh.read() == "a" * 10_000
+    rec = [x for x in _audit(files) if x.get("tool") == "files.append" and x.get("phase") != "intent"][-1]
+    assert rec["outcome"] == "tool_error" and rec["caller"] == "mcpt-agent1", rec
+    # deleting frees the room
+    assert files.mcp("call", "files.delete", "root=inbox", "path=quota-a.bin").code == 0
+    r = files.mcp("call", "files.write", "root=inbox", "path=quota-b.bin", "content=" + "b" * 10_000)
+    assert r.code == 0, r
+    assert files.mcp("call", "files.delete", "root=inbox", "path=quota-b.bin").code == 0
+
+
+def test_check_refuses_a_root_over_the_brokers_own_directories(inst: Installation) -> None:
+    conf = write_servers_d(
+        inst,
+        "badfiles.toml",
+        f"""
+[servers.badfiles]
+command = "{PYTHON}"
+args = ["-m", "mcp_servers.files", "--root", "logs={inst.paths.log}:ro", "--root", "all={inst.root}/var:rw"]
+""",
+    )
+    try:
+        r = inst.ctl("check")
+        said = r.out + r.err
+        assert r.code == 1, r
+        assert f"servers.badfiles: --root logs={inst.paths.log}:ro: is the broker's own directory" in said, said
+        assert f"servers.badfiles: --root all={inst.root}/var:rw: holds the broker's own directory" in said, said
+    finally:
+        os.unlink(conf)
+    after = inst.ctl("check")
+    assert "badfiles" not in after.out + after.err and "--root" not in after.out + after.err, after
 
 
 # --- per caller: each agent its own writable root, which no other agent's instance can see ---------

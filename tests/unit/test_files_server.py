@@ -89,7 +89,17 @@ def test_calls_answer_and_refusals_are_clear_tool_errors(share_dirs: tuple[str, 
     assert not wrote.is_error
     with open(f"{rw}/note.txt", encoding="utf-8") as fh:
         assert fh.read() == "yes"
-    assert roots.structured_content == {"roots": [{"name": "nas", "mode": "ro"}, {"name": "inbox", "mode": "rw"}]}
+    assert roots.structured_content == {
+        "roots": [
+            {"name": "nas", "mode": "ro"},
+            {
+                "name": "inbox",
+                "mode": "rw",
+                "quota": {"bytes": 1 << 30, "files": 100_000},
+                "used": {"bytes": 3, "files": 1, "at_least": False},
+            },
+        ]
+    }
     for result in (ok, ro_write, dotdot, link, wrote, roots):
         assert base not in str(result.model_dump())
     assert not os.path.exists(f"{ro}/x.txt")
