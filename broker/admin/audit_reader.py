@@ -16,6 +16,7 @@ wrong otherwise.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import pwd
@@ -366,7 +367,7 @@ def _after_rotation(path: str, last_seq: int, emit_lines: Any) -> tuple[Any, tup
         found: list[tuple[int, bytes]] = []
         for _ in range(ROTATION_RETRIES):
             found, reached = [], False
-            for n in range(1, 1000):
+            for n in itertools.count(1):  # as many as retention kept (audit_keep_days may keep more than audit_keep)
                 try:
                     with open(f"{path}.{n}", "rb") as fh:
                         first = _first_seq(fh)

@@ -650,6 +650,9 @@ class Doctor:
             )
         if status.get("audit") != "ok":
             self.problem("daemon", f"audit log: {status.get('audit')}", f"check {self.paths.audit_log} and its disk")
+        trail = status.get("audit_trail")
+        for warning in (trail.get("warnings") or []) if isinstance(trail, dict) else []:
+            self.warning("audit", warning, f"see mcp-brokerctl status; free space on {self.paths.log}")
         self.check_sandboxes(status)
         for s in status.get("servers", []):
             if s.get("state") != "up":

@@ -6,7 +6,8 @@ canonical JSON without ``hash``), so an edited, removed, reordered or
 duplicated line breaks the chain and :func:`verify_files` names the place.
 Beside ``audit.jsonl`` lies ``audit.jsonl.head``, the anchor holding the
 number and hash of the last record written, so a tail cut at a line
-boundary is detected too; rotated files are ``audit.jsonl.1`` and up.
+boundary is detected too; rotated files are ``audit.jsonl.1`` and up (as many as
+retention keeps: ``audit_keep`` at least, more while younger than ``audit_keep_days``).
 
 The chain has no key: it proves that nothing was changed *by someone who did
 not recompute it*. Root or mcp-broker can rewrite the whole trail; the

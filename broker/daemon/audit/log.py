@@ -12,6 +12,15 @@ at a line boundary is detected too. Rotation by size renames the file to
 starts with a ``rotate`` record that chains from the old file's last hash,
 so the chain runs across the rotated set.
 
+Retention never outruns ``keep_days`` (``audit_keep_days``): a rotated file
+goes only when it is beyond ``keep`` *and* its newest record (and its
+mtime) is older than ``keep_days``; a younger one is kept, numbered on
+(``.N+1``, ...), however many files that makes. So no volume of calls can
+rotate away records younger than ``keep_days``; the disk fills instead, and
+then calls are refused (below), and ``status`` warns before that
+(:meth:`AuditLog.trail_status`: free space, and the days left at the
+recent write rate).
+
 A full disk never lets a call run unrecorded: a call is admitted only while
 the log's filesystem has room, and the log keeps ``RESERVE_BYTES`` allocated
 past its end (``fallocate`` with ``FALLOC_FL_KEEP_SIZE``), so the records of
@@ -26,12 +35,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import errno
 import hashlib
 import logging
 import os
 import stat
 import threading
+import time
+from collections import deque
 from typing import Any
 
 from broker.core import wire
@@ -43,6 +55,7 @@ from broker.daemon.audit.chain import (
     canonical,
     head_path,
     last_record,
+    log_files,
     new_request_id,
     parse_record,
     read_head,
@@ -64,16 +77,52 @@ RESERVE_BYTES = 256 * 1024
 RESERVE_LOW = 64 * 1024
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+DAY = 86400.0
+#: ``status`` warns when the log's filesystem has less free than this share of it, or ...
+LOW_SPACE_SHARE = 0.10
+#: ... than this many bytes, whichever is smaller
+LOW_SPACE_BYTES = 1024**3
+#: ... or when at the recent write rate it fills within this many days
+LOW_SPACE_DAYS = 7.0
+#: the write rate is measured over this window, from samples at least this far apart
+RATE_WINDOW = DAY
+RATE_SAMPLE = 60.0
+
+
+def is_socket(path: str) -> bool:
+    """``path`` names a socket now (the test of ``audit_syslog = "auto"``)."""
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def options(settings: Any) -> dict[str, Any]:
-    """AuditLog keyword arguments from the ``[broker]`` settings."""
+    """AuditLog keyword arguments from the ``[broker]`` settings.
+
+    ``audit_syslog = "auto"`` (the default) mirrors when the socket exists
+    now (at start or reload), ``true`` always (a missing socket is reported
+    by ``status``), ``false`` never.
+    """
+    mode = settings.audit_syslog
+    address = settings.audit_syslog_socket
+    mirror = mode is True or (mode == "auto" and is_socket(address))
     return {
         "max_bytes": settings.audit_max_bytes,
         "keep": settings.audit_keep,
-        "syslog_socket": settings.audit_syslog_socket if settings.audit_syslog else None,
+        "keep_days": settings.audit_keep_days,
+        "syslog_socket": address if mirror else None,
         "syslog_facility": settings.audit_syslog_facility,
+        "syslog_required": mode is True,
     }
+
+
+def _size_text(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 _libc_fallocate: Any = None
@@ -132,6 +181,11 @@ def _seal(record: dict[str, Any], ts: str, seq: int, prev: str) -> bytes:
     return (canonical(record) + "\n").encode("utf-8")
 
 
+def _parse_ts(text: str) -> float:
+    """A record's ``ts`` (RFC 3339 UTC, as :func:`timestamp` writes it) as a Unix time; ValueError otherwise."""
+    return dt.datetime.fromisoformat(text).timestamp()
+
+
 def _estimated_size(record: dict[str, Any]) -> int:
     """About the length of a record's line, cheaply (for the rotation check; never fails)."""
     try:
@@ -152,8 +206,10 @@ class AuditLog:
         *,
         max_bytes: int = 0,
         keep: int = 10,
+        keep_days: float = 0.0,
         syslog_socket: str | None = None,
         syslog_facility: str = "authpriv",
+        syslog_required: bool = False,
     ) -> None:
         self.path = path
         self.head = head_path(path)
@@ -173,10 +229,24 @@ class AuditLog:
         self.room_problem = ""
         self.max_bytes = max_bytes
         self.keep = keep
+        self.keep_days = keep_days
         self.syslog: SyslogMirror | None = None
+        self.syslog_required = syslog_required
         self.healthy = False
         self.error = ""
-        self.configure(max_bytes=max_bytes, keep=keep, syslog_socket=syslog_socket, syslog_facility=syslog_facility)
+        #: bytes appended since this object was made, and (monotonic time, that count) samples for the write rate
+        self.written = 0
+        self._samples: deque[tuple[float, int]] = deque(
+            [(time.monotonic(), 0)], maxlen=int(RATE_WINDOW / RATE_SAMPLE) + 2
+        )
+        self.configure(
+            max_bytes=max_bytes,
+            keep=keep,
+            keep_days=keep_days,
+            syslog_socket=syslog_socket,
+            syslog_facility=syslog_facility,
+            syslog_required=syslog_required,
+        )
         self.open()
 
     @property
@@ -188,11 +258,22 @@ class AuditLog:
     def last_hash(self) -> str:
         return self._prev
 
-    def configure(self, *, max_bytes: int, keep: int, syslog_socket: str | None, syslog_facility: str) -> None:
+    def configure(
+        self,
+        *,
+        max_bytes: int,
+        keep: int,
+        syslog_socket: str | None,
+        syslog_facility: str,
+        keep_days: float = 0.0,
+        syslog_required: bool = False,
+    ) -> None:
         """Apply (re-read) settings; the open file and the chain are kept."""
         with self._lock:
             self.max_bytes = max(0, int(max_bytes))
             self.keep = max(0, int(keep))
+            self.keep_days = max(0.0, float(keep_days))
+            self.syslog_required = bool(syslog_required)
             current = self.syslog
             if syslog_socket is None:
                 if current is not None:
@@ -353,6 +434,10 @@ class AuditLog:
             raise
         self._size = start + len(data)
         self._seq, self._prev = seq, prev
+        self.written += len(data)
+        now = time.monotonic()
+        if now - self._samples[-1][0] >= RATE_SAMPLE:
+            self._samples.append((now, self.written))
         try:
             os.pwrite(self._head_fd, HEAD_FORMAT.format(seq=self._seq, hash=self._prev).encode(), 0)
         except OSError as exc:
@@ -361,22 +446,46 @@ class AuditLog:
             for record in records:
                 self.syslog.send(record)
 
+    def _expired(self, name: str, now: float) -> bool:
+        """Whether retention may delete file ``name``: its newest record and its mtime are older than keep_days."""
+        if self.keep_days <= 0:
+            return True
+        newest = os.stat(name).st_mtime
+        last = last_record(name)
+        if last is not None:
+            with contextlib.suppress(ValueError):
+                newest = max(newest, _parse_ts(str(last.get("ts"))))
+        return now - newest > self.keep_days * DAY
+
     def _rotate(self) -> None:
-        """audit.jsonl -> .1 -> .2 ...; the new file starts with a record chaining from the old one."""
+        """audit.jsonl -> .1 -> .2 ...; the new file starts with a record chaining from the old one.
+
+        From the oldest file down, a file numbered ``keep`` or more (it would
+        end beyond ``keep``) is deleted while its records are older than
+        ``keep_days``; the first younger one stops the deletion, and it and
+        every newer file are kept and renumbered.
+        """
         old_size = self._size
         self._release()
         os.close(self._fd)
         self._fd = -1
         directory = os.path.dirname(self.path) or "."
-        if self.keep == 0:
-            os.unlink(self.path)
-        else:
-            for n, name in reversed(rotated(self.path)):
-                if n >= self.keep:
-                    os.unlink(name)
-                else:
-                    os.rename(name, f"{self.path}.{n + 1}")
-            os.rename(self.path, self.path + ".1")
+        files = [(0, self.path), *rotated(self.path)]
+        now = time.time()
+        deleted = 0
+        while files and files[-1][0] >= self.keep and self._expired(files[-1][1], now):
+            os.unlink(files.pop()[1])
+            deleted += 1
+        for n, name in reversed(files):
+            os.rename(name, f"{self.path}.{n + 1}")
+        beyond = sum(1 for n, _name in files if n + 1 > self.keep)
+        if beyond:
+            log.info(
+                "audit rotation keeps %d file(s) beyond audit_keep = %d: younger than %g days",
+                beyond,
+                self.keep,
+                self.keep_days,
+            )
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         self._fd = fd
         st = os.fstat(fd)
@@ -392,8 +501,10 @@ class AuditLog:
                 "id": new_request_id(),
                 "op": "rotate",
                 "decision": "rotate",
-                "rotated_to": os.path.basename(self.path) + ".1" if self.keep else None,
+                "rotated_to": os.path.basename(self.path) + ".1" if files else None,
                 "rotated_bytes": old_size,
+                **({"deleted_files": deleted} if deleted else {}),
+                **({"kept_for_age": beyond} if beyond else {}),
             }
         )
 
@@ -534,6 +645,75 @@ class AuditLog:
                     "so no call is served"
                 ) from None
             self._reserved_to = self._size + max(RESERVE_BYTES, 2 * need)
+
+    # --- what status shows ------------------------------------------------------------
+
+    def write_rate(self, now: float | None = None) -> float | None:
+        """Bytes a second appended over about the last day (None: less than a minute measured)."""
+        now = time.monotonic() if now is None else now
+        base = self._samples[-1]
+        for sample in self._samples:
+            if sample[0] >= now - RATE_WINDOW:
+                base = sample
+                break
+        elapsed = now - base[0]
+        if elapsed < RATE_SAMPLE:
+            return None
+        return (self.written - base[1]) / elapsed
+
+    def trail_status(self, now: float | None = None) -> dict[str, Any]:
+        """For ``status``: the files kept, the disk's room and how long it lasts, the syslog mirror; warnings."""
+        warnings: list[str] = []
+        out: dict[str, Any] = {
+            "files": len(log_files(self.path)),
+            "keep": self.keep,
+            "keep_days": self.keep_days,
+            "free_bytes": None,
+            "total_bytes": None,
+            "bytes_per_day": None,
+            "days_left": None,
+        }
+        directory = os.path.dirname(self.path) or "."
+        try:
+            st = os.statvfs(directory)
+        except OSError as exc:
+            warnings.append(f"the audit log's filesystem cannot be checked ({directory}: {exc.strerror or exc})")
+        else:
+            free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+            out["free_bytes"], out["total_bytes"] = free, total
+            low = min(int(total * LOW_SPACE_SHARE), LOW_SPACE_BYTES)
+            rate = self.write_rate(now)
+            if rate is not None:
+                out["bytes_per_day"] = round(rate * DAY)
+                if rate > 0:
+                    out["days_left"] = round(free / (rate * DAY), 1)
+            if free < low:
+                warnings.append(
+                    f"the audit log's filesystem ({directory}) has {_size_text(free)} free of {_size_text(total)}, "
+                    f"less than {_size_text(low)}: when it is full every call is refused; free space there "
+                    "(rotated audit files older than audit_keep_days may be archived and removed)"
+                )
+            elif out["days_left"] is not None and out["days_left"] < LOW_SPACE_DAYS:
+                warnings.append(
+                    f"at the recent audit write rate ({_size_text(rate * DAY if rate else 0)}/day) the audit log's "
+                    f"filesystem ({directory}, {_size_text(free)} free) fills in about {out['days_left']} days, "
+                    "and then every call is refused"
+                )
+        mirror = self.syslog
+        if mirror is None:
+            out["syslog"] = "off"
+        else:
+            out["syslog"] = f"{mirror.address}: {mirror.sent} sent, {mirror.dropped} dropped"
+            if self.syslog_required and not is_socket(mirror.address):
+                warnings.append(
+                    f"audit_syslog = true but {mirror.address} is not a socket: records are not mirrored to syslog"
+                )
+            elif mirror.last_error:
+                warnings.append(
+                    f"the audit syslog mirror is failing ({mirror.last_error}); {mirror.dropped} copies dropped"
+                )
+        out["warnings"] = warnings
+        return out
 
     def _release(self) -> None:
         """Give back the space reserved past the end (lock held)."""

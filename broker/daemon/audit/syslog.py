@@ -133,6 +133,8 @@ class SyslogMirror:
         self.hostname = hostname or socket.gethostname()
         self.sent = 0
         self.dropped = 0
+        #: why the last copy was dropped ("" once one is sent again), for status
+        self.last_error = ""
         self._sock: socket.socket | None = None
 
     def send(self, record: dict[str, Any]) -> bool:
@@ -144,10 +146,12 @@ class SyslogMirror:
             self._sock.sendto(message, socket.MSG_DONTWAIT, self.address)
         except (OSError, ValueError) as exc:
             self.dropped += 1
+            self.last_error = f"{self.address}: {exc}"
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("audit syslog copy dropped (%d so far): %s: %s", self.dropped, self.address, exc)
             return False
         self.sent += 1
+        self.last_error = ""
         return True
 
     def close(self) -> None:
