@@ -114,6 +114,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         f"broker: {result['broker']} (pid {result['pid']}, version {result['version']}, "
         f"up {result['uptime_s']} s, audit {result['audit']})"
     )
+    for line in audit_trail_lines(result.get("audit_trail")):
+        click.echo(line)
     for s in result["servers"]:
         reason = f" ({s['reason']})" if s.get("reason") else ""
         click.echo(
@@ -123,6 +125,24 @@ def status(ctx: click.Context, as_json: bool) -> None:
             click.echo(line)
         for tool, why in (s.get("hidden") or {}).items():
             click.echo(f"  {s.get('server', s['name'])}.{tool}: not offered ({why})")
+
+
+def audit_trail_lines(trail: Any) -> list[str]:
+    """``status``'s audit trail line: files kept, free space, days left, the syslog mirror; then its warnings."""
+    if not isinstance(trail, dict):
+        return []  # an older daemon
+    parts = [
+        f"{trail.get('files')} file(s) kept (audit_keep {trail.get('keep')}, audit_keep_days {trail.get('keep_days')})"
+    ]
+    free = trail.get("free_bytes")
+    if isinstance(free, int):
+        parts.append(f"{free / 1024**3:.1f} GiB free")
+    rate = trail.get("bytes_per_day")
+    if isinstance(rate, int | float):
+        days = trail.get("days_left")
+        parts.append(f"{rate / 1024**2:.1f} MiB/day" + (f", full in ~{days} days" if days is not None else ""))
+    parts.append(f"syslog {trail.get('syslog', 'off')}")
+    return [f"audit trail: {'; '.join(parts)}"] + [f"warning: audit: {w}" for w in trail.get("warnings") or []]
 
 
 @cli.command()
@@ -162,7 +182,7 @@ def stop(ctx: click.Context, timeout: float) -> None:
 
 
 @cli.command()
-@click.option("--all", "show_all", is_flag=True, help="Include decided, used and expired approvals.")
+@click.option("--all", "show_all", is_flag=True, help="Include decided and used approvals (an expired one is removed).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def approvals(ctx: click.Context, show_all: bool, as_json: bool) -> None:

@@ -76,6 +76,9 @@ class ServerDef:
     #: plain settings of a stdio server's environment (not secrets: secrets go in env_file)
     env: dict[str, str] = field(default_factory=dict)
     timeout: float | None = None
+    #: calls sent to it at once (1: a server that handles one request at a time); beyond it calls wait
+    #: in the daemon, served round-robin across callers
+    concurrency: int = 16
     #: the account it runs as; None: its own ``mcp-srv-NAME``, created by install and reload
     user: str | None = None
     #: one instance, under its own user, for each calling agent
@@ -123,7 +126,7 @@ _STDIO_ONLY = (
     "file_size",
     "command_sha256",
 )
-_KEYS = frozenset({"command", "url", "headers", "env_file", "timeout", *_STDIO_ONLY})
+_KEYS = frozenset({"command", "url", "headers", "env_file", "timeout", "concurrency", *_STDIO_ONLY})
 _SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)i?B?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -201,11 +204,9 @@ def files_server_roots(args: tuple[str, ...]) -> tuple[str, ...] | None:
     ``write_paths``, and an upgrade must need no operator edit). Paths the
     server itself would refuse (relative ones) are left to it.
     """
-    runs_it = any(a == "-m" and b == FILES_MODULE for a, b in itertools.pairwise(args)) or f"-m{FILES_MODULE}" in args
-    if not runs_it:
+    specs = _files_root_specs(args)
+    if specs is None:
         return None
-    specs = [b for a, b in itertools.pairwise(args) if a == "--root"]
-    specs += [a.removeprefix("--root=") for a in args if a.startswith("--root=")]
     found: list[str] = []
     for spec in specs:
         name, sep, rest = spec.partition("=")
@@ -217,6 +218,63 @@ def files_server_roots(args: tuple[str, ...]) -> tuple[str, ...] | None:
         if (absolute or path == "{home}" or path.startswith("{home}/")) and path not in found:
             found.append(path)
     return tuple(found)
+
+
+def _files_root_specs(args: tuple[str, ...]) -> list[str] | None:
+    """The ``--root`` values of a definition that runs the bundled files server; None when it runs another."""
+    runs_it = any(a == "-m" and b == FILES_MODULE for a, b in itertools.pairwise(args)) or f"-m{FILES_MODULE}" in args
+    if not runs_it:
+        return None
+    specs = [b for a, b in itertools.pairwise(args) if a == "--root"]
+    return specs + [a.removeprefix("--root=") for a in args if a.startswith("--root=")]
+
+
+def files_root_clashes(args: tuple[str, ...], own: tuple[str, ...], homes: tuple[str, ...] = ()) -> list[str]:
+    """Each root (ro or rw) of a files server that is, lies inside or holds one of ``own``, as one message.
+
+    ``own`` are the broker's own directories (``check`` passes
+    :meth:`Paths.hidden_from_servers` and the code directory); ``homes`` the
+    server's own homes, where a root is its own business (``{home}`` is one).
+    A root is compared as written and as resolved (a link to a broker
+    directory is the directory), and parsed as the server parses it:
+    ``NAME=PATH``, read-only unless ``:rw``. Relative paths are left to the
+    server, which refuses them.
+    """
+    found: list[str] = []
+
+    def inside(a: str, b: str) -> bool:
+        return a == b or a.startswith(b.rstrip("/") + "/")
+
+    for spec in _files_root_specs(args) or ():
+        rest = spec.partition("=")[2]
+        head, colon, mode = rest.rpartition(":")
+        path = head if colon and mode in ("ro", "rw") else rest
+        if path == "{home}" or path.startswith("{home}/"):
+            if ".." in path.split("/"):
+                found.append(f"--root {spec}: climbs out of the server's home with '..'")
+            continue
+        if not path.startswith("/"):
+            continue
+        forms = {os.path.normpath(path), os.path.realpath(path)}
+        if any(inside(f, os.path.realpath(h)) or inside(f, os.path.normpath(h)) for f in forms for h in homes):
+            continue
+        for d in own:
+            clash = None
+            for f in forms:
+                for g in {os.path.normpath(d), os.path.realpath(d)}:
+                    if f == g:
+                        clash = "is"
+                    elif inside(f, g):
+                        clash = clash or "lies inside"
+                    elif inside(g, f):
+                        clash = clash or "holds"
+            if clash:
+                found.append(
+                    f"--root {spec}: {clash} the broker's own directory {d} "
+                    "(a files server root may not be at, inside or above the broker's directories)"
+                )
+                break
+    return found
 
 
 def _with_files_roots(write_paths: tuple[str, ...], args: tuple[str, ...]) -> tuple[str, ...]:
@@ -301,6 +359,10 @@ def parse_server(name: str, table: object, source: str) -> ServerDef:
     if timeout is not None and not (number and 0 < timeout <= 3600):
         p.add("timeout", "must be a number of seconds, more than 0 and at most 3600")
         timeout = None
+    concurrency = table.get("concurrency", ServerDef.concurrency)
+    if not (isinstance(concurrency, int) and not isinstance(concurrency, bool) and 1 <= concurrency <= 1024):
+        p.add("concurrency", "must be a whole number of calls sent at once, from 1 to 1024")
+        concurrency = ServerDef.concurrency
     user = _string(table, "user", p)
     if user is not None and not valid_user_name(user):
         p.add("user", "is not a user name")
@@ -357,6 +419,7 @@ def parse_server(name: str, table: object, source: str) -> ServerDef:
         env_file=_absolute(table, "env_file", p),
         env=env,
         timeout=float(timeout) if timeout is not None else None,
+        concurrency=concurrency,
         user=user,
         per_caller=per_caller,
         sandbox=sandbox,

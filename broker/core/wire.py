@@ -421,8 +421,13 @@ def connect(sock_path: str, broker_uid: int | None, timeout: float = CONNECT_TIM
 
 def peer_uid(sock: Any) -> int:
     """The uid of the process at the other end of a connected Unix socket."""
+    return peer_cred(sock)[1]
+
+
+def peer_cred(sock: Any) -> tuple[int, int]:
+    """The pid and uid of the process at the other end of a connected Unix socket (as the kernel saw it connect)."""
     cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
-    return int.from_bytes(cred[4:8], sys.byteorder)
+    return int.from_bytes(cred[0:4], sys.byteorder), int.from_bytes(cred[4:8], sys.byteorder)
 
 
 def exchange(

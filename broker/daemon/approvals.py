@@ -44,6 +44,7 @@ class ApprovalDesk:
         conn: Waiting,
         ttl: float,
         redactor: Redactor,
+        most: int = 8,
     ) -> str:
         """Wait for an operator's approval of exactly this call; return the approval id it used.
 
@@ -54,9 +55,16 @@ class ApprovalDesk:
         used = self.state.take_approved(caller, tool, digest)
         if used is not None:
             return used.id
-        pending = self.state.pending_for(caller, tool, digest) or self.state.create_approval(
-            caller, tool, digest, redactor.deep(args), ttl
-        )
+        pending = self.state.pending_for(caller, tool, digest)
+        if pending is None:
+            count, first = self.state.pending_count(caller)
+            if count >= most:  # each request is a row the operator must read: bounded per caller
+                retry = max(1.0, (first or time.time()) - time.time())
+                raise TempFail(
+                    f"{count} approval requests of {caller} are pending already (max_pending_approvals); "
+                    f"retry when an operator has decided one, or in {retry:.0f} s when the oldest expires"
+                )
+            pending = self.state.create_approval(caller, tool, digest, redactor.deep(args), ttl)
         if pending.id not in self._waiters:
             await self.audit.record(
                 id=new_request_id(),
@@ -94,7 +102,7 @@ class ApprovalDesk:
         decided = self.state.decide(approval_id, status, by)
         if decided is None:
             current = self.state.get_approval(approval_id)
-            why = f"it is {current.status}" if current else "no such approval"
+            why = f"it is {current.status}" if current else "no such approval (an expired one is removed)"
             raise PrivsepError(f"approval {approval_id} cannot be {status}: {why}", EX_FAILED)
         await self.audit.record(
             id=new_request_id(),

@@ -20,6 +20,7 @@ from broker.core.errors import ConfigError
 from broker.core.names import action_error
 from broker.core.paths import Paths
 from broker.core.servers import Secrets, ServerDef
+from broker.daemon.limits import Quota
 from broker.daemon.policy import ActionPolicy
 
 
@@ -43,11 +44,36 @@ class BrokerSettings(BaseModel):
     denial_window: float = Field(600.0, gt=0)
     freeze_seconds: float = Field(900.0, gt=0)
     log_argument_values: bool = Field(False, description="audit argument values (redacted) too")
+    # --- per-caller quotas (each may be set again per caller in [limits.NAME]) ---
+    max_sessions: int = Field(
+        16, ge=1, le=10_000, description="gate processes (mcp stdio sessions, mcp calls) a caller may have connected"
+    )
+    max_connections: int = Field(128, ge=1, le=100_000, description="connections to gate.sock a caller may hold")
+    max_calls_in_flight: int = Field(
+        16, ge=1, le=10_000, description="calls a caller may have running (until their answers are read)"
+    )
+    max_pending_approvals: int = Field(8, ge=1, le=10_000, description="approval requests a caller may have pending")
+    audit_bytes_per_window: int = Field(
+        64 * 1024 * 1024, ge=0, description="audit bytes a caller may cause per window before it is throttled (0: off)"
+    )
+    audit_window: float = Field(3600.0, gt=0, le=7 * 86400, description="the window of audit_bytes_per_window")
+    write_timeout: float = Field(
+        10.0, gt=0, le=600, description="seconds a gate may leave an answer unread before it is dropped"
+    )
+    cancel_grace: float = Field(
+        30.0, gt=0, le=3600, description="seconds a server may ignore a cancel (when idle) before it is restarted"
+    )
     audit_max_bytes: int = Field(
         64 * 1024 * 1024, ge=0, description="rotate audit.jsonl before it grows beyond this many bytes (0: never)"
     )
-    audit_keep: int = Field(10, ge=0, le=999, description="rotated audit files kept (audit.jsonl.1 ... .N)")
-    audit_syslog: bool = Field(False, description="mirror every audit record to syslog (RFC 5424)")
+    audit_keep: int = Field(
+        10, ge=0, le=999, description="rotated audit files kept at least (audit.jsonl.1 ... .N; see audit_keep_days)"
+    )
+    audit_syslog: bool | Literal["auto"] = Field(
+        "auto",
+        description="mirror every audit record to syslog (RFC 5424): auto (when the socket exists at start or "
+        "reload), true (required: a missing socket is reported in status) or false",
+    )
     audit_syslog_socket: str = Field("/dev/log", description="the local syslog datagram socket")
     audit_syslog_facility: Literal[
         "auth",
@@ -63,6 +89,19 @@ class BrokerSettings(BaseModel):
         "local6",
         "local7",
     ] = Field("authpriv", description="syslog facility of the audit mirror")
+    audit_keep_days: float = Field(
+        30.0,
+        ge=0,
+        le=36500,
+        description="a rotated audit file holding a record younger than this many days is never deleted, "
+        "even beyond audit_keep (0: audit_keep alone decides)",
+    )
+    servers_log_max_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=0,
+        description="rotate servers.log (and mcp-brokerd.log) before it grows beyond this many bytes (0: never)",
+    )
+    servers_log_keep: int = Field(3, ge=0, le=99, description="rotated servers.log files kept (servers.log.1 ... .N)")
 
     @field_validator("notify_command")
     @classmethod
@@ -85,6 +124,19 @@ class BrokerSettings(BaseModel):
         return self
 
 
+class CallerLimits(BaseModel):
+    """One ``[limits.CALLER]`` table: that caller's quotas instead of the ``[broker]`` defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_sessions: int | None = Field(None, ge=1, le=10_000)
+    max_connections: int | None = Field(None, ge=1, le=100_000)
+    max_calls_in_flight: int | None = Field(None, ge=1, le=10_000)
+    max_pending_approvals: int | None = Field(None, ge=1, le=10_000)
+    audit_bytes_per_window: int | None = Field(None, ge=0)
+    audit_window: float | None = Field(None, gt=0, le=7 * 86400)
+
+
 class FileModel(BaseModel):
     """One TOML file: ``broker.toml`` may hold ``[broker]``; both may hold servers."""
 
@@ -96,6 +148,7 @@ class FileModel(BaseModel):
     #: host settings of the sandbox, the spawner's (broker.core.servers.host_settings)
     sandbox: dict[str, Any] | None = None
     policy: dict[str, ActionPolicy] = Field(default_factory=dict)
+    limits: dict[str, CallerLimits] = Field(default_factory=dict)
 
     @field_validator("policy")
     @classmethod
@@ -147,6 +200,12 @@ class Config:
     servers: dict[str, Server]
     files: list[str]
     policy: dict[str, ActionPolicy] = field(default_factory=dict)
+    #: ``[limits.CALLER]``: a caller's quotas instead of the defaults
+    limits: dict[str, CallerLimits] = field(default_factory=dict)
+
+    def quota(self, caller: str) -> Quota:
+        """``caller``'s quotas: ``[broker]``'s, with its ``[limits.CALLER]`` over them."""
+        return Quota.of(self.settings, self.limits.get(caller))
 
     def secrets(self) -> dict[str, str]:
         """Every secret value of every server, by name (for redaction)."""
@@ -168,6 +227,7 @@ def load(paths: Paths) -> Config:
     host: frozenset[str] = frozenset()
     documents: list[tuple[str, dict[str, Any]]] = []
     policy: dict[str, tuple[str, ActionPolicy]] = {}
+    limits: dict[str, CallerLimits] = {}
     for path in files:
         try:
             raw = core_servers.read_toml(path)
@@ -182,6 +242,11 @@ def load(paths: Paths) -> Config:
                 if e["loc"][:1] != ("servers",):  # the servers' own problems are the core parser's to report
                     problems.append(f"{path}: {_loc(e['loc'])}: {e['msg']}")
             continue
+        if model.limits:
+            if path != paths.broker_toml:
+                problems.append(f"{path}: [limits] belongs in {paths.broker_toml}")
+            else:
+                limits = model.limits
         if model.broker is not None:
             if path != paths.broker_toml:
                 problems.append(f"{path}: [broker] belongs in {paths.broker_toml}")
@@ -209,4 +274,5 @@ def load(paths: Paths) -> Config:
         servers={name: Server(name, d.source, d, host=host) for name, d in defs.items()},
         files=files,
         policy={a: rules for a, (_p, rules) in policy.items()},
+        limits=limits,
     )

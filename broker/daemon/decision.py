@@ -49,6 +49,8 @@ class Query:
     action: Action | None = None
     kv: list[list[str]] = field(default_factory=list)
     args: dict[str, Any] | None = None
+    #: decided again after a wait: its rate slot was taken when it was first admitted
+    slot_taken: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,9 @@ def decide(query: Query, view: View) -> Verdict:
         return v.refuse("arguments", rejected)
     v.passed("arguments", f"typed by the schema and checked against {rules.source}")
 
-    if rules.rate is not None:
+    if rules.rate is not None and query.slot_taken:
+        v.passed("rate", f"its slot under {rules.rate_text} was taken when it was admitted")
+    elif rules.rate is not None:
         retry = view.rate_retry(rules)
         if retry:
             refusal = TempFail(f"rate limit {rules.rate_text} for {name} reached; retry in {retry:.0f} s")

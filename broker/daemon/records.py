@@ -48,6 +48,10 @@ class AuditRecord(TypedDict, total=False):
     phase: str
     #: what a server sent that no side can encode, and how much of it was replaced
     sanitized: dict[str, int]
+    #: the quota that refused it (broker.daemon.limits): sessions, connections, calls, approvals, audit, unread
+    limit: str
+    #: how many requests a quota refusal record stands for (a burst is summed into one record)
+    refused: int
 
 
 def bounded(text: str) -> str:

@@ -67,6 +67,7 @@ class ServerSet:
             "backoff_max": s.restart_backoff_max,
             "max_message": s.max_server_message_bytes,
             "max_tools": s.max_listed_tools,
+            "cancel_grace": s.cancel_grace,
         }
 
     def _handle(self, server: config.Server, agent: str | None) -> ServerHandle:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -57,7 +58,7 @@ from broker.core.errors import (
 from broker.core.names import Action
 from broker.core.paths import Paths
 from broker.core.servers import Secrets
-from broker.daemon import audit, config, logs, policy
+from broker.daemon import audit, config, limits, logs, policy
 from broker.daemon.approvals import ApprovalDesk
 from broker.daemon.callers import Callers
 from broker.daemon.decision import Offer, Query, Verdict, decide, when
@@ -80,16 +81,37 @@ LIST_WAIT = 2.0
 FRAME_SECONDS = 30.0
 
 
-class Conn:
-    """One client connection: lets a handler send interim frames and notice a hang-up."""
+class WriteTimeout(ConnectionError):
+    """The peer left a frame unread for longer than ``write_timeout``: it is dropped."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+class Conn:
+    """One client connection: lets a handler send interim frames and notice a hang-up.
+
+    A frame is written within ``write_timeout`` seconds or the connection is
+    dropped (:class:`WriteTimeout`) with what it buffered: a gate that does
+    not read cannot make the daemon hold its answers.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, write_timeout: float = 10.0) -> None:
         self.reader = reader
         self.writer = writer
+        self.write_timeout = write_timeout
+        #: run once the current request's answer has left the daemon (or the connection is gone)
+        self.after_answer: list[Callable[[], None]] = []
 
     async def send(self, obj: dict[str, Any]) -> None:
         self.writer.write(wire.encode_frame(obj))
-        await self.writer.drain()
+        if self.writer.transport.get_write_buffer_size():
+            try:
+                async with asyncio.timeout(self.write_timeout):
+                    await self.writer.drain()
+            except TimeoutError:
+                raise WriteTimeout(f"the peer left an answer unread for {self.write_timeout:g} s") from None
+
+    def answered(self) -> None:
+        while self.after_answer:
+            self.after_answer.pop()()
 
     async def closed(self) -> None:
         """Return when the peer hangs up (used only while nothing else reads)."""
@@ -156,8 +178,12 @@ class Broker:
         #: the environment of the operator's notify hook (run as mcp-broker)
         self.hook_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": paths.state, "LANG": "C.UTF-8"}
         self.spawner = spawner
-        self.servers = ServerSet(cfg, spawner, open_errlog(paths), self.redact, self.agent_names())
+        errlog = open_errlog(paths, lambda: self.cfg.settings)  # the running settings, so a reload applies
+        self.servers = ServerSet(cfg, spawner, errlog, self.redact, self.agent_names())
         self.started = time.time()
+        #: what each caller holds of the daemon now, and the quota refusals to audit
+        self.holdings = limits.Holdings()
+        self.refusals = limits.Refusals()
         self.stopping = asyncio.Event()
         self._listeners: list[asyncio.AbstractServer] = []
         #: fire-and-forget tasks, referenced so they are not garbage-collected mid-flight
@@ -300,10 +326,20 @@ class Broker:
         return "root" if uid == 0 else None
 
     async def _gate_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._conn(reader, writer, self._gate_peer, wire.OPS, GATE_ROUTES, self._dispatch_gate)
+        await self._conn(
+            reader, writer, self._gate_peer, wire.OPS, GATE_ROUTES, self._dispatch_gate, self._admit_gate
+        )
 
     async def _admin_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._conn(reader, writer, self._admin_peer, wire.ADMIN_OPS, ADMIN_ROUTES, self._dispatch_admin)
+
+    def _admit_gate(self, pid: int, uid: int) -> Callable[[], None]:
+        """Count a gate connection against its caller's quota; return what releases it, or raise TempFail."""
+        known = self.callers.lookup(uid)
+        assert known is not None  # _gate_peer admitted it
+        caller = known.name
+        self.holdings.take_connection(caller, pid, self.cfg.quota(caller))
+        return lambda: self.holdings.drop_connection(caller, pid)
 
     async def _conn(
         self,
@@ -313,14 +349,23 @@ class Broker:
         schemas: dict[str, Any],
         routes: dict[str, Route],
         dispatch: Callable[[Route, dict[str, Any], int, Conn], Awaitable[wire.Answer]],
+        admit: Callable[[int, int], Callable[[], None]] | None = None,
     ) -> None:
-        conn = Conn(reader, writer)
+        conn = Conn(reader, writer, self.cfg.settings.write_timeout)
+        release: Callable[[], None] | None = None
+        drop = False
         try:
-            peer_uid = wire.peer_uid(writer.get_extra_info("socket"))
+            peer_pid, peer_uid = wire.peer_cred(writer.get_extra_info("socket"))
             peer = who(peer_uid)
             if peer is None or not any(peer in r.peers for r in routes.values()):
                 log.warning("refused connection from uid %d", peer_uid)
                 return
+            if admit is not None:
+                try:
+                    release = admit(peer_pid, peer_uid)
+                except TempFail as over:  # over a quota: its first request is answered with the refusal
+                    await self._refuse_connection(reader, conn, peer_uid, over)
+                    return
             while True:
                 try:
                     header = await reader.readexactly(4)
@@ -333,8 +378,15 @@ class Broker:
                 route = routes[wire.validate_request(req, schemas)]
                 if peer not in route.peers:
                     raise ProtocolError(f"op {req['op']} is not for a {peer} peer")
-                answer = await dispatch(route, req, peer_uid, conn)
-                await conn.send(dict(answer))
+                try:
+                    answer = await dispatch(route, req, peer_uid, conn)
+                    await conn.send(dict(answer))
+                finally:
+                    conn.answered()
+        except WriteTimeout as exc:
+            drop = True
+            log.warning("dropping connection: %s", exc)
+            self._note_refusal(peer_uid, "unread", str(exc))
         except (TimeoutError, ProtocolError, asyncio.IncompleteReadError) as exc:
             log.warning("closing connection: %s", exc)
         except (ConnectionError, BrokenPipeError):
@@ -342,9 +394,55 @@ class Broker:
         except Exception:
             log.exception("unexpected error on a connection")
         finally:
+            conn.answered()
+            if release is not None:
+                release()
+            if drop:  # what it left unread goes now, not when it might read it
+                writer.transport.abort()
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _refuse_connection(self, reader: asyncio.StreamReader, conn: Conn, uid: int, over: TempFail) -> None:
+        """Answer a connection over its caller's quota with the refusal (after reading its request), audited."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(min(FRAME_SECONDS, 5.0)):
+                n = wire.frame_length(await reader.readexactly(4), wire.MAX_REQUEST_BYTES)
+                await reader.readexactly(n)
+            await conn.send({"ok": False, "exit": over.exit_code, "error": over.message})
+        self._note_refusal(uid, "connections", over.message)
+
+    def _note_refusal(self, uid: int, kind: str, reason: str) -> None:
+        """Audit a quota refusal or a dropped peer: the first of a burst at once, the rest summed later."""
+        known = self.callers.lookup(uid)
+        caller = known.name if known is not None else f"uid {uid}"
+        if self.refusals.note(caller, kind, reason):
+            self.spawn(self._audit_refusal(caller, uid, kind, 1, reason))
+
+    async def _audit_refusal(self, caller: str, uid: int | None, kind: str, count: int, reason: str) -> None:
+        with contextlib.suppress(Unavailable):
+            await self.audit.record(
+                id=audit.new_request_id(),
+                caller=caller,
+                uid=uid,
+                op="limit",
+                decision="throttle" if kind != "unread" else "drop",
+                limit=kind,
+                refused=count,
+                reason=bounded(self.redactor.text(reason)),
+            )
+
+    async def refusal_loop(self, stopping: asyncio.Event) -> None:
+        """Every few seconds, the summed refusals of bursts that are over, as one record each."""
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), limits.SUMMARY_SECONDS / 2)
+            await self.flush_refusals(everything=stopping.is_set())
+
+    async def flush_refusals(self, everything: bool = False) -> None:
+        for caller, kind, count, reason in self.refusals.due(everything=everything):
+            summary = f"{count} more within {limits.SUMMARY_SECONDS:g} s: {reason}"
+            await self._audit_refusal(caller, None, kind, count, summary)
 
     # --- gate requests: who, then the one place that records and answers -----------------------
 
@@ -353,6 +451,12 @@ class Broker:
         if known is None:  # the map changed while the connection was open
             raise ProtocolError(f"uid {peer_uid} is no longer an agent's gate user")
         caller = known.name
+        quota = self.cfg.quota(caller)
+        try:
+            self.holdings.check_audit(caller, quota)
+        except TempFail as spent:  # throttled: summed into one record per burst, not one per request
+            self._note_refusal(peer_uid, "audit", spent.message)
+            return {"ok": False, "exit": spent.exit_code, "error": spent.message}
         started = time.monotonic()
         ctx = Ctx(audit.new_request_id(), caller, known.uid, req["op"], req.get("tool"))
         record = ctx.record()
@@ -383,6 +487,7 @@ class Broker:
             record["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
         try:
             await self.audit.record(**record)
+            self.holdings.spend_audit(caller, _size(record), quota)
             if froze is not None:
                 await self._audit_freeze(caller, ctx.uid, froze)
         except Unavailable as audit_exc:
@@ -550,6 +655,12 @@ class Broker:
         return min(float(chosen), settings.max_call_timeout)
 
     async def op_call(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
+        quota = self.cfg.quota(ctx.caller)
+        try:  # counted until its answer has left the daemon: unread answers count too
+            self.holdings.take_call(ctx.caller, quota)
+        except TempFail as busy:
+            return Outcome({"limit": "calls"}, error=busy, counts=False)
+        conn.after_answer.append(lambda: self.holdings.drop_call(ctx.caller))
         query = Query(ctx.caller, "call", _action(req["tool"]), req["kv"], req["args"])
         first = decide(query, self)
         timeout = self._timeout(req, first)
@@ -559,6 +670,28 @@ class Broker:
         rec = verdict.record()
         if not verdict.admitted:
             return Outcome(rec, error=verdict.refusal, counts=not verdict.frozen)
+        rules, args, action = verdict.rules, verdict.args, verdict.query.action
+        assert rules is not None and args is not None and action is not None
+        # the rate slot is taken at admission, before any wait (an approval, a restart), in the same step as
+        # the check that admitted it; a call refused later gives it back
+        slot = self.state.rate_take(rules.rate_key(), rules.rate[1]) if rules.rate is not None else None
+        out = await self._admitted_call(req, ctx, conn, query, verdict, timeout, quota, rec)
+        if slot is not None and out.record.get("phase") != "outcome":  # it never reached its server
+            self.state.rate_release(slot)
+        return out
+
+    async def _admitted_call(
+        self,
+        req: dict[str, Any],
+        ctx: Ctx,
+        conn: Conn,
+        query: Query,
+        verdict: Verdict,
+        timeout: float,
+        quota: limits.Quota,
+        rec: AuditRecord,
+    ) -> Outcome:
+        """An admitted call from its approval (if any) to its outcome; ``rec`` has phase "outcome" once it ran."""
         rules, args, action = verdict.rules, verdict.args, verdict.query.action
         assert rules is not None and args is not None and action is not None
         tool = str(action)
@@ -571,7 +704,14 @@ class Broker:
         if rules.mode == "approve":
             try:
                 rec["approval"] = await self.approvals.hold(
-                    ctx.caller, tool, args, rec["args_digest"], conn, self.cfg.settings.approval_ttl, self.redactor
+                    ctx.caller,
+                    tool,
+                    args,
+                    rec["args_digest"],
+                    conn,
+                    self.cfg.settings.approval_ttl,
+                    self.redactor,
+                    quota.approvals,
                 )
             except PrivsepError as exc:
                 return Outcome(rec, error=exc)
@@ -584,19 +724,20 @@ class Broker:
         except Unavailable as exc:
             return Outcome(rec, error=exc)
         if handle.tools.get(action.tool) is not verdict.spec:
-            verdict = decide(query, self)
-            if not verdict.admitted:
-                return Outcome(rec | verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
-        if rules.rate is not None:
-            self.state.rate_record(rules.rate_key(), rules.rate[1])
+            again = decide(dataclasses.replace(query, slot_taken=True), self)  # its rate slot is its own
+            if not again.admitted:
+                return Outcome(rec | again.record(), error=again.refusal, counts=not again.frozen)
+            verdict = again
         rec["decision"] = "allow"
         if rules.mode == "notify":
             self._notify(ctx, tool, rec)
         # two-phase audit: the intent is durable before the server is asked; a crash leaves it without an outcome
-        await self.audit.record(**(ctx.record() | rec | {"phase": "intent"}))
+        intent = ctx.record() | rec | {"phase": "intent"}
+        await self.audit.record(**intent)
+        self.holdings.spend_audit(ctx.caller, _size(intent), quota)
         rec["phase"] = "outcome"
         progress = _relay_progress(conn) if req.get("progress") is True else None
-        call = asyncio.ensure_future(handle.call(action.tool, args, timeout, verdict.spec, progress))
+        call = asyncio.ensure_future(handle.call(action.tool, args, timeout, verdict.spec, progress, ctx.caller))
         # the caller hanging up (Ctrl-C on mcp call, notifications/cancelled on mcp stdio) cancels the call at
         # its server too: nothing it has not yet done happens for an answer no one waits for
         hangup = asyncio.ensure_future(conn.closed())
@@ -661,6 +802,7 @@ class Broker:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
             "audit": self.audit.error if not self.audit.healthy else (self.audit.room_problem or "ok"),
+            "audit_trail": self.audit.trail_status(),
             "servers": [self._server_status(h) for h in self.servers.all()],
             "host": self.spawner.host if self.spawner is not None else {},
             "frozen": self.state.freezes(),
@@ -757,6 +899,14 @@ class Broker:
         return result
 
 
+def _size(record: AuditRecord) -> int:
+    """About the bytes a record takes in the audit log (for a caller's audit budget)."""
+    try:
+        return len(wire.dumps(record)) + 160  # what the chain adds: ts, seq, prev, hash
+    except (TypeError, ValueError):
+        return 1024
+
+
 def _action(tool: str) -> Action:
     """The request's tool as an Action, unchecked: a malformed name is in no allowlist, so decide() denies it."""
     server, _, name = tool.partition(".")
@@ -829,10 +979,17 @@ async def _run_hook(command: list[str], payload: bytes, env: dict[str, str]) -> 
         log.warning("notify hook failed: %s", exc)
 
 
-def open_errlog(paths: Paths) -> IO[str]:
-    """Where stdio servers' stderr goes: a broker-private log file."""
+def open_errlog(paths: Paths, settings: Callable[[], Any] | None = None) -> IO[str]:
+    """Where stdio servers' stderr goes: a broker-private log file, rotating by size.
+
+    ``settings`` returns the running ``[broker]`` settings (re-read at each
+    rotation check, so a reload applies ``servers_log_max_bytes`` and
+    ``servers_log_keep``); the daemon's own log follows the same limits.
+    """
+    bounds = logs.settings_limits(settings) if settings is not None else logs.default_limits
+    logs.use_limits(bounds)
     try:
-        return open(f"{paths.log}/servers.log", "a", buffering=1, encoding="utf-8", errors="replace")
+        return logs.open_server_log(f"{paths.log}/servers.log", bounds)
     except OSError:
         return sys.stderr
 
@@ -871,6 +1028,7 @@ async def run_broker(
     await broker.serve()
     broker.servers.start()
     health = asyncio.create_task(broker.servers.health_loop(broker.stopping))
+    summaries = asyncio.create_task(broker.refusal_loop(broker.stopping))
     log.info("mcp-brokerd %s ready (pid %d), %d servers", __version__, os.getpid(), len(cfg.servers))
     ready(None)
     lost = asyncio.create_task(spawner.lost.wait()) if spawner is not None else None
@@ -885,6 +1043,8 @@ async def run_broker(
             task.cancel()
     log.info("stopping")
     health.cancel()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(summaries, 5)  # the refusals summed so far are recorded before the log closes
     await broker.close()
     if spawner is not None:
         spawner.close()

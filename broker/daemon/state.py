@@ -87,6 +87,20 @@ class State:
         oldest_that_matters = rows[len(rows) - limit][0]
         return max(0.001, float(oldest_that_matters) + window - now)
 
+    def rate_take(self, key: str, window: float, now: float | None = None) -> int:
+        """Take a slot (the check that admitted the call came just before); return it, to give back if unused."""
+        now = time.time() if now is None else now
+        with self.db:
+            cur = self.db.execute("INSERT INTO rate_events (key, ts) VALUES (?, ?)", (key, now))
+            self.db.execute("DELETE FROM rate_events WHERE key = ? AND ts <= ?", (key, now - window))
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def rate_release(self, slot: int) -> None:
+        """Give back a slot of a call that never reached its server (refused, rejected, expired)."""
+        with self.db:
+            self.db.execute("DELETE FROM rate_events WHERE rowid = ?", (slot,))
+
     def rate_record(self, key: str, window: float, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self.db:
@@ -157,10 +171,17 @@ class State:
     _COLS = "id, caller, action, args_hash, args_json, status, created, expires"
 
     def expire_approvals(self, now: float | None = None) -> None:
+        """Remove every approval past its expiry, whatever its state (the audit trail keeps their story)."""
         now = time.time() if now is None else now
-        self.db.execute(
-            "UPDATE approvals SET status = 'expired' WHERE status IN ('pending', 'approved') AND expires <= ?", (now,)
-        )
+        self.db.execute("DELETE FROM approvals WHERE expires <= ?", (now,))
+
+    def pending_count(self, caller: str) -> tuple[int, float | None]:
+        """How many approvals of ``caller`` are pending, and when the first of them expires."""
+        self.expire_approvals()
+        count, first = self.db.execute(
+            "SELECT COUNT(*), MIN(expires) FROM approvals WHERE caller = ? AND status = 'pending'", (caller,)
+        ).fetchone()
+        return int(count), (float(first) if first is not None else None)
 
     def take_approved(self, caller: str, action: str, args_hash: str) -> Approval | None:
         """Consume (single use) an approved, unexpired approval for exactly these arguments."""

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from broker.core import wire
-from tests.e2e.harness import AGENT1, ALLOWLIST, Installation, connect_as, gate_user
+from tests.e2e.harness import AGENT1, AGENT2, ALLOWLIST, Installation, connect_as, gate_user, wait_for
 
 MAX = wire.MAX_REQUEST_BYTES
 ALLOWED = {line.split()[0] for line in ALLOWLIST.splitlines() if line.strip() and not line.startswith("#")}
@@ -286,11 +286,14 @@ def test_idle_and_half_open_connections_do_not_stop_service(live: Installation) 
                 s.sendall((1000).to_bytes(4, "big") + b"{")  # a frame announced and never finished
             held.append(s)
         started = time.monotonic()
-        r = live.mcp("call", "demo.echo", "text=beside-idle-connections")
-        assert (r.code, r.out) == (0, "beside-idle-connections\n"), r
+        r = live.mcp("call", "demo.add", "a=2", "b=3", user=AGENT2)  # another agent is served beside them
+        assert (r.code, r.out) == (0, "5\n"), r
         assert time.monotonic() - started < 10
+        # the agent holding them is over its quota of gate processes: told so, and when to retry
+        mine = live.mcp("call", "demo.echo", "text=beside-idle-connections")
+        assert mine.code == 75 and "max_sessions" in mine.err, mine
     finally:
         for s in held:
             s.close()
     assert live.daemon is not None and live.daemon.poll() is None
-    assert live.mcp("call", "demo.echo", "text=after").out == "after\n"
+    assert wait_for(lambda: live.mcp("call", "demo.echo", "text=after").out == "after\n", 15)

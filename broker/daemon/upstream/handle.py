@@ -30,6 +30,7 @@ from broker.core.errors import PrivsepError, TempFail, Unavailable
 from broker.core.servers import instance_name
 from broker.daemon.config import Server
 from broker.daemon.upstream.client import Progress, Upstream
+from broker.daemon.upstream.fair import FairQueue
 from broker.daemon.upstream.http import HttpClient
 from broker.daemon.upstream.spawner import SpawnerClient, Started
 from broker.daemon.upstream.stdio import ServerProcess, StdioClient
@@ -61,6 +62,7 @@ class ServerHandle:
         agent: str | None = None,
         max_message: int = 16 * 1024 * 1024,
         max_tools: int = 2000,
+        cancel_grace: float = 30.0,
     ) -> None:
         self.server = server
         self.name = server.name
@@ -73,6 +75,11 @@ class ServerHandle:
         self.errlog = errlog
         self.max_message = max_message
         self.max_tools = max_tools
+        self.cancel_grace = cancel_grace
+        #: calls sent at once, the rest waiting round-robin by caller
+        self.queue = FairQueue(server.spec.concurrency)
+        #: when the server last answered a call (monotonic): a server that answers is alive
+        self.answered = 0.0
         self.client: Upstream | None = None
         self.tools: dict[str, mcp.types.Tool] = {}
         #: tools the server offers that no agent is shown, each with why (task-only tools)
@@ -95,8 +102,17 @@ class ServerHandle:
         self._background: set[asyncio.Task[None]] = set()
         self.in_flight = 0
 
-    def configure(self, *, connect_timeout: float, backoff_max: float, max_message: int, max_tools: int) -> None:
+    def configure(
+        self,
+        *,
+        connect_timeout: float,
+        backoff_max: float,
+        max_message: int,
+        max_tools: int,
+        cancel_grace: float = 30.0,
+    ) -> None:
         """New ``[broker]`` settings: the next connect uses them; the live session's read cap changes now."""
+        self.cancel_grace = cancel_grace
         self.connect_timeout = connect_timeout
         self.backoff_max = backoff_max
         self.max_message = max_message
@@ -301,44 +317,90 @@ class ServerHandle:
         timeout: float,
         spec: mcp.types.Tool | None = None,
         progress: Progress | None = None,
+        caller: str = "",
     ) -> mcp.types.CallToolResult:
         """Call a tool; the daemon's own timeout answers 75, a dead server 69.
 
         With ``spec``, the call is made only while the server still offers
         exactly that definition (the one the decision checked against its pin).
+        The call waits its turn among ``caller``'s and other callers' calls
+        (:class:`FairQueue`); the wait counts against its timeout. A timeout
+        cancels this call only: the server is restarted for it only by the
+        rule of :meth:`_after_cancel`.
         """
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         client = await self.ready(min(timeout, self.connect_timeout))
         if spec is not None and self.tools.get(tool) is not spec:
             raise Unavailable(f"server {self.name} restarted with other tool definitions; call again")
+        try:
+            async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
+                await self.queue.acquire(caller)
+        except TimeoutError:
+            raise TempFail(
+                f"{self.name}.{tool} timed out after {timeout:g} s waiting for the server "
+                f"(it serves {self.queue.slots} call(s) at once; calls are taken in turn by caller)"
+            ) from None
+        handed_over = False
         self.in_flight += 1
         remaining = max(0.01, deadline - time.monotonic())
         try:
             # asyncio.timeout, not wait_for: wait_for wraps the call in one more task on every call
             async with asyncio.timeout(remaining):
-                return await client.call_tool(tool, arguments, remaining, progress)
+                result = await client.call_tool(tool, arguments, remaining, progress)
+            self.answered = time.monotonic()
+            return result
         except TimeoutError:
-            self._background.add(task := asyncio.create_task(self._check_alive(client)))
+            # the request was cancelled at the server (notifications/cancelled); a server serving one call at a
+            # time keeps its slot until it shows it is free again, so no other call is sent behind a stuck one
+            handed_over = self.queue.slots == 1
+            self._background.add(task := asyncio.create_task(self._after_cancel(client, handed_over)))
             task.add_done_callback(self._background.discard)
             raise TempFail(f"{self.name}.{tool} timed out after {timeout:g} s") from None
         except mcp.MCPError as exc:
             if _is_connection_loss(exc):
                 self.mark_broken("the server closed the connection")
                 raise Unavailable(f"server {self.name} failed during the call (it will be restarted)") from None
+            self.answered = time.monotonic()
             raise
         except (OSError, httpx2.HTTPError) as exc:
             self.mark_broken(_describe_failure(exc))
             raise Unavailable(f"server {self.name} failed during the call (it will be restarted)") from None
         finally:
             self.in_flight -= 1
+            if not handed_over:
+                self.queue.release()
 
-    async def _check_alive(self, client: Upstream) -> None:
-        """After a timeout: a server that no longer answers a ping is restarted."""
+    async def _after_cancel(self, client: Upstream, holding: bool) -> None:
+        """After a call was cancelled for its timeout: restart the server only if it is unhealthy.
+
+        The rule: a ping is sent at once, behind whatever the server is doing
+        (a server that handles one request at a time answers it only once it
+        has let go of the cancelled call). The server is restarted when that
+        ping is still unanswered ``cancel_grace`` seconds after the cancel
+        and no other call is in flight then; while other callers' calls run,
+        it is never restarted for this one (they end, or time out, first).
+        With ``holding``, this check holds the server's only slot until done,
+        so no other call is sent behind a call the server may still be doing.
+        """
+        cancelled = time.monotonic()
+        ping = asyncio.ensure_future(client.send_ping())
         try:
-            await asyncio.wait_for(client.send_ping(), 5.0)
-        except Exception:  # noqa: BLE001 - any failure: restart it
-            if self.client is client:
-                self.mark_broken("stopped answering after a timeout")
+            while self.client is client and not self._stopping:
+                done, _ = await asyncio.wait({ping}, timeout=0.2)
+                if done:
+                    return  # it answered (an error answer too): it let go of the cancelled call
+                if not self.in_flight and time.monotonic() - cancelled >= self.cancel_grace:
+                    self.mark_broken(f"ignored a cancel for {self.cancel_grace:g} s (no answer to a ping)")
+                    return
+        finally:
+            if ping.done():
+                if not ping.cancelled():
+                    ping.exception()  # retrieved: a failed ping is an answer here, not an error to log
+            else:
+                ping.cancel()
+            if holding:
+                self.queue.release()
 
     async def health(self) -> None:
         """Ping an idle session so a dead stdio process is noticed.
