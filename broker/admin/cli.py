@@ -116,6 +116,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
     )
     for line in audit_trail_lines(result.get("audit_trail")):
         click.echo(line)
+    for caller, held in sorted((result.get("holdings") or {}).items()):
+        top = held.get("max", {})
+        click.echo(
+            f"caller {caller}: {held.get('sessions')}/{top.get('sessions')} sessions, "
+            f"{held.get('connections')}/{top.get('connections')} connections, "
+            f"{held.get('calls')}/{top.get('calls')} calls in flight"
+        )
     for s in result["servers"]:
         reason = f" ({s['reason']})" if s.get("reason") else ""
         click.echo(

@@ -807,7 +807,16 @@ class Broker:
             "host": self.spawner.host if self.spawner is not None else {},
             "frozen": self.state.freezes(),
             "pending_approvals": len(self.state.approvals("pending")),
+            "holdings": self._holdings(),
         }
+
+    def _holdings(self) -> dict[str, dict[str, Any]]:
+        """What each caller holds now, beside its quota (for ``status``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for caller, held in self.holdings.snapshot().items():
+            q = self.cfg.quota(caller)
+            out[caller] = held | {"max": {"sessions": q.sessions, "connections": q.connections, "calls": q.calls}}
+        return out
 
     @staticmethod
     def _server_status(h: ServerHandle) -> dict[str, Any]:
