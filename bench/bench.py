@@ -21,7 +21,11 @@ the agent call ``demo.echo``. It measures, in one run:
 - where the time of one call goes (``profile_gate.py``);
 - a stdio server's start-up through the spawner, sandboxed and with every
   optional protection disabled, next to a plain child process
-  (``startup.py``: its own roots and spawners, nothing of the installation).
+  (``startup.py``: its own roots and spawners, nothing of the installation);
+- a hostile neighbour (``neighbours.py``): a second agent stalls ``mcp stdio``
+  sessions up to its session cap and floods calls while the agent calls; the
+  agent's p95 against its unloaded p95, the daemon's RSS idle, during and
+  after, and the growth of a second such cycle.
 
 It prints a table and the target ratios, and writes everything, with the
 machine and the versions, to ``bench/results/latest.json``. Every change it
@@ -63,6 +67,7 @@ from benchlib import (
     tree_rss,
     versions,
 )
+from neighbours import neighbours, render_lines
 from precedent import Precedent
 from startup import startup
 from stdio_driver import SessionError, StdioSession, find_tool
@@ -97,6 +102,7 @@ class Sizes:
         self.precedent_warm = 5 if q else 30
         self.profile_rounds = 10 if q else 40
         self.startup = 3 if q else 15
+        self.neighbours = 10 if q else 30
 
 
 # --- measurements ----------------------------------------------------------------------
@@ -520,6 +526,29 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         lambda v: v < 50,
         note if up else str(res.get("errors", {}).get("startup", "not run")),
     )
+    nb = res.get("neighbours", {})
+    why = str(res.get("errors", {}).get("neighbours", "not run"))
+    add(
+        "hostile neighbour: victim p95 loaded / unloaded",
+        nb.get("p95_ratio"),
+        "<= 3",
+        lambda v: v <= 3,
+        f"{nb['cycles'][0]['victim']['p95_ms']:.0f} / {nb['unloaded']['p95_ms']:.0f} ms" if nb else why,
+    )
+    add(
+        "hostile neighbour: daemon RSS during - idle (MiB)",
+        nb["rss_during_over_idle_kib"] / 1024 if nb else None,
+        "<= 64",
+        lambda v: v <= 64,
+        f"idle {nb['rss_idle_kib'] / 1024:.1f} MiB" if nb else why,
+    )
+    add(
+        "hostile neighbour: second stuck cycle's growth (MiB)",
+        nb["second_cycle_growth_kib"] / 1024 if nb else None,
+        "< 5",
+        lambda v: v < 5,
+        "RSS after cycle 2 - after cycle 1" if nb else why,
+    )
     al = res.get("allowlist", {})
     add(
         "10,000-line allowlist extra cost (ms)",
@@ -623,6 +652,9 @@ def render(res: dict[str, Any]) -> str:
             ("round_trip_plain_process", "  a tools/call on its pipes, plain child process"),
         ):
             row(label, up[key])
+    nb = res.get("neighbours")
+    if nb:
+        lines.extend(render_lines(nb, row))
     pre = res.get("precedent")
     if pre:
         if pre.get("available"):
@@ -698,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory": lambda: memory(t, sizes.memory_calls, sizes.memory_connections, demo_command),
         "precedent": lambda: precedent(t, sizes, demo_command),
         "startup": lambda: startup(sizes.startup),
+        "neighbours": lambda: neighbours(t, sizes.neighbours),
     }
     for name, fn in plan.items():
         if name in ns.skip:
@@ -726,7 +759,17 @@ def _profile(t: Target, rounds: int) -> dict[str, Any]:
     return profile(t, rounds)
 
 
-SECTIONS = ("floor_and_call", "profile", "allowlist", "stdio", "concurrency", "memory", "precedent", "startup")
+SECTIONS = (
+    "floor_and_call",
+    "profile",
+    "allowlist",
+    "stdio",
+    "concurrency",
+    "memory",
+    "precedent",
+    "startup",
+    "neighbours",
+)
 
 
 if __name__ == "__main__":

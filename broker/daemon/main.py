@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from broker import __version__
 from broker.core.errors import EX_CONFIG, EX_FAILED, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, PrivsepError
 from broker.core.paths import BROKER_USER, Paths
+from broker.daemon import memory
 
 if TYPE_CHECKING:  # imported for real only once the process is mcp-broker's
     from broker.daemon import config
@@ -114,36 +115,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-#: glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def bound_memory() -> None:
-    """Memory that a burst of large answers took goes back to the system afterwards; descriptors to spare.
-
-    glibc raises its mmap threshold after the first large block is freed, so
-    later large answers (a 1 MB result, its encoded frame) come from the heap
-    and stay there after they are freed: a burst of them left the daemon
-    hundreds of MiB larger for good. A fixed threshold keeps every block over
-    128 KiB in its own mapping, returned when freed. The descriptor limit is
-    raised to the hard limit: quotas (``max_connections``), not the
-    kernel's soft default, bound what callers hold.
-    """
-    import ctypes
-    import ctypes.util
-    import resource
-
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-        libc.mallopt(_M_TRIM_THRESHOLD, 1024 * 1024)
-    with contextlib.suppress(OSError, ValueError):
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
-        if soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     paths = Paths(ns.root)
@@ -163,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         broker = broker_account()
         channel = start_spawner(paths, paths.spawner_log if ns.daemon else "-", ns.log_level)
         drop_privileges(broker)
-        bound_memory()
+        memory.bound()
         clean_environment(paths.state)
         os.umask(0o077)
         os.chdir(paths.state)

@@ -58,7 +58,7 @@ from broker.core.errors import (
 from broker.core.names import Action
 from broker.core.paths import Paths
 from broker.core.servers import Secrets
-from broker.daemon import audit, config, limits, logs, policy
+from broker.daemon import audit, config, limits, logs, memory, policy
 from broker.daemon.approvals import ApprovalDesk
 from broker.daemon.callers import Callers
 from broker.daemon.decision import Offer, Query, Verdict, decide, when
@@ -433,11 +433,12 @@ class Broker:
             )
 
     async def refusal_loop(self, stopping: asyncio.Event) -> None:
-        """Every few seconds, the summed refusals of bursts that are over, as one record each."""
+        """Every few seconds: the summed refusals of bursts that are over, one record each; free memory back."""
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), limits.SUMMARY_SECONDS / 2)
             await self.flush_refusals(everything=stopping.is_set())
+            memory.trim()  # what a burst of large answers took goes back to the system
 
     async def flush_refusals(self, everything: bool = False) -> None:
         for caller, kind, count, reason in self.refusals.due(everything=everything):

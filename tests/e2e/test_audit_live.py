@@ -389,7 +389,7 @@ def test_files_are_private_to_the_broker_and_a_restart_continues_the_chain(live:
 
 def test_rotation_by_size_keeps_the_chain_across_files(live: Installation) -> None:
     p = live.paths
-    live.set_policy(broker_extra="audit_max_bytes = 3000\naudit_keep = 3")
+    live.set_policy(broker_extra="audit_max_bytes = 3000\naudit_keep = 3\naudit_keep_days = 0")  # count only
     try:
         for i in range(10):
             assert live.mcp("call", "demo.echo", f"text=rotate-{i}").code == 0
@@ -405,6 +405,17 @@ def test_rotation_by_size_keeps_the_chain_across_files(live: Installation) -> No
         r = live.ctl("audit", "--json", "-n", "20", "--tool", "demo.echo")
         outcomes = [json.loads(x) for x in r.out.splitlines() if json.loads(x).get("phase") == "outcome"]
         assert [x["args_digest"] for x in outcomes] == [live.digest({"text": f"rotate-{i}"}) for i in range(10)]
+        # by default (audit_keep_days = 30) a flood never rotates young records away: files beyond keep stay
+        live.set_policy(broker_extra="audit_max_bytes = 3000\naudit_keep = 3")
+        for i in range(10):
+            assert live.mcp("call", "demo.echo", f"text=flood-{i}").code == 0
+        kept = audit.log_files(p.audit_log)
+        assert os.path.exists(f"{p.audit_log}.4") and len(kept) > len(files), kept
+        v = live.ctl("audit", "verify")
+        assert v.code == 0 and f"{len(kept)} file(s)" in v.out, v
+        r = live.ctl("audit", "--json", "-n", "60", "--tool", "demo.echo")
+        texts = {json.loads(x).get("args_digest") for x in r.out.splitlines()}
+        assert live.digest({"text": "rotate-0"}) in texts  # the first records of the test are still there
     finally:
         live.set_policy()
 

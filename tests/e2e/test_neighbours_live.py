@@ -10,6 +10,7 @@ documented one (75, saying when to retry) and is in the audit trail.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from broker.core import wire
 from tests.e2e.harness import (
     AGENT1,
     AGENT2,
+    PYTHON,
     Installation,
     clean,
     connect_as,
@@ -29,6 +31,7 @@ from tests.e2e.harness import (
     verify_ok,
     wait_for,
     write,
+    write_servers_d,
 )
 
 LIMITS = """\
@@ -49,7 +52,7 @@ mode = "approve"
 rate = "1/hour"
 """
 
-VICTIM_ALLOWLIST = "demo.add\ndemo.big\nhostile.record\n"
+VICTIM_ALLOWLIST = "demo.add\ndemo.big\nhostile.record\nseq.record\n"
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +60,22 @@ def nb(hostile: Installation) -> Iterator[Installation]:
     import pwd
 
     gate = pwd.getpwnam("mcp-gate")
+    # the hostile script again, declared as what it is: a server that handles one request at a time
+    script = f"{hostile.root}/hostile_server.py"
+    seq = write_servers_d(
+        hostile, "seq.toml", f'[servers.seq]\ncommand = "{PYTHON}"\nargs = ["{script}"]\nconcurrency = 1\n'
+    )
     hostile.write_broker_toml(LIMITS, POLICY)
     assert hostile.ctl("reload").code == 0
+    assert wait_for(lambda: servers(hostile).get("seq", {}).get("state") == "up", 20), servers(hostile)
     write(hostile.paths.user_allowlist(AGENT2), VICTIM_ALLOWLIST, 0, gate.pw_gid, 0o640)
+    attacker = Path(hostile.paths.allowlist).read_text()
+    hostile.set_allowlist(attacker + "seq.record\n")
     try:
         yield hostile
     finally:
+        os.unlink(seq)
+        hostile.set_allowlist(attacker)
         for a in json.loads(hostile.ctl("approvals", "--json").out or "[]"):
             hostile.ctl("reject", a["id"])
         write(hostile.paths.user_allowlist(AGENT2), "demo.add\n", 0, gate.pw_gid, 0o640)
@@ -116,6 +129,22 @@ def test_one_agents_timeout_never_ends_anothers_call_at_a_shared_server(nb: Inst
     assert wait_for(lambda: servers(nb)["hostile"].get("restarts", 0) > (before["hostile"] or 0), 30)
     assert wait_for(lambda: servers(nb)["hostile"]["state"] == "up", 30)
     victim_is_served(nb, 1)
+
+
+def test_a_burst_of_one_agent_waits_its_turn_behind_anothers_call(nb: Installation) -> None:
+    # the server takes one call at a time: before, calls reached it in arrival order, the victim's last
+    burst = [nb.spawn_mcp("call", "seq.record", "seconds=1.5", f"tag=flood{n}", "--timeout", "20") for n in range(4)]
+    try:
+        time.sleep(1.0)  # the burst is queued
+        started = time.monotonic()
+        r = nb.mcp("call", "seq.record", "seconds=0", "tag=victim", "--timeout", "20", user=AGENT2)
+        took = time.monotonic() - started
+        assert (r.code, r.out) == (0, "recorded victim\n"), r
+        assert took < 3.5, took  # its turn came right after the call being served, not after all four
+    finally:
+        for p in burst:
+            p.communicate(timeout=30)
+    assert [p.returncode for p in burst] == [0, 0, 0, 0]
 
 
 # --- approvals: a cap, and rate slots taken at admission -------------------------------------------

@@ -21,6 +21,8 @@ class FairQueue:
         self.slots = slots
         self.busy = 0
         self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+        #: the caller served last: it waits for everyone else's turn before its next
+        self._last: str | None = None
 
     @property
     def waiting(self) -> int:
@@ -30,6 +32,7 @@ class FairQueue:
         """Wait for a slot (cancellable: a cancelled wait takes none)."""
         if self.busy < self.slots and not self._waiting:
             self.busy += 1
+            self._last = caller
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(caller, deque()).append(fut)
@@ -48,6 +51,8 @@ class FairQueue:
             self.busy -= 1
             return
         while self._waiting:
+            if len(self._waiting) > 1 and next(iter(self._waiting)) == self._last:
+                self._waiting.move_to_end(self._last)
             caller, queue = next(iter(self._waiting.items()))
             fut = queue.popleft()
             if queue:
@@ -56,6 +61,7 @@ class FairQueue:
                 del self._waiting[caller]
             if not fut.done():
                 fut.set_result(None)  # the slot passes on: busy stays the same
+                self._last = caller
                 return
         self.busy -= 1
 
