@@ -438,7 +438,7 @@ class Broker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), limits.SUMMARY_SECONDS / 2)
             await self.flush_refusals(everything=stopping.is_set())
-            memory.trim()  # what a burst of large answers took goes back to the system
+            memory.trim()  # what a dropped caller left (cyclic garbage, large answers) goes back to the system
 
     async def flush_refusals(self, everything: bool = False) -> None:
         for caller, kind, count, reason in self.refusals.due(everything=everything):
@@ -1040,6 +1040,7 @@ async def run_broker(
     health = asyncio.create_task(broker.servers.health_loop(broker.stopping))
     summaries = asyncio.create_task(broker.refusal_loop(broker.stopping))
     log.info("mcp-brokerd %s ready (pid %d), %d servers", __version__, os.getpid(), len(cfg.servers))
+    memory.settle()  # start-up's objects are never garbage: later collections skip them
     ready(None)
     lost = asyncio.create_task(spawner.lost.wait()) if spawner is not None else None
     stop = asyncio.create_task(broker.stopping.wait())
