@@ -18,6 +18,7 @@ This module decides nothing else and holds no sockets.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ Kind = str  # "sessions" | "connections" | "calls" | "approvals" | "audit"
 
 #: how long refusals of one kind for one caller are summed into one record
 SUMMARY_SECONDS = 10.0
+#: request frames up to this size are read at once ...
+SMALL_FRAME = 64 * 1024
+#: ... larger ones of one caller wait while it has this much being read already (back-pressure on its gates)
+READ_BUDGET = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ class Holdings:
         self.pids: dict[str, Counter[int]] = {}
         self.connections: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
+        self.reading: Counter[str] = Counter()
+        self._read_freed: dict[str, asyncio.Event] = {}
         self._audit: dict[str, _Bucket] = {}
 
     # --- connections and the gate processes behind them --------------------------------
@@ -115,6 +122,28 @@ class Holdings:
             self.connections[caller] -= 1
             if not self.connections[caller]:
                 del self.connections[caller]
+
+    # --- request bytes being read -------------------------------------------------------
+
+    async def take_reading(self, caller: str, size: int) -> int:
+        """Room to read a request frame of ``size`` bytes: a large one waits while ``caller`` has
+        :data:`READ_BUDGET` being read (its gates block in their writes); returns what to give back."""
+        if size <= SMALL_FRAME:
+            return 0
+        while self.reading[caller] and self.reading[caller] + size > READ_BUDGET:
+            await self._read_freed.setdefault(caller, asyncio.Event()).wait()
+        self.reading[caller] += size
+        return size
+
+    def drop_reading(self, caller: str, size: int) -> None:
+        if not size:
+            return
+        self.reading[caller] -= size
+        if self.reading[caller] <= 0:
+            del self.reading[caller]
+        freed = self._read_freed.pop(caller, None)
+        if freed is not None:
+            freed.set()
 
     # --- calls in flight ----------------------------------------------------------------
 

@@ -184,6 +184,8 @@ class Broker:
         #: what each caller holds of the daemon now, and the quota refusals to audit
         self.holdings = limits.Holdings()
         self.refusals = limits.Refusals()
+        #: connections over a quota being answered with their refusal now
+        self._refusing = 0
         self.stopping = asyncio.Event()
         self._listeners: list[asyncio.AbstractServer] = []
         #: fire-and-forget tasks, referenced so they are not garbage-collected mid-flight
@@ -333,13 +335,17 @@ class Broker:
     async def _admin_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._conn(reader, writer, self._admin_peer, wire.ADMIN_OPS, ADMIN_ROUTES, self._dispatch_admin)
 
-    def _admit_gate(self, pid: int, uid: int) -> Callable[[], None]:
-        """Count a gate connection against its caller's quota; return what releases it, or raise TempFail."""
+    def _admit_gate(self, pid: int, uid: int) -> tuple[str, Callable[[], None]]:
+        """Count a gate connection against its caller's quota; return the caller and what releases it.
+
+        Raises TempFail over the quota.
+        """
         known = self.callers.lookup(uid)
-        assert known is not None  # _gate_peer admitted it
+        if known is None:  # the gate-users map changed since _gate_peer
+            raise ProtocolError(f"uid {uid} is no longer an agent's gate user")
         caller = known.name
         self.holdings.take_connection(caller, pid, self.cfg.quota(caller))
-        return lambda: self.holdings.drop_connection(caller, pid)
+        return caller, lambda: self.holdings.drop_connection(caller, pid)
 
     async def _conn(
         self,
@@ -349,9 +355,10 @@ class Broker:
         schemas: dict[str, Any],
         routes: dict[str, Route],
         dispatch: Callable[[Route, dict[str, Any], int, Conn], Awaitable[wire.Answer]],
-        admit: Callable[[int, int], Callable[[], None]] | None = None,
+        admit: Callable[[int, int], tuple[str, Callable[[], None]]] | None = None,
     ) -> None:
         conn = Conn(reader, writer, self.cfg.settings.write_timeout)
+        caller: str | None = None
         release: Callable[[], None] | None = None
         drop = False
         try:
@@ -362,7 +369,7 @@ class Broker:
                 return
             if admit is not None:
                 try:
-                    release = admit(peer_pid, peer_uid)
+                    caller, release = admit(peer_pid, peer_uid)
                 except TempFail as over:  # over a quota: its first request is answered with the refusal
                     await self._refuse_connection(reader, conn, peer_uid, over)
                     return
@@ -373,8 +380,12 @@ class Broker:
                     return
                 n = wire.frame_length(header, wire.MAX_REQUEST_BYTES)
                 async with asyncio.timeout(FRAME_SECONDS):  # not wait_for: that costs a task per request
-                    payload = await reader.readexactly(n)
-                req = wire.decode_payload(payload)
+                    taken = await self.holdings.take_reading(caller, n) if caller is not None else 0
+                    try:
+                        req = wire.decode_payload(await reader.readexactly(n))
+                    finally:
+                        if caller is not None:
+                            self.holdings.drop_reading(caller, taken)
                 route = routes[wire.validate_request(req, schemas)]
                 if peer not in route.peers:
                     raise ProtocolError(f"op {req['op']} is not for a {peer} peer")
@@ -404,13 +415,25 @@ class Broker:
                 await writer.wait_closed()
 
     async def _refuse_connection(self, reader: asyncio.StreamReader, conn: Conn, uid: int, over: TempFail) -> None:
-        """Answer a connection over its caller's quota with the refusal (after reading its request), audited."""
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(min(FRAME_SECONDS, 5.0)):
-                n = wire.frame_length(await reader.readexactly(4), wire.MAX_REQUEST_BYTES)
-                await reader.readexactly(n)
-            await conn.send({"ok": False, "exit": over.exit_code, "error": over.message})
+        """Answer a connection over its caller's quota with the refusal (after reading its request), audited.
+
+        Bounded whatever the flood: at most :data:`MAX_REFUSING` are answered at once (the rest are closed
+        unanswered), and a request is read only up to ``SMALL_FRAME`` bytes.
+        """
         self._note_refusal(uid, "connections", over.message)
+        if self._refusing >= MAX_REFUSING:
+            return
+        self._refusing += 1
+        try:
+            async with asyncio.timeout(5.0):
+                n = wire.frame_length(await reader.readexactly(4), wire.MAX_REQUEST_BYTES)
+                if n <= limits.SMALL_FRAME:
+                    await reader.readexactly(n)
+            await conn.send({"ok": False, "exit": over.exit_code, "error": over.message})
+        except (TimeoutError, ProtocolError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._refusing -= 1
 
     def _note_refusal(self, uid: int, kind: str, reason: str) -> None:
         """Audit a quota refusal or a dropped peer: the first of a burst at once, the rest summed later."""
@@ -953,6 +976,8 @@ ADMIN_ROUTES: dict[str, Route] = {
 }
 
 
+#: connections over a quota answered with their refusal at once; beyond it they are closed unanswered
+MAX_REFUSING = 64
 #: how often a watching session's tool list is compared (in the daemon, without a request)
 WATCH_SECONDS = 1.0
 #: interim frames waiting in a connection's buffer beyond which progress reports are dropped (a slow reader)

@@ -221,3 +221,33 @@ def test_refusals_of_a_burst_become_one_record_and_a_summary() -> None:
     assert r.due(now=5.0) == []
     assert r.due(now=11.0) == [("a", "calls", 5, "x4")]
     assert r.note("a", "calls", "again", now=12.0) is True
+
+
+def test_large_requests_of_one_caller_wait_for_its_read_budget_and_others_do_not() -> None:
+    from broker.daemon import limits
+
+    async def go() -> list[str]:
+        h = Holdings()
+        big = 3 * 1024 * 1024  # three of them exceed the 8 MiB budget
+        order: list[str] = []
+        taken = [await h.take_reading("a", big) for _ in range(2)]
+        assert await h.take_reading("a", 1000) == 0  # small frames are never held back
+
+        async def third() -> None:
+            t = await h.take_reading("a", big)
+            order.append("a3")
+            h.drop_reading("a", t)
+
+        waiting = asyncio.ensure_future(third())
+        other = await h.take_reading("b", big)  # another caller has its own budget
+        order.append("b")
+        await asyncio.sleep(0.05)
+        assert order == ["b"] and h.reading["a"] == 2 * big
+        h.drop_reading("a", taken[0])
+        await waiting
+        h.drop_reading("a", taken[1])
+        h.drop_reading("b", other)
+        assert not h.reading and limits.READ_BUDGET == 8 * 1024 * 1024
+        return order
+
+    assert run(go()) == ["b", "a3"]
