@@ -415,22 +415,23 @@ class Broker:
                 await writer.wait_closed()
 
     async def _refuse_connection(self, reader: asyncio.StreamReader, conn: Conn, uid: int, over: TempFail) -> None:
-        """Answer a connection over its caller's quota with the refusal (after reading its request), audited.
+        """Answer a connection over its caller's quota with the refusal at once, audited; then let it go.
 
-        Bounded whatever the flood: at most :data:`MAX_REFUSING` are answered at once (the rest are closed
-        unanswered), and a request is read only up to ``SMALL_FRAME`` bytes.
+        The refusal is written before the request is read (the gate reads it after sending its request), and
+        the connection is held only until the peer hangs up, at most :data:`REFUSAL_LINGER` seconds: closing
+        it under a gate still writing would turn the clear refusal into a broken pipe. At most
+        :data:`MAX_REFUSING` linger at once, whatever the flood; beyond that they are closed at once.
         """
         self._note_refusal(uid, "connections", over.message)
+        with contextlib.suppress(ProtocolError, ValueError, ConnectionError):
+            conn.writer.write(wire.encode_frame({"ok": False, "exit": over.exit_code, "error": over.message}))
         if self._refusing >= MAX_REFUSING:
             return
         self._refusing += 1
         try:
-            async with asyncio.timeout(5.0):
-                n = wire.frame_length(await reader.readexactly(4), wire.MAX_REQUEST_BYTES)
-                if n <= limits.SMALL_FRAME:
-                    await reader.readexactly(n)
-            await conn.send({"ok": False, "exit": over.exit_code, "error": over.message})
-        except (TimeoutError, ProtocolError, asyncio.IncompleteReadError, ConnectionError):
+            async with asyncio.timeout(REFUSAL_LINGER):
+                await conn.closed()  # what it sends meanwhile is read and dropped
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             self._refusing -= 1
@@ -976,8 +977,10 @@ ADMIN_ROUTES: dict[str, Route] = {
 }
 
 
-#: connections over a quota answered with their refusal at once; beyond it they are closed unanswered
-MAX_REFUSING = 64
+#: connections over a quota held open at once after their refusal (until the peer hangs up); beyond it, closed
+MAX_REFUSING = 256
+#: the longest a refused connection is held open after its refusal
+REFUSAL_LINGER = 2.0
 #: how often a watching session's tool list is compared (in the daemon, without a request)
 WATCH_SECONDS = 1.0
 #: interim frames waiting in a connection's buffer beyond which progress reports are dropped (a slow reader)

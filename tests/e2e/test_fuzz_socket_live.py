@@ -283,7 +283,9 @@ def test_idle_and_half_open_connections_do_not_stop_service(live: Installation) 
         for i in range(200):
             s = connect_as(gate_user(AGENT1), live.paths.gate_sock)
             if i % 2:
-                s.sendall((1000).to_bytes(4, "big") + b"{")  # a frame announced and never finished
+                # a frame announced and never finished; beyond the agent's quota the daemon may have closed it
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    s.sendall((1000).to_bytes(4, "big") + b"{")
             held.append(s)
         started = time.monotonic()
         r = live.mcp("call", "demo.add", "a=2", "b=3", user=AGENT2)  # another agent is served beside them
