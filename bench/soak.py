@@ -22,7 +22,10 @@ operator adds ::
 
 to ``/etc/mcp-privsep/broker.toml`` and runs ``mcp-brokerctl reload``; with
 ``--raise-cap`` the soak writes that table itself (cap N + 50), reloads, and
-puts the file back (and reloads) afterwards. With stuck sessions the run
+puts the file back (and reloads) afterwards. The soak's 32 workers are all
+the bench's own agent, more than its default caps (16 sessions, 16 calls in
+flight), so ``--raise-cap`` raises those for it too (workers + 16), and
+without it the operator raises them in ``[limits."AGENT"]`` as well. With stuck sessions the run
 also needs the daemon's own RSS (max) within its idle RSS + 64 MiB.
 """
 
