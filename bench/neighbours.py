@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import AGENT_ENV, BenchError, Target, run, spawn_timed, summary, vmrss_kb, write_file
+from startup import INITIALIZE
 
 from broker.core.paths import BROKER_USER
 
@@ -75,17 +76,7 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 
 def stuck_payload(calls: int = BIG_CALLS, size: int = BIG_SIZE) -> bytes:
-    init = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "mcp-privsep-bench-attacker", "version": "1"},
-        },
-    }
-    out = _line(init) + _line({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    out = INITIALIZE + _line({"jsonrpc": "2.0", "method": "notifications/initialized"})
     for i in range(calls):
         params = {"name": "demo.big", "arguments": {"size": size}}
         out += _line({"jsonrpc": "2.0", "id": 100 + i, "method": "tools/call", "params": params})

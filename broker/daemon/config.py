@@ -202,10 +202,14 @@ class Config:
     policy: dict[str, ActionPolicy] = field(default_factory=dict)
     #: ``[limits.CALLER]``: a caller's quotas instead of the defaults
     limits: dict[str, CallerLimits] = field(default_factory=dict)
+    _quotas: dict[str, Quota] = field(default_factory=dict, repr=False, compare=False)
 
     def quota(self, caller: str) -> Quota:
-        """``caller``'s quotas: ``[broker]``'s, with its ``[limits.CALLER]`` over them."""
-        return Quota.of(self.settings, self.limits.get(caller))
+        """``caller``'s quotas: ``[broker]``'s, with its ``[limits.CALLER]`` over them (made once per config)."""
+        found = self._quotas.get(caller)
+        if found is None:
+            found = self._quotas[caller] = Quota.of(self.settings, self.limits.get(caller))
+        return found
 
     def secrets(self) -> dict[str, str]:
         """Every secret value of every server, by name (for redaction)."""

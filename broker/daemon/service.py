@@ -511,8 +511,7 @@ class Broker:
         if not out.reported:
             record["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
         try:
-            await self.audit.record(**record)
-            self.holdings.spend_audit(caller, _size(record), quota)
+            self.holdings.spend_audit(caller, await self.audit.record(**record), quota)
             if froze is not None:
                 await self._audit_freeze(caller, ctx.uid, froze)
         except Unavailable as audit_exc:
@@ -757,9 +756,8 @@ class Broker:
         if rules.mode == "notify":
             self._notify(ctx, tool, rec)
         # two-phase audit: the intent is durable before the server is asked; a crash leaves it without an outcome
-        intent = ctx.record() | rec | {"phase": "intent"}
-        await self.audit.record(**intent)
-        self.holdings.spend_audit(ctx.caller, _size(intent), quota)
+        spent = await self.audit.record(**(ctx.record() | rec | {"phase": "intent"}))
+        self.holdings.spend_audit(ctx.caller, spent, quota)
         rec["phase"] = "outcome"
         progress = _relay_progress(conn) if req.get("progress") is True else None
         call = asyncio.ensure_future(handle.call(action.tool, args, timeout, verdict.spec, progress, ctx.caller))
@@ -931,14 +929,6 @@ class Broker:
         if verdict.admitted and verdict.rules is not None:
             result["policy"] = verdict.rules.describe()
         return result
-
-
-def _size(record: AuditRecord) -> int:
-    """About the bytes a record takes in the audit log (for a caller's audit budget)."""
-    try:
-        return len(wire.dumps(record)) + 160  # what the chain adds: ts, seq, prev, hash
-    except (TypeError, ValueError):
-        return 1024
 
 
 def _action(tool: str) -> Action:

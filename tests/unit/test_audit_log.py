@@ -511,3 +511,17 @@ def test_a_base_exception_fails_the_waiters_and_is_not_swallowed(path: str, monk
 
     asyncio.run(scenario())
     assert not log.healthy and log.error == f"{path}: Stop"
+
+
+def test_record_returns_the_bytes_each_record_took_alone_and_in_a_batch(path: str) -> None:
+    log = audit.AuditLog(path)
+
+    async def scenario() -> list[int]:
+        lone = await log.record(id="a", op="call", reason="x" * 300)
+        together = await asyncio.gather(*(log.record(id=f"b{n}", op="call", reason="y" * n) for n in range(5)))
+        return [lone, *together]
+
+    sizes = asyncio.run(scenario())
+    with open(path, "rb") as fh:
+        lines = fh.read().splitlines(keepends=True)
+    assert sizes == [len(line) for line in lines[-6:]]  # what a caller's audit budget is charged

@@ -214,7 +214,7 @@ class AuditLog:
         self.path = path
         self.head = head_path(path)
         self._lock = threading.Lock()
-        self._queue: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._queue: list[tuple[dict[str, Any], asyncio.Future[int]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._fd = -1
         self._head_fd = -1
@@ -410,8 +410,8 @@ class AuditLog:
     def _write_record(self, record: dict[str, Any]) -> None:
         self._write_records([record])
 
-    def _write_records(self, records: list[dict[str, Any]]) -> None:
-        """Seal ``records`` in order, append them with one write and one fsync; all or none."""
+    def _write_records(self, records: list[dict[str, Any]]) -> list[int]:
+        """Seal ``records`` in order, append them with one write and one fsync; all or none. Their line lengths."""
         seq, prev = self._seq, self._prev
         ts = timestamp()
         lines = []
@@ -445,6 +445,7 @@ class AuditLog:
         if self.syslog is not None:
             for record in records:
                 self.syslog.send(record)
+        return [len(line) for line in lines]
 
     def _expired(self, name: str, now: float) -> bool:
         """Whether retention may delete file ``name``: its newest record and its mtime are older than keep_days."""
@@ -513,8 +514,12 @@ class AuditLog:
         self.write_many([record])
         return record
 
-    def write_many(self, records: list[dict[str, Any]]) -> None:
-        """Seal and append records durably, in order, with one fsync (rotating between them if due)."""
+    def write_many(self, records: list[dict[str, Any]]) -> list[int]:
+        """Seal and append records durably, in order, with one fsync (rotating between them if due).
+
+        Returns the bytes each record took in the log.
+        """
+        written: list[int] = []
         with self._lock:
             if self._fd < 0:
                 raise OSError(0, self.error or "audit log not open")
@@ -524,17 +529,18 @@ class AuditLog:
                 line_len = _estimated_size(record)
                 if self.max_bytes and size > 0 and size + line_len > self.max_bytes:
                     if batch:
-                        self._write_records(batch)
+                        written += self._write_records(batch)
                         batch = []
                     self._rotate()
                     size = self._size
                 batch.append(record)
                 size += line_len
             if batch:
-                self._write_records(batch)
+                written += self._write_records(batch)
+        return written
 
-    async def record(self, **fields: Any) -> None:
-        """Write one record durably; raise Unavailable when that fails.
+    async def record(self, **fields: Any) -> int:
+        """Write one record durably and return the bytes it took; raise Unavailable when that fails.
 
         Group commit: records that arrive while a write is in progress go out
         together in the next write, with one fsync, so concurrent calls share
@@ -545,11 +551,11 @@ class AuditLog:
         """
         record = {(f"field_{k}" if k in RESERVED else k): v for k, v in fields.items()}
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[int] = loop.create_future()
         self._queue.append((record, done))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
-        await done
+        return await done
 
     def _failed(self, exc: BaseException) -> Unavailable:
         self.healthy = False
@@ -566,9 +572,9 @@ class AuditLog:
                 if len(batch) == 1:
                     # a lone record: writing it here saves two thread hand-offs on the call's path;
                     # under load records queue up and go out in batches from a worker thread
-                    self.write_many([batch[0][0]])
+                    sizes = self.write_many([batch[0][0]])
                 else:
-                    await asyncio.to_thread(self.write_many, [r for r, _ in batch])
+                    sizes = await asyncio.to_thread(self.write_many, [r for r, _ in batch])
             except BaseException as exc:  # every waiter gets an answer, whatever went wrong
                 failure = self._failed(exc)
                 for _, done in batch:
@@ -578,9 +584,9 @@ class AuditLog:
                     raise
                 continue
             self.healthy = True
-            for _, done in batch:
+            for (_, done), size in zip(batch, sizes, strict=True):
                 if not done.done():
-                    done.set_result(None)
+                    done.set_result(size)
 
     def _needs_reopen(self) -> bool:
         """The open file was deleted, or its path now names another file (moved away)."""
