@@ -36,6 +36,8 @@ demo: install
 	@# stops a daemon of an older version, which may not speak this version's protocol)
 	@$(CTL) stop 2>/dev/null || true
 	/usr/local/sbin/mcp-brokerd --daemon
+	@echo; echo "== as root: the operator reviews the allowlisted tools' definitions and pins what it saw"
+	$(CTL) pins accept --yes demo.echo demo.whoami demo.add
 	@echo; echo "== as $(AGENT): mcp list"
 	runuser -u $(AGENT) -- /usr/local/bin/mcp list
 	@echo; echo "== as $(AGENT): mcp call demo.echo text=hello   (allowed)"

@@ -25,7 +25,9 @@ the agent call ``demo.echo``. It measures, in one run:
 - a hostile neighbour (``neighbours.py``): a second agent stalls ``mcp stdio``
   sessions up to its session cap and floods calls while the agent calls; the
   agent's p95 against its unloaded p95, the daemon's RSS idle, during and
-  after, and the growth of a second such cycle.
+  after, and the growth of a second such cycle;
+- what redaction costs every call (``redaction.py``, in process): a result
+  rendered with 20 known secrets beside the same result with none.
 
 It prints a table and the target ratios, and writes everything, with the
 machine and the versions, to ``bench/results/latest.json``. Every change it
@@ -69,6 +71,7 @@ from benchlib import (
 )
 from neighbours import neighbours, render_lines
 from precedent import Precedent
+from redaction import redaction
 from startup import startup
 from stdio_driver import SessionError, StdioSession, find_tool
 from workers import run_workers
@@ -549,6 +552,15 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         lambda v: v < 5,
         "RSS after cycle 2 - after cycle 1" if nb else why,
     )
+    red = res.get("redaction")
+    big = red["1mib"] if red else None
+    add(
+        "render of a large result: 20 secrets / none",
+        big["with_secrets_ms"] / big["without_ms"] if big else None,
+        "<= 5",
+        lambda v: v <= 5,
+        f"{red['size_bytes'] // 1024} KiB of text and structured content, no secret in it" if red else "",
+    )
     al = res.get("allowlist", {})
     add(
         "10,000-line allowlist extra cost (ms)",
@@ -655,6 +667,13 @@ def render(res: dict[str, Any]) -> str:
     nb = res.get("neighbours")
     if nb:
         lines.extend(render_lines(nb, row))
+    red = res.get("redaction")
+    if red:
+        for key, label in (("small", "a one-line result"), ("1mib", f"a {red['size_bytes'] // 1024} KiB result")):
+            lines.append(
+                f"{'redaction of ' + label + ', ' + str(red['secrets']) + ' secrets / none':<58}"
+                f"{red[key]['with_secrets_ms']:>9.3f} ms / {red[key]['without_ms']:.3f} ms"
+            )
     pre = res.get("precedent")
     if pre:
         if pre.get("available"):
@@ -731,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         "precedent": lambda: precedent(t, sizes, demo_command),
         "startup": lambda: startup(sizes.startup),
         "neighbours": lambda: neighbours(t, sizes.neighbours),
+        "redaction": lambda: redaction(3 if ns.quick else 20),
     }
     for name, fn in plan.items():
         if name in ns.skip:
@@ -769,6 +789,7 @@ SECTIONS = (
     "precedent",
     "startup",
     "neighbours",
+    "redaction",
 )
 
 

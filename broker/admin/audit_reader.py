@@ -4,13 +4,19 @@ The commands read the files directly (``/var/log/mcp-privsep/audit.jsonl``
 and its rotated set), so they work while the daemon is down::
 
     mcp-brokerctl audit [-n N] [--follow] [--caller U] [--tool S.T] [--decision D]
-                        [--since T] [--until T] [--json]
+                        [--since T] [--until T] [--json] [--full]
     mcp-brokerctl audit verify [PATH]
 
 Times are ISO 8601 (UTC unless an offset is given, like the log) or
 relative to now (``90s``, ``15m``, ``1h``, ``2d``, ``1w``). ``verify``
 exits 0 when the chain is intact and 1 naming ``file:line`` and what is
 wrong otherwise.
+
+What a record holds came partly from agents and servers (a caller's tool
+name, a server's error text): the table shows every field through
+:mod:`broker.admin.screen` (escaped, cut with ``--full`` to see it all), and
+``--json`` escapes every non-ASCII and control character of a line that
+holds one (the same JSON value; ``audit verify`` checks the files themselves).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 
 import click
 
+from broker.admin import screen
 from broker.core.errors import EX_FAILED, EX_NOPERM, EX_USAGE, PrivsepError
 from broker.core.paths import BROKER_USER, Paths
 from broker.daemon.audit import chain as auditlog
@@ -151,33 +158,55 @@ def table_header() -> str:
     return _COLUMNS.format("TIME (UTC)", "CALLER", "OP", "ACTION", "DECISION", "EXIT", "OUTCOME", "MS", "RULE / REASON")
 
 
-def table_row(rec: dict[str, Any]) -> str:
+#: a byte that is not printable ASCII: a line holding one is re-encoded for --json
+_UNSAFE_BYTE = re.compile(rb"[^\x20-\x7e]")
+#: columns of a record's rule and reason the table shows without --full
+REASON_COLUMNS = 300
+
+
+def table_row(rec: dict[str, Any], full: bool = False) -> str:
+    """One record as one line; every field defanged (:mod:`broker.admin.screen`), the reason cut unless ``full``."""
     ts = str(rec.get("ts", "")).replace("T", " ").rstrip("Z")
     ms = rec.get("duration_ms")
     detail = rec.get("reason") or rec.get("rule") or ""
     if rec.get("reason") and rec.get("rule"):
         detail = f"{rec['rule']}: {rec['reason']}"
     row = _COLUMNS.format(
-        ts,
-        str(rec.get("caller", "-")),
-        str(rec.get("op", "-")),
-        str(rec.get("tool") or "-"),
-        str(rec.get("decision", "-")),
-        "" if rec.get("exit") is None else str(rec["exit"]),
-        str(rec.get("outcome") or "-"),
-        "" if ms is None else f"{ms:.1f}" if isinstance(ms, int | float) else str(ms),
-        " ".join(str(detail).split()),
+        screen.text(ts, 40, full),
+        screen.name(rec.get("caller", "-"), 64, full),
+        screen.text(rec.get("op", "-"), 40, full),
+        screen.name(rec.get("tool") or "-", 200, full),
+        screen.text(rec.get("decision", "-"), 40, full),
+        "" if rec.get("exit") is None else screen.text(rec["exit"], 40, full),
+        screen.text(rec.get("outcome") or "-", 40, full),
+        "" if ms is None else f"{ms:.1f}" if isinstance(ms, int | float) else screen.text(ms, 40, full),
+        screen.line(" ".join(str(detail).split()), REASON_COLUMNS, full),
     )
     return row.rstrip()
 
 
-def _emit(raw: bytes, rec: dict[str, Any] | None, as_json: bool) -> None:
+def json_line(raw: bytes, rec: dict[str, Any] | None) -> str:
+    """A stored line for ``--json``: as stored, unless it holds a non-ASCII or control byte.
+
+    Such a line (the log keeps UTF-8 as it came) is encoded again with every
+    such character ``\\u``-escaped: the same record, nothing on it that a
+    terminal acts on or hides. A line that is not a record becomes a JSON
+    string of its text.
+    """
+    if _UNSAFE_BYTE.search(raw) is None:
+        return raw.decode("ascii")
+    if rec is None:
+        return json.dumps(raw.decode("utf-8", "replace"), ensure_ascii=True)
+    return json.dumps(rec, ensure_ascii=True, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _emit(raw: bytes, rec: dict[str, Any] | None, as_json: bool, full: bool = False) -> None:
     if as_json:
-        click.echo(raw.decode("utf-8", "replace"))
+        click.echo(json_line(raw, rec))
     elif rec is None:
-        click.echo(f"(not a record: {raw[:80].decode('utf-8', 'replace')!r})")
+        click.echo(f"(not a record: {screen.text(raw.decode('utf-8', 'replace'), 80, full)})")
     else:
-        click.echo(table_row(rec))
+        click.echo(table_row(rec, full))
 
 
 @click.group("audit", invoke_without_command=True)
@@ -204,7 +233,13 @@ def _emit(raw: bytes, rec: dict[str, Any] | None, as_json: bool) -> None:
 )
 @click.option("--since", metavar="TIME", help="Not before TIME (ISO, UTC unless an offset is given; or 1h, 2d ...).")
 @click.option("--until", metavar="TIME", help="Not after TIME.")
-@click.option("--json", "as_json", is_flag=True, help="Print the records as stored, one JSON object a line.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the records one JSON object a line: as stored, but with non-ASCII and control characters escaped.",
+)
+@click.option("--full", is_flag=True, help="Show long reasons and names whole (the table cuts them otherwise).")
 @click.pass_context
 def audit(
     ctx: click.Context,
@@ -217,6 +252,7 @@ def audit(
     since: str | None,
     until: str | None,
     as_json: bool,
+    full: bool,
 ) -> None:
     """Show the audit trail (tail, filter, follow); 'audit verify' checks its chain."""
     if ctx.invoked_subcommand is not None:
@@ -254,10 +290,10 @@ def audit(
     if not as_json:
         click.echo(table_header())
     for raw, rec in reversed(picked):
-        _emit(raw, rec, as_json)
+        _emit(raw, rec, as_json, full)
     if follow:
         sys.stdout.flush()
-        _follow(path, start, newest, wanted, as_json)
+        _follow(path, start, newest, wanted, as_json, full)
 
 
 def _position(path: str) -> tuple[tuple[int, int] | None, int]:
@@ -268,7 +304,14 @@ def _position(path: str) -> tuple[tuple[int, int] | None, int]:
     return (st.st_dev, st.st_ino), st.st_size
 
 
-def _follow(path: str, start: tuple[tuple[int, int] | None, int], after: int, wanted: Filter, as_json: bool) -> None:
+def _follow(
+    path: str,
+    start: tuple[tuple[int, int] | None, int],
+    after: int,
+    wanted: Filter,
+    as_json: bool,
+    full: bool = False,
+) -> None:
     """Print records after record ``after`` as they are written, across rotations, until interrupted.
 
     ``start`` (file identity, offset) is where the tail stopped reading. After
@@ -292,7 +335,7 @@ def _follow(path: str, start: tuple[tuple[int, int] | None, int], after: int, wa
                     continue
                 last_seq = seq
             if rec is None or wanted(rec):
-                _emit(raw, rec, as_json)
+                _emit(raw, rec, as_json, full)
 
     try:
         while True:

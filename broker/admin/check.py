@@ -10,6 +10,13 @@ inside or hold one of the broker's own directories: those a server never
 sees (:meth:`Paths.hidden_from_servers`: its config and secrets, state,
 logs and audit trail, sockets, caches, the servers' homes) and its code
 (``/opt/mcp-privsep``, the venv); a root in the server's own home is fine.
+
+Warnings (:func:`check_warnings`) are apart from problems: they never make
+the config invalid (``check`` still exits 0). Each is an env-file value that
+looks like a plain setting (short, a common word, a number, a path, a URL
+without credentials, a host): the broker redacts every env-file value from
+everything agents see, so such a value blanks ordinary words out of results.
+A warning names the server, the env file and the key, never the value.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from broker.core import servers as core_servers
 from broker.core.errors import ConfigError
 from broker.core.paths import Paths
 from broker.daemon import config
+from broker.daemon.redact import MIN_SECRET_LENGTH
 
 
 def broker_dirs(paths: Paths) -> tuple[str, ...]:
@@ -57,3 +65,44 @@ def check_all(paths: Paths) -> list[str]:
         defn = found[instance.partition("@")[0]]
         problems.append(f"{defn.source}: servers.{defn.name}: {instance}: {why}")
     return problems
+
+
+def check_warnings(paths: Paths, owners: frozenset[int] = frozenset({0})) -> list[str]:
+    """Env-file values that look like plain settings, one line each (key names only, never a value).
+
+    An env file that cannot be read is left to :func:`check_all`, which
+    reports it as a problem; ``owners`` are the uids an env file may belong
+    to (root's; tests pass their own).
+    """
+    try:
+        agents = list(agent_map.load(paths.gate_users))
+    except ConfigError:
+        agents = []
+    found, _sandbox, _problems = core_servers.load(paths)
+    warnings: list[str] = []
+    for defn in found.values():
+        files = [defn.env_file] if defn.env_file else []
+        if defn.per_caller:
+            files += [f for f in (core_servers.instance_env_file(paths, defn, a) for a in agents) if f]
+        for path in files:
+            try:
+                env = core_servers.read_env_file(path, owners)
+            except ConfigError:
+                continue
+            for key, value in env.items():
+                why = core_servers.plain_setting(value)
+                if why is not None:
+                    warnings.append(_plain_warning(defn, path, key, value, why))
+    return warnings
+
+
+def _plain_warning(defn: core_servers.ServerDef, path: str, key: str, value: str, why: str) -> str:
+    if len(value) < MIN_SECRET_LENGTH:
+        harm = "too short to be redacted at all, so it is no secret to the broker"
+    else:
+        harm = "every env-file value is a secret the broker blanks out of every result agents see"
+    if defn.command is not None:
+        fix = f'if it is a plain setting, move it to env = {{ {key} = "..." }} in {defn.source}'
+    else:
+        fix = f"if it is a plain setting, write it into url or headers of {defn.source} instead of ${{{key}}}"
+    return f"{defn.source}: servers.{defn.name}: env_file {path}: the value of {key} is {why} ({harm}); {fix}"

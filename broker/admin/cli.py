@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from broker import __version__
-from broker.admin import sandbox_view
+from broker.admin import sandbox_view, screen
 from broker.admin.check import check_all
 from broker.core import names, wire
 from broker.core.errors import (
@@ -92,10 +92,14 @@ def install(ctx: click.Context, agents: tuple[str, ...], venv: str | None) -> No
 @click.pass_context
 def check(ctx: click.Context) -> None:
     """Validate allowlists and config offline (exit 0 valid, 1 invalid)."""
+    from broker.admin.check import check_warnings
+
     paths = _paths(ctx)
     problems = check_all(paths)
     for p in problems:
         click.echo(p, err=True)
+    for w in check_warnings(paths):  # what would mangle results, not what makes the config invalid
+        click.echo(f"warning: {w}", err=True)
     if problems:
         raise PrivsepError(f"check: {len(problems)} problem(s)", EX_FAILED)
     click.echo(f"check: {paths.etc} is valid")
@@ -108,7 +112,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Ask the running daemon how it is (exit 0 when it answers)."""
     result = _admin(_paths(ctx), "status")
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result, indent=2, ensure_ascii=True))
         return
     click.echo(
         f"broker: {result['broker']} (pid {result['pid']}, version {result['version']}, "
@@ -119,19 +123,25 @@ def status(ctx: click.Context, as_json: bool) -> None:
     for caller, held in sorted((result.get("holdings") or {}).items()):
         top = held.get("max", {})
         click.echo(
-            f"caller {caller}: {held.get('sessions')}/{top.get('sessions')} sessions, "
+            f"caller {screen.name(caller)}: {held.get('sessions')}/{top.get('sessions')} sessions, "
             f"{held.get('connections')}/{top.get('connections')} connections, "
             f"{held.get('calls')}/{top.get('calls')} calls in flight"
         )
     for s in result["servers"]:
-        reason = f" ({s['reason']})" if s.get("reason") else ""
+        reason = f" ({screen.line(s['reason'], more=_JSON_MORE)})" if s.get("reason") else ""
         click.echo(
-            f"server {s['name']} [{s['transport']}]: {s['state']}{reason}, {s['tools']} tools, {s['restarts']} restarts"
+            f"server {screen.name(s['name'])} [{s['transport']}]: {s['state']}{reason}, "
+            f"{s['tools']} tools, {s['restarts']} restarts"
         )
         for line in sandbox_view.lines(s):
             click.echo(line)
         for tool, why in (s.get("hidden") or {}).items():
-            click.echo(f"  {s.get('server', s['name'])}.{tool}: not offered ({why})")
+            action = screen.name(f"{s.get('server', s['name'])}.{tool}", more=_JSON_MORE)
+            click.echo(f"  {action}: not offered ({screen.line(why, more=_JSON_MORE)})")
+
+
+#: how to see a value the text output cut, in a command without --full
+_JSON_MORE = "--json shows all"
 
 
 def audit_trail_lines(trail: Any) -> list[str]:
@@ -190,20 +200,30 @@ def stop(ctx: click.Context, timeout: float) -> None:
 
 @cli.command()
 @click.option("--all", "show_all", is_flag=True, help="Include decided and used approvals (an expired one is removed).")
+@click.option("--full", is_flag=True, help="Show every argument whole (a long value is cut otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def approvals(ctx: click.Context, show_all: bool, as_json: bool) -> None:
-    """List approval requests (pending ones by default), with their arguments."""
+def approvals(ctx: click.Context, show_all: bool, full: bool, as_json: bool) -> None:
+    """List approval requests (pending ones by default), with their arguments, one a line."""
     result = _admin(_paths(ctx), "approvals", status=None if show_all else "pending")
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result, indent=2, ensure_ascii=True))
         return
     if not result:
         click.echo("approvals: none pending" if not show_all else "approvals: none")
     for a in result:
         expires = time.strftime("%H:%M:%S", time.localtime(a["expires"]))
-        click.echo(f"{a['id']}  {a['status']:<8} {a['caller']} -> {a['action']}  (expires {expires})")
-        click.echo(f"          args: {json.dumps(a['args'], ensure_ascii=False)}")
+        click.echo(
+            f"{screen.text(a['id'])}  {a['status']:<8} {screen.name(a['caller'])} -> {screen.name(a['action'])}"
+            f"  (expires {expires})"
+        )
+        _echo_args(a["args"], full, "--full shows all")
+
+
+def _echo_args(args: Any, full: bool, more: str) -> None:
+    """An approval's arguments under it: one aligned ``key = value`` line each, cut unless ``full``."""
+    for line in screen.kv_lines(args, full=full, more=more) or ["(no arguments)"]:
+        click.echo(f"          {line}")
 
 
 @cli.command()
@@ -212,7 +232,8 @@ def approvals(ctx: click.Context, show_all: bool, as_json: bool) -> None:
 def approve(ctx: click.Context, approval_id: str) -> None:
     """Approve a pending call (single use, bound to its exact arguments)."""
     a = _admin(_paths(ctx), "approve", id=approval_id)
-    click.echo(f"approved {a['id']}: {a['caller']} -> {a['action']} {json.dumps(a['args'], ensure_ascii=False)}")
+    click.echo(f"approved {screen.text(a['id'])}: {screen.name(a['caller'])} -> {screen.name(a['action'])}")
+    _echo_args(a["args"], False, "'approvals --all --full' shows all")
 
 
 @cli.command()
@@ -221,7 +242,7 @@ def approve(ctx: click.Context, approval_id: str) -> None:
 def reject(ctx: click.Context, approval_id: str) -> None:
     """Reject a pending call; the agent gets exit 77."""
     a = _admin(_paths(ctx), "reject", id=approval_id)
-    click.echo(f"rejected {a['id']}: {a['caller']} -> {a['action']}")
+    click.echo(f"rejected {screen.text(a['id'])}: {screen.name(a['caller'])} -> {screen.name(a['action'])}")
 
 
 @cli.command()
@@ -231,26 +252,6 @@ def unfreeze(ctx: click.Context, user: str) -> None:
     """Lift a freeze caused by repeated denials, and reset the count."""
     result = _admin(_paths(ctx), "unfreeze", caller=user)
     click.echo(f"unfreeze: {user} " + ("unfrozen" if result["unfrozen"] else "was not frozen"))
-
-
-@cli.group(invoke_without_command=True)
-@click.pass_context
-def pins(ctx: click.Context) -> None:
-    """Tool-definition pins: list them, or accept a changed definition."""
-    if ctx.invoked_subcommand is None:
-        for p in _admin(_paths(ctx), "pins"):
-            click.echo(f"{p['state']:<16} {p['action']}  {p['hash'][:16]}")
-
-
-@pins.command("accept")
-@click.argument("action", metavar="SERVER.TOOL")
-@click.pass_context
-def pins_accept(ctx: click.Context, action: str) -> None:
-    """Show the diff of a tool's definition and pin what the server offers now."""
-    result = _admin(_paths(ctx), "pin_accept", action=action)
-    if result["diff"]:
-        click.echo(result["diff"], nl=False)
-    click.echo(f"pins: {action} pinned at {result['hash'][:16]}" + ("" if result["changed"] else " (unchanged)"))
 
 
 @cli.command()
@@ -269,11 +270,11 @@ def explain(ctx: click.Context, user: str, action: str, pairs: tuple[str, ...], 
         kv.append(list(pair))
     result = _admin(_paths(ctx), "explain", caller=user, tool=action, kv=kv)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result, indent=2, ensure_ascii=True))
         return
     for s in result["steps"]:
-        click.echo(f"{s['check']:<10} {s['verdict']:<20} {s['why']}")
-    click.echo(f"verdict: {result['verdict']}")
+        click.echo(f"{s['check']:<10} {s['verdict']:<20} {screen.line(s['why'], more=_JSON_MORE)}")
+    click.echo(f"verdict: {screen.text(result['verdict'])}")
 
 
 # --- tools, allow, deny, import, doctor -------------------------------------------------------
@@ -295,6 +296,9 @@ def _target(paths: Paths, user: str | None) -> tuple[str, str]:
 
 
 # --- tools ------------------------------------------------------------------------------------
+
+#: columns of a tool's description the ``tools`` table shows without --full
+DESCRIPTION_COLUMNS = 120
 
 
 def _annotation_text(tool: dict[str, Any]) -> str:
@@ -374,9 +378,10 @@ def _user_files(paths: Paths) -> list[str]:
 @cli.command()
 @click.argument("server", required=False)
 @click.option("--user", metavar="USER", help="Allowed/denied as USER sees it (their allowed-actions.d file, if any).")
+@click.option("--full", is_flag=True, help="Show whole descriptions and names (a long one is cut otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def tools(ctx: click.Context, server: str | None, user: str | None, as_json: bool) -> None:
+def tools(ctx: click.Context, server: str | None, user: str | None, full: bool, as_json: bool) -> None:
     """Every tool each server offers: allowed or denied, pinned, annotations."""
     paths = _paths(ctx)
     offered = _admin(paths, "tools", server=server)
@@ -387,7 +392,8 @@ def tools(ctx: click.Context, server: str | None, user: str | None, as_json: boo
     allowed, source, problem = _allowed_set(paths, user)
     rows = tool_rows(offered, allowed, pins)
     if as_json:
-        click.echo(json.dumps({"allowlist": source, "allowlist_error": problem, "tools": rows}, indent=2))
+        listing = {"allowlist": source, "allowlist_error": problem, "tools": rows}
+        click.echo(json.dumps(listing, indent=2, ensure_ascii=True))
         return
     if problem:
         click.echo(f"mcp-brokerctl: WARNING: {problem} (every call is denied until fixed)", err=True)
@@ -399,21 +405,38 @@ def tools(ctx: click.Context, server: str | None, user: str | None, as_json: boo
     states: dict[str, dict[str, Any]] = {}
     for st in status.get("servers", []):
         states.setdefault(st.get("server", st["name"]), st)  # a per-caller server: its first instance
-    width = max((len(r["action"]) for r in rows), default=10)
+    # tool names and descriptions are the servers' own words: shown only through screen (defanged, cut)
+    actions = {r["action"]: screen.name(r["action"], full=full) for r in rows}
+    width = max((len(shown) for shown in actions.values()), default=10)
     flags = max((len(r["flags"]) for r in rows), default=1)
     for name, entries in offered.items():
         s = states.get(name, {})
-        reason = f" ({s['reason']})" if s.get("reason") else ""
-        click.echo(f"{name} [{s.get('transport', '?')}, {s.get('state', '?')}{reason}]: {len(entries)} tools")
+        reason = f" ({screen.line(s['reason'], full=full)})" if s.get("reason") else ""
+        click.echo(
+            f"{screen.name(name)} [{s.get('transport', '?')}, {s.get('state', '?')}{reason}]: {len(entries)} tools"
+        )
         for sandbox_line in sandbox_view.lines(s):
             click.echo(sandbox_line)
         for r in (r for r in rows if r["server"] == name):
             mark = "allowed" if r["allowed"] else "denied "
-            pin = "CHANGED" if r["pin"] == "changed" else r["pin"]
-            click.echo(f"  {mark}  {pin:<9} {r['flags']:<{flags}}  {r['action']:<{width}}  {r['description']}")
+            pin = {"changed": "CHANGED", "unreviewed": "UNREVIEWED"}.get(r["pin"], r["pin"])
+            description = screen.text(r["description"], DESCRIPTION_COLUMNS, full)
+            click.echo(f"  {mark}  {pin:<10} {r['flags']:<{flags}}  {actions[r['action']]:<{width}}  {description}")
+        for tool, why in (s.get("hidden") or {}).items():
+            shown = screen.name(f"{name}.{tool}", full=full)
+            click.echo(f"  not offered  {shown}  ({screen.line(why, full=full)})")
+    waiting = [r["action"] for r in rows if r["allowed"] and r["pin"] == "unreviewed"]
+    if waiting:
+        click.echo(
+            f"pins: {len(waiting)} allowed tool(s) not reviewed yet (blocked unless pin = \"first-use\"): "
+            f"mcp-brokerctl pins accept {' '.join(screen.name(a) for a in waiting[:5])}"
+        )
     changed = [r["action"] for r in rows if r["pin"] == "changed"]
     if changed:
-        click.echo(f"pins: {len(changed)} changed definition(s) block calls: mcp-brokerctl pins accept {changed[0]}")
+        click.echo(
+            f"pins: {len(changed)} changed definition(s) block calls: "
+            f"mcp-brokerctl pins accept {screen.name(changed[0])}"
+        )
 
 
 # --- allow / deny ------------------------------------------------------------------------------
@@ -444,12 +467,21 @@ def _print_edit(result: Any, verb: str) -> None:
     help="Arguments are SERVER names: allow every tool they annotate readOnlyHint: true.",
 )
 @click.option("--user", metavar="USER", help="Edit allowed-actions.d/USER.txt (USER's whole allowlist) instead.")
+@click.option("--no-pin", "no_pin", is_flag=True, help="Only edit the allowlist; review the definitions later.")
+@click.option("--full", is_flag=True, help="Show long lines of the definitions whole.")
 @click.pass_context
-def allow(ctx: click.Context, actions: tuple[str, ...], read_only: bool, user: str | None) -> None:
-    """Allow tools: edit the allowlist atomically, keeping comments and order.
+def allow(
+    ctx: click.Context, actions: tuple[str, ...], read_only: bool, user: str | None, no_pin: bool, full: bool
+) -> None:
+    """Allow tools: edit the allowlist atomically, keeping comments and order; show and pin their definitions.
 
     'SERVER.*' (or any pattern on the tool name) expands to the tools the
     server offers now, written one per line: the file never holds a wildcard.
+    Each newly allowed tool's definition, as the server offers it now, is
+    printed and pinned: what is pinned is what was shown (a changed
+    definition is left for 'pins accept'). Without a running broker the
+    tools stay unreviewed, and are blocked until 'pins accept' (unless their
+    server has pin = "first-use").
     """
     from broker.admin import allowlist_edit as admin_edit
 
@@ -482,11 +514,29 @@ def allow(ctx: click.Context, actions: tuple[str, ...], read_only: bool, user: s
     existed = os.path.exists(path)
     result = admin_edit.allow(path, wanted, header)
     _print_edit(result, "allowed")
+    if not no_pin:
+        _pin_allowed(paths, [*result.done, *result.unchanged], full)
     if user is not None and not existed and result.created:
         click.echo(
             f"note: {path} replaces {paths.allowlist} for {user}: {user} may now call only what it lists",
             err=True,
         )
+
+
+def _pin_allowed(paths: Paths, actions: list[str], full: bool) -> None:
+    """Show and pin each allowed tool nobody reviewed yet (broker.admin.pins_cli.review)."""
+    from broker.admin.pins_cli import review
+
+    def admin(op: str, **fields: Any) -> Any:
+        return _admin(paths, op, **fields)
+
+    for action in actions:
+        try:
+            click.echo(review(admin, action, full, ask=False, only_new=True))
+        except PrivsepError as exc:
+            click.echo(f"note: {action}: not pinned ({exc.message}); later: 'pins accept {action}'", err=True)
+            if exc.exit_code == 69:  # the broker is not answering: the others would fail the same way
+                break
 
 
 def _warn_unoffered(paths: Paths, actions: list[str], offered: dict[str, list[dict[str, Any]]] | None) -> None:
@@ -562,13 +612,17 @@ def import_(ctx: click.Context, file: str, name_prefix: str, skip: tuple[str, ..
         click.echo(importer.toml_text(plan), nl=False)
         for s in plan.servers:
             keys = ", ".join(e.key for e in s.env) or "no keys"
-            click.echo(f"dry run: would write {s.table['env_file']} ({BROKER_USER} 0600): {keys}")
+            click.echo(f"dry run: would write {s.table['env_file']} (root 0600): {keys}")
         return
     for line in importer.write(plan, paths):
         click.echo(f"wrote {line}")
+    from broker.admin.check import check_warnings
+
     problems = check_all(paths)
     for p in problems:
         click.echo(f"check: {p}", err=True)
+    for w in check_warnings(paths):
+        click.echo(f"check: warning: {w}", err=True)
     names = " ".join(s.name for s in plan.servers)
     if problems:
         raise PrivsepError(f"import: written, but 'mcp-brokerctl check' finds {len(problems)} problem(s)", EX_FAILED)
@@ -644,9 +698,11 @@ def uninstall(ctx: click.Context, purge: bool, yes: bool) -> None:
     click.echo("uninstall: done")
 
 
-from broker.admin.audit_reader import audit  # noqa: E402 - a command group of its own, registered like the others
+from broker.admin.audit_reader import audit  # noqa: E402 - command groups of their own, registered like the others
+from broker.admin.pins_cli import pins  # noqa: E402
 
 cli.add_command(audit)
+cli.add_command(pins)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -661,10 +717,11 @@ def main(argv: list[str] | None = None) -> int:
         return EX_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
     except ConfigError as exc:
         for p in exc.problems:
-            click.echo(f"mcp-brokerctl: {p}", err=True)
+            click.echo(f"mcp-brokerctl: {screen.line(p, full=True)}", err=True)
         return exc.exit_code
     except PrivsepError as exc:
-        click.echo(f"mcp-brokerctl: {exc}", err=True)
+        # a daemon's refusal may quote what an agent or a server sent: shown defanged, never cut
+        click.echo(f"mcp-brokerctl: {screen.line(str(exc), full=True)}", err=True)
         return exc.exit_code
     except PermissionError as exc:
         click.echo(f"mcp-brokerctl: {exc.filename}: permission denied (run as root)", err=True)

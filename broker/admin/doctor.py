@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.admin import sandbox_view
-from broker.admin.check import check_all
+from broker.admin.check import check_all, check_warnings
 from broker.admin.install import SUDOERS_MARK
 from broker.core import agents as agent_map
 from broker.core import layout, names
@@ -473,6 +473,8 @@ class Doctor:
             self.problem("config", p, "edit the file named, then 'mcp-brokerctl check'")
         if not problems:
             self.ok("config", "allowlists, broker.toml and servers.d parse")
+        for w in check_warnings(self.paths):  # what 'check' warns about: plain settings in env files
+            self.warning("config", w)
 
     # --- sudoers ----------------------------------------------------------------------
 
@@ -679,6 +681,15 @@ class Doctor:
                     f"the definition of {p['action']} changed since it was pinned; calls to it are blocked",
                     f"review and accept: mcp-brokerctl pins accept {p['action']}",
                 )
+        unreviewed = [p["action"] for p in pins if p.get("state") == "unreviewed" and p.get("policy") != "first-use"]
+        if unreviewed:
+            self.warning(
+                "pins",
+                f"{len(unreviewed)} allowlisted tool(s) nobody reviewed are blocked: {', '.join(unreviewed[:5])}"
+                + (" ..." if len(unreviewed) > 5 else ""),
+                f"review them: mcp-brokerctl pins accept {' '.join(unreviewed[:5])}",
+            )
+        pins = [p for p in pins if p.get("state") != "unreviewed"]
         if len(self.problems) == before:
             servers = status.get("servers", [])
             self.ok(

@@ -18,10 +18,13 @@ discovery, never anything from the working directory) in one of these shapes:
 Every server becomes a ``[servers.NAME]`` table in
 ``servers.d/imported.toml`` (written with tomli-w; an existing server name is
 refused, never overwritten) and one secret env file ``secrets/NAME.env``
-(``mcp-broker`` 0600):
+(root 0600: only the spawner reads it):
 
-* every ``env`` value goes to the env file, whatever its name (when unsure,
-  a value is a secret);
+* each ``env`` entry is classified (:func:`classify`): a secret goes to the
+  env file (redacted from everything agents see), a plain setting
+  (NODE_ENV=production, LOG_LEVEL=debug, a path, a URL without
+  credentials) to ``env = { ... }`` in the TOML (never redacted); when
+  unsure, an entry is a secret, but an obvious setting never is;
 * header values that are credentials (the header's name matches
   TOKEN|KEY|SECRET|PASSWORD|AUTH|CREDENTIAL|COOKIE, or the value is a
   ``Bearer``/``Basic``/``Token`` credential or looks like a token) go to the
@@ -37,14 +40,14 @@ refused, never overwritten) and one secret env file ``secrets/NAME.env``
   readable by every user through /proc): it is moved to the env file and
   flagged, because the server must then read it from its environment.
 
-The report says what moved where and never prints a secret value.
+The report says what moved where, per server which keys went to the env
+file and which to ``env`` (key names only, never a value).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import pwd
 import re
@@ -52,9 +55,8 @@ import shlex
 import shutil
 import stat
 import tomllib
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 import tomli_w
@@ -64,6 +66,7 @@ from broker.core import servers as core_servers
 from broker.core.errors import EX_CONFIG, EX_NOINPUT, EX_SOFTWARE, ConfigError, ImportProblem
 from broker.core.names import valid_server_name
 from broker.core.paths import BROKER_USER, Paths
+from broker.core.servers import looks_like_token
 from broker.daemon import config
 
 MAX_INPUT_BYTES = 1024 * 1024
@@ -74,35 +77,6 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SECRET_NAME_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|AUTH|CREDENTIAL|COOKIE|SESSION", re.IGNORECASE)
 _SCHEME_RE = re.compile(r"^(Bearer|Basic|Token|Bot)\s+(\S.*)$", re.IGNORECASE)
 _PLACEHOLDER_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$env:([A-Za-z_][A-Za-z0-9_]*)")
-_TOKEN_PREFIXES = (
-    "sk-",
-    "sk_",
-    "pk_",
-    "rk_",
-    "ghp_",
-    "gho_",
-    "ghu_",
-    "ghs_",
-    "ghr_",
-    "github_pat_",
-    "glpat-",
-    "xoxb-",
-    "xoxp-",
-    "xoxa-",
-    "xoxr-",
-    "xapp-",
-    "AKIA",
-    "ASIA",
-    "AIza",
-    "ya29.",
-    "eyJ",
-    "shpat_",
-    "ntn_",
-    "secret_",
-    "lin_api_",
-    "hf_",
-)
-_TOKENISH_RE = re.compile(r"[A-Za-z0-9_\-+/=.~]{20,}")
 _KNOWN_KEYS = {
     "command",
     "executable",
@@ -134,29 +108,144 @@ _KNOWN_KEYS = {
 # --- recognising secrets --------------------------------------------------------------
 
 
-def _entropy(text: str) -> float:
-    counts = Counter(text)
-    return -sum(c / len(text) * math.log2(c / len(text)) for c in counts.values())
-
-
-def looks_like_token(value: str) -> bool:
-    """Heuristic: a known credential prefix, or a long high-entropy word that is not a path or a name."""
-    v = value.strip()
-    if len(v) >= 12 and v.startswith(_TOKEN_PREFIXES):
-        return True
-    if not _TOKENISH_RE.fullmatch(v) or v.startswith(("/", "./", "../", "~")):
-        return False
-    segments = [part for part in re.split(r"[-_./+=~]", v) if part]
-    if all(part.isalpha() or part.isdigit() for part in segments):
-        return False  # words and numbers joined: package names, hosts, dates, versions
-    digits = sum(c.isdigit() for c in v)
-    letters = sum(c.isalpha() for c in v)
-    return digits >= 2 and letters >= 2 and _entropy(v) >= 3.5
-
-
 def secret_name(name: str) -> bool:
-    """Whether a header, env, flag or query key names a credential."""
+    """Whether a header, flag or query key names a credential (any substring: headers and flags fail closed)."""
     return bool(SECRET_NAME_RE.search(name))
+
+
+# --- a secret or a plain setting ----------------------------------------------------------
+
+#: words of an env key that name a credential (the key is cut at "_", "-" and camelCase humps)
+_SECRET_WORDS = frozenset(
+    (
+        *("TOKEN", "TOKENS", "SECRET", "SECRETS", "PASSWORD", "PASSWORDS", "PASSWD", "PASS", "PWD", "PASSPHRASE"),
+        *("KEY", "KEYS", "APIKEY", "AUTH", "CREDENTIAL", "CREDENTIALS", "CREDS", "COOKIE", "COOKIES"),
+        *("SESSION", "PRIVATE", "BEARER", "PAT", "JWT", "SALT", "OTP", "TOTP", "PIN", "SIGNATURE"),
+    )
+)
+#: a word ending in one of these names one too (AUTHTOKEN, CLIENTSECRET, DBPASSWORD; TOKENIZERS does not)
+_SECRET_ENDINGS = ("TOKEN", "TOKENS", "SECRET", "PASSWORD", "PASSWD", "APIKEY", "CREDENTIALS", "PASSPHRASE")
+#: a key whose last word is one of these is a setting *about* a credential (TOKEN_TTL, KEY_FILE, AUTH_URL)
+_SETTING_WORDS = frozenset(
+    (
+        *("TTL", "TIMEOUT", "EXPIRY", "EXPIRES", "EXPIRATION", "LIFETIME", "AGE", "INTERVAL", "LIMIT", "COUNT"),
+        *("ENABLED", "DISABLED", "ENABLE", "DISABLE", "REQUIRED", "MODE", "TYPE", "METHOD", "STRATEGY", "FORMAT"),
+        *("PORT", "HOST", "URL", "URI", "ENDPOINT", "DOMAIN", "ISSUER", "AUDIENCE", "SCOPE", "SCOPES", "REGION"),
+        *("FILE", "PATH", "DIR", "LOCATION", "LENGTH", "SIZE", "NAME", "HEADER", "PROVIDER", "LEVEL", "VERSION"),
+        *("ALGORITHM", "USER", "USERNAME"),
+    )
+)
+#: values no credential is spelled like (a secret-named key with one of these is a switch)
+_BOOLEANS = frozenset({"true", "false", "yes", "no", "on", "off", "enabled", "disabled", "0", "1"})
+_KEY_WORD_RE = re.compile(r"[_\-]+|(?<=[a-z0-9])(?=[A-Z])")
+#: a libpq/ODBC-style connection string with a password in it
+_DSN_PASSWORD_RE = re.compile(r"(?:^|[\s;,&?])(?:password|passwd|pwd|secret|token|api[_-]?key)\s*[=:]\s*[^\s;,&]", re.I)
+#: an absolute path spelled as file names are (no "+" or "=": base64 may start with a slash)
+_FILE_PATH_RE = re.compile(r"(?:~|\{home\})?(?:/[A-Za-z0-9._@-]+)+/?")
+#: separators of the words of a value (a segment mixing letters and digits is what random strings look like)
+_VALUE_SEP_RE = re.compile(r"[-_.:/+@,=~]")
+
+
+class Classified(NamedTuple):
+    """What :func:`classify` says of one env entry: a secret or not, and why (no value in it)."""
+
+    secret: bool
+    why: str
+
+
+def secret_key(key: str) -> bool:
+    """Whether an env key names a credential (whole words: TOKENIZERS_PARALLELISM does not, DB_PWD does)."""
+    if key.upper() in ("PWD", "OLDPWD"):
+        return False  # the shell's working directory
+    words = [w.upper() for w in _KEY_WORD_RE.split(key) if w]
+    if not words or words[-1] in _SETTING_WORDS:
+        return False
+    return any(w in _SECRET_WORDS or w.endswith(_SECRET_ENDINGS) for w in words)
+
+
+def _credential_shape(value: str) -> str | None:
+    """Why a value is a credential by its shape alone, whatever its key; None when it is not one."""
+    v = value.strip()
+    if v.startswith("-----BEGIN"):
+        return "a PEM block"
+    if _SCHEME_RE.match(v):
+        return "an authorization value (scheme and credential)"
+    for word in v.split():
+        if "://" in word and core_servers.url_has_credentials(word):
+            return "a URL with credentials"
+        if looks_like_token(word):
+            return "shaped like a token"
+    if _DSN_PASSWORD_RE.search(v):
+        return "a connection string with a password"
+    return None
+
+
+def _random_looking(value: str) -> bool:
+    """8 or more characters, no space: letters and digits mixed within one word, or two of lower case, upper
+    case and digits with a symbol (a password's shape)."""
+    if len(value) < core_servers.MIN_SECRET_CHARS or any(c.isspace() for c in value):
+        return False
+    for segment in _VALUE_SEP_RE.split(value):
+        if len(segment) >= 8 and any(c.isalpha() for c in segment) and any(c.isdigit() for c in segment):
+            return True
+    classes = (
+        any(c.islower() for c in value),
+        any(c.isupper() for c in value),
+        any(c.isdigit() for c in value),
+    )
+    symbol = any(not c.isalnum() and c not in "-_./:" for c in value)
+    return symbol and sum(classes) >= 2
+
+
+def classify(key: str, value: str) -> Classified:
+    """Whether one ``env`` entry of a client config is a secret (the env file) or a plain setting (``env``).
+
+    The rule, first match wins (``why`` says which; it never holds the value):
+
+    1. a value shaped like a credential is a secret, whatever its key: a known
+       token prefix (ghp_, github_pat_, sk-, xoxb-, AKIA, a JWT's eyJ...), a
+       long high-entropy word, ``Bearer ...``/``Basic ...``, a PEM block, a URL
+       with a password, a token-like user or a credential query parameter, a
+       connection string with ``password=``;
+    2. a key naming a credential (a word of it is TOKEN, SECRET, PASSWORD,
+       PASSWD, PASS, PWD, KEY, APIKEY, AUTH, CREDENTIAL(S), COOKIE, SESSION,
+       PRIVATE, BEARER, PAT, JWT, ... or ends in TOKEN, SECRET, PASSWORD, ...;
+       not the shell's own PWD, and not when its last word makes it a setting
+       about one: TOKEN_TTL, KEY_FILE, AUTH_URL) makes a secret, unless the
+       value is a boolean or an absolute path spelled as file names are, with
+       a letter in it (the file a path names is the secret, not the path:
+       GOOGLE_APPLICATION_CREDENTIALS=/etc/creds.json);
+    3. an empty value is a plain setting: there is nothing to hide;
+    4. a value that looks like a plain setting (:func:`broker.core.servers.plain_setting`:
+       a common word such as production or debug, a number, fewer than 8
+       characters, an absolute path, a URL without credentials, a host) is one;
+    5. what is left and looks random (8 or more characters without a space,
+       mixing letters and digits within one word, or two of lower case, upper
+       case and digits with a symbol) is a secret: when unsure, fail closed;
+    6. the rest (words, names, versions, sentences) is a plain setting.
+
+    ``mcp-brokerctl check`` warns about an env-file value that rule 4 would
+    call plain, so what this puts in the env file under rule 2 (PASSWORD=test)
+    is flagged there too.
+    """
+    shape = _credential_shape(value)
+    if shape:
+        return Classified(True, f"the value is {shape}")
+    v = value.strip()
+    if secret_key(key):
+        if v.lower() in _BOOLEANS:
+            return Classified(False, "a switch (its name names a credential, its value cannot be one)")
+        if _FILE_PATH_RE.fullmatch(v) and any(c.isalpha() for c in v):
+            return Classified(False, "an absolute path (its name names a credential: the file is the secret)")
+        return Classified(True, "its name names a credential")
+    if not v:
+        return Classified(False, "empty")
+    why = core_servers.plain_setting(v)
+    if why:
+        return Classified(False, why)
+    if _random_looking(v):
+        return Classified(True, "the value looks random (when unsure, a secret)")
+    return Classified(False, "a word or name, not shaped like a credential")
 
 
 def env_key(name: str) -> str:
@@ -314,6 +403,8 @@ class EnvEntry:
     value: str
     origin: str
     todo: bool = False
+    #: for an entry of the client's ``env``: why it is a secret or a plain setting (:func:`classify`)
+    why: str = ""
 
 
 @dataclass
@@ -324,14 +415,17 @@ class ImportedServer:
     original: str
     transport: str
     table: dict[str, Any] = field(default_factory=dict)
+    #: what goes to its env file (secrets)
     env: list[EnvEntry] = field(default_factory=list)
+    #: what goes to ``env = { ... }`` in the TOML (plain settings, never redacted)
+    plain: list[EnvEntry] = field(default_factory=list)
     moves: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     todos: list[str] = field(default_factory=list)
     suggest_allow: list[str] = field(default_factory=list)
 
     def _unique_key(self, key: str) -> str:
-        taken = {e.key for e in self.env}
+        taken = {e.key for e in (*self.env, *self.plain)}  # one key in both places is a config error
         if key not in taken:
             return key
         n = 2
@@ -351,6 +445,23 @@ class ImportedServer:
 
     def secret_values(self) -> list[str]:
         return [e.value for e in self.env if e.value]
+
+    def settle(self, secrets: list[str]) -> None:
+        """Put a plain setting holding one of ``secrets`` in the env file too, then ``env`` into the table.
+
+        A plain value is written into the TOML; one that contains a secret's
+        value (a URL built around a token) would carry the secret there.
+        """
+        for e in list(self.plain):
+            if any(len(x) >= 4 and x in e.value for x in secrets):
+                self.plain.remove(e)
+                self.env.append(EnvEntry(e.key, e.value, e.origin, why="it holds the value of a secret"))
+        env_file = self.table.pop("env_file", None)
+        self.table.pop("env", None)
+        if self.plain:
+            self.table["env"] = {e.key: e.value for e in self.plain}
+        if env_file is not None:
+            self.table["env_file"] = env_file  # after env, as an operator would write it
 
 
 @dataclass
@@ -596,21 +707,23 @@ def convert(name: str, original: str, raw: Any, paths: Paths, base_dir: str) -> 
                     assert m is not None
                     var, fallback = m.group(1) or m.group(3), m.group(2)
                     if fallback:
-                        server.env.append(EnvEntry(k, fallback, f"env {k} (default of ${{{var}}})"))
-                        server.moves.append(f"env {k}: default value -> {short_env}")
+                        _add_classified(server, k, fallback, f"env {k} (default of ${{{var}}})")
                     else:
-                        server.env.append(EnvEntry(k, "", f"env {k}", todo=True))
+                        # its value is unknown here: a secret until the operator says otherwise (fail closed)
+                        server.env.append(EnvEntry(k, "", f"env {k}", todo=True, why="its value is not known here"))
                         server.todos.append(
                             f"env {k} was ${{{var}}} from the environment of whoever ran the client: "
-                            f"put its value in {short_env}"
+                            f'put its value in {short_env} (or, if it is a plain setting, in env = {{ {k} = "..." }} '
+                            f"of {IMPORTED_NAME})"
                         )
                 else:
-                    server.env.append(EnvEntry(k, "", f"env {k}", todo=True))
-                    server.todos.append(f"env {k} mixes text and placeholders ({v!r}): write its value in {short_env}")
+                    server.env.append(EnvEntry(k, "", f"env {k}", todo=True, why="its value is not known here"))
+                    server.todos.append(
+                        f"env {k} mixes text and placeholders: write its value in {short_env} (or, if it is a "
+                        f'plain setting, in env = {{ {k} = "..." }} of {IMPORTED_NAME})'
+                    )
                 continue
-            server.env.append(EnvEntry(k, v, f"env {k}"))
-            kind_text = "credential" if secret_name(k) or looks_like_token(v) else "value (env values always go there)"
-            server.moves.append(f"env {k}: {kind_text} -> {short_env}")
+            _add_classified(server, k, v, f"env {k}")
         resolved = command
         if not command.startswith("/"):
             expanded = os.path.expanduser(command) if command.startswith("~") else command
@@ -629,7 +742,7 @@ def convert(name: str, original: str, raw: Any, paths: Paths, base_dir: str) -> 
                 "or better install the server and point 'command' at it"
             )
         server.table["command"] = resolved
-        server.table["args"] = _args(server, args, short_env, [e.value for e in server.env if e.value])
+        server.table["args"] = _args(server, args, short_env, server.secret_values())
         cwd = raw.get("cwd")
         if isinstance(cwd, str) and cwd:
             path = os.path.expanduser(cwd)
@@ -637,6 +750,7 @@ def convert(name: str, original: str, raw: Any, paths: Paths, base_dir: str) -> 
             server.table["cwd"] = path
             server.warnings.append(f"cwd {path}: mcp-broker must be able to enter it")
     server.table["env_file"] = env_file
+    server.settle(server.secret_values())
     for key in ("allowedTools", "allowed_tools"):
         tools = raw.get(key)
         if isinstance(tools, list):
@@ -647,6 +761,16 @@ def convert(name: str, original: str, raw: Any, paths: Paths, base_dir: str) -> 
         if "\n" in e.value or "\r" in e.value or "\0" in e.value:
             raise ImportProblem(f"{e.origin}: a value with a line break cannot go into an env file")
     return server
+
+
+def _add_classified(server: ImportedServer, key: str, value: str, origin: str) -> None:
+    """One entry of the client's ``env``: to the env file or to ``env``, as :func:`classify` says."""
+    verdict = classify(key, value)
+    if not verdict.secret and ("{home}" in value or "{agent}" in value):
+        # in env these would be placeholders the spawner fills in; the client meant the text
+        verdict = Classified(True, "it holds {home} or {agent}, which env would fill in")
+    entry = EnvEntry(key, value, origin, why=verdict.why)
+    (server.env if verdict.secret else server.plain).append(entry)
 
 
 def existing_servers(paths: Paths) -> dict[str, str]:
@@ -723,6 +847,9 @@ def plan(path: str, paths: Paths, name_prefix: str = "", skip: tuple[str, ...] =
         result.servers.append(server)
     if problems:
         raise ImportProblem(f"{path}: {len(problems)} problem(s); nothing written", problems)
+    every_secret = [v for server in result.servers for v in server.secret_values()]
+    for server in result.servers:
+        server.settle(every_secret)  # another server's secret in a plain value would land in the TOML too
     rendered = toml_text(result)
     for server in result.servers:
         for value in server.secret_values():
@@ -755,7 +882,8 @@ def _env_value(value: str) -> str:
 def toml_text(result: ImportPlan, existing: dict[str, Any] | None = None) -> str:
     header = (
         "# Servers imported by 'mcp-brokerctl import'; owner root:mcp-broker 0640.\n"
-        "# Secrets are not here: each server's env_file holds them, and ${VAR} refers to it.\n\n"
+        "# Secrets are not here: each server's env_file holds them, and ${VAR} refers to it.\n"
+        "# env = { ... } holds plain settings: never redacted, never secrets.\n\n"
     )
     return header + tomli_w.dumps(result.document(existing))
 
@@ -819,7 +947,17 @@ def report(result: ImportPlan) -> list[str]:
     for s in result.servers:
         renamed = f" (was {s.original})" if s.original != s.name else ""
         lines.append(f"server {s.name}{renamed} [{s.transport}] -> {IMPORTED_NAME}, secrets/{s.name}.env")
+        for e in s.env:
+            if e.why:
+                lines.append(f"  {e.origin}: secret ({e.why}) -> secrets/{s.name}.env as {e.key}")
+        for e in s.plain:
+            lines.append(f"  {e.origin}: plain setting ({e.why}) -> env in {IMPORTED_NAME} as {e.key}")
         lines.extend(f"  {m}" for m in s.moves)
+        secret_keys = ", ".join(e.key for e in s.env) or "none"
+        lines.append(f"  env file secrets/{s.name}.env (secrets, redacted from what agents see): {secret_keys}")
+        if s.transport == "stdio":
+            plain_keys = ", ".join(e.key for e in s.plain) or "none"
+            lines.append(f"  env in {IMPORTED_NAME} (plain settings, never redacted): {plain_keys}")
         lines.extend(f"  WARNING: {w}" for w in s.warnings)
         lines.extend(f"  TODO: {t}" for t in s.todos)
         if s.suggest_allow:

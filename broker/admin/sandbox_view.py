@@ -2,11 +2,15 @@
 
 From what the server's own process reported to the spawner just before it
 executed the server (``status --json`` has it whole, under ``sandbox``).
+Its strings (paths, warnings, the account) are shown through
+:mod:`broker.admin.screen`, like everything else the admin CLI prints.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from broker.admin import screen
 
 
 def _size(n: int | None) -> str:
@@ -44,9 +48,9 @@ def protections(sandbox: dict[str, Any]) -> list[str]:
             f"{limits.get('open_files') or 'unlimited'} files, file size {_size(limits.get('file_size'))}"
         )
     if sandbox.get("writable"):
-        out.append(f"writes only in {', '.join(sandbox['writable'])} and its /tmp")
+        out.append(f"writes only in {', '.join(screen.text(w) for w in sandbox['writable'])} and its /tmp")
     if sandbox.get("network"):
-        out.append(f"network {sandbox['network']}")
+        out.append(f"network {screen.text(sandbox['network'])}")
     if sandbox.get("command_sha256") == "verified":
         out.append("command sha256 verified")
     return out
@@ -59,7 +63,10 @@ def lines(server: dict[str, Any]) -> list[str]:
     sandbox = server.get("sandbox") or {}
     if not sandbox:
         return ["  not running: no sandbox report yet"] if server.get("state") != "up" else []
-    who = f"  runs as {server.get('user')} (uid {sandbox.get('uid')}), sandbox {server.get('sandbox_mode', 'auto')}: "
+    who = (
+        f"  runs as {screen.name(server.get('user'))} (uid {screen.text(sandbox.get('uid'))}), "
+        f"sandbox {screen.text(server.get('sandbox_mode', 'auto'))}: "
+    )
     out = [who + "; ".join(protections(sandbox))]
-    out.extend(f"  WITHOUT {w}" for w in server.get("sandbox_warnings") or [])
+    out.extend(f"  WITHOUT {screen.line(w)}" for w in server.get("sandbox_warnings") or [])
     return out

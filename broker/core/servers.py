@@ -17,14 +17,17 @@ login account, its env file is not root's), and then says so in ``status``.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
+import math
 import os
 import pwd
 import re
 import stat
 import tomllib
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -43,6 +46,9 @@ NO_LOGIN_SHELLS = frozenset({"/usr/sbin/nologin", "/sbin/nologin", "/bin/false",
 
 Network = Literal["host", "none"]
 SandboxMode = Literal["auto", "strict"]
+#: how an allowlisted tool nobody reviewed is treated (see ``[broker] pin``)
+PinPolicy = Literal["review", "first-use"]
+PIN_POLICIES: tuple[PinPolicy, ...] = ("review", "first-use")
 
 #: the protections a host can lack; ``[sandbox] disable`` names any of them (see :func:`host_settings`)
 PROTECTIONS = ("pid_namespace", "mount_namespace", "network_namespace", "landlock")
@@ -79,6 +85,9 @@ class ServerDef:
     #: calls sent to it at once (1: a server that handles one request at a time); beyond it calls wait
     #: in the daemon, served round-robin across callers
     concurrency: int = 16
+    #: how an allowlisted tool nobody reviewed is treated: None follows ``[broker] pin`` ("review": blocked
+    #: until ``mcp-brokerctl pins accept``; "first-use": pinned by its first call)
+    pin: PinPolicy | None = None
     #: the account it runs as; None: its own ``mcp-srv-NAME``, created by install and reload
     user: str | None = None
     #: one instance, under its own user, for each calling agent
@@ -103,6 +112,7 @@ class ServerDef:
         """Equal fingerprints mean a reload can keep the running session (the env file is hashed apart)."""
         data = asdict(self)
         data.pop("source")
+        data.pop("pin")  # a decision of the daemon's: changing it restarts nothing
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()
 
 
@@ -126,7 +136,7 @@ _STDIO_ONLY = (
     "file_size",
     "command_sha256",
 )
-_KEYS = frozenset({"command", "url", "headers", "env_file", "timeout", "concurrency", *_STDIO_ONLY})
+_KEYS = frozenset({"command", "url", "headers", "env_file", "timeout", "concurrency", "pin", *_STDIO_ONLY})
 _SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)i?B?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -363,6 +373,10 @@ def parse_server(name: str, table: object, source: str) -> ServerDef:
     if not (isinstance(concurrency, int) and not isinstance(concurrency, bool) and 1 <= concurrency <= 1024):
         p.add("concurrency", "must be a whole number of calls sent at once, from 1 to 1024")
         concurrency = ServerDef.concurrency
+    pin = table.get("pin")
+    if pin is not None and pin not in PIN_POLICIES:
+        p.add("pin", 'must be "review" (an operator reviews each tool first) or "first-use" (its first call pins it)')
+        pin = None
     user = _string(table, "user", p)
     if user is not None and not valid_user_name(user):
         p.add("user", "is not a user name")
@@ -420,6 +434,7 @@ def parse_server(name: str, table: object, source: str) -> ServerDef:
         env=env,
         timeout=float(timeout) if timeout is not None else None,
         concurrency=concurrency,
+        pin=pin,
         user=user,
         per_caller=per_caller,
         sandbox=sandbox,
@@ -691,6 +706,132 @@ def substitute(template: str, env: dict[str, str], where: str) -> str:
     return VAR_RE.sub(repl, template)
 
 
+# --- plain settings in env files -----------------------------------------------------------------
+#
+# Every env-file value is a secret the broker redacts from whatever agents see. A plain setting put
+# there (NODE_ENV=production, a repository path) is blanked out of every result, and a path that is
+# also in ``args`` makes ``check`` refuse the definition. These heuristics say when a value looks like
+# such a setting, so that ``check`` can warn and ``import`` can put it in ``env = { ... }`` instead.
+# They only ever advise: nothing here decides what the broker redacts.
+
+#: below this an env-file value is no credential worth the name, and redacting it mangles results
+MIN_SECRET_CHARS = 8
+#: values too common to be secrets (compared in lower case): redacting one blanks it out everywhere
+COMMON_VALUES = frozenset(
+    (
+        *("production", "prod", "development", "dev", "staging", "stage", "test", "testing", "local"),
+        *("true", "false", "yes", "no", "on", "off", "enabled", "disabled", "enable", "disable"),
+        *("none", "null", "nil", "default", "auto", "json", "text", "utf-8", "utf8", "stdio", "http", "https"),
+        *("info", "debug", "warn", "warning", "error", "trace", "verbose", "notice", "critical", "fatal"),
+        *("silent", "quiet", "localhost", "127.0.0.1", "0.0.0.0", "::1"),  # noqa: S104 - a value compared, not bound
+    )
+)
+#: prefixes of well-known credentials (GitHub, OpenAI/Anthropic, Stripe, Slack, AWS, Google, GitLab, ...)
+TOKEN_PREFIXES = (
+    "sk-",
+    "sk_",
+    "pk_",
+    "rk_",
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "glpat-",
+    "xoxb-",
+    "xoxp-",
+    "xoxa-",
+    "xoxr-",
+    "xapp-",
+    "AKIA",
+    "ASIA",
+    "AIza",
+    "ya29.",
+    "eyJ",
+    "shpat_",
+    "ntn_",
+    "secret_",
+    "lin_api_",
+    "hf_",
+)
+_TOKENISH_RE = re.compile(r"[A-Za-z0-9_\-+/=.~]{20,}")
+_NUMBER_RE = re.compile(r"[+-]?\d+(?:\.\d+)?")
+_HOST_RE = re.compile(
+    r"(?:(?:\d{1,3}\.){3}\d{1,3}|[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9-]+)*\.[a-z]{2,})(?::\d{1,5})?"
+)
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+#: query parameter names that carry a credential in a URL
+_SECRET_PARAM_RE = re.compile(r"token|key|secret|password|passwd|pwd|auth|sig|signature|credential|session", re.I)
+
+
+def _entropy(text: str) -> float:
+    counts = collections.Counter(text)
+    return -sum(c / len(text) * math.log2(c / len(text)) for c in counts.values())
+
+
+def looks_like_token(value: str) -> bool:
+    """Heuristic: a known credential prefix, or a long high-entropy word that is not a path or a name."""
+    v = value.strip()
+    if len(v) >= 12 and v.startswith(TOKEN_PREFIXES):
+        return True
+    if not _TOKENISH_RE.fullmatch(v) or v.startswith(("/", "./", "../", "~")):
+        return False
+    segments = [part for part in re.split(r"[-_./+=~]", v) if part]
+    if all(part.isalpha() or part.isdigit() for part in segments):
+        return False  # words and numbers joined: package names, hosts, dates, versions
+    digits = sum(c.isdigit() for c in v)
+    letters = sum(c.isalpha() for c in v)
+    return digits >= 2 and letters >= 2 and _entropy(v) >= 3.5
+
+
+def url_has_credentials(url: str) -> bool:
+    """Whether a URL carries a credential: a password, a token-like user, a key-like query parameter or part."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        user, password = parts.username, parts.password
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return True  # it does not parse: no promise that it holds nothing
+    if password or (user and looks_like_token(user)):
+        return True  # a user alone (postgres://app@db/x) is a name; a token as the user (https://TOKEN@host) is not
+    if any(v and (_SECRET_PARAM_RE.search(k) or looks_like_token(v)) for k, v in query):
+        return True
+    return any(looks_like_token(seg) for seg in (*parts.path.split("/"), parts.fragment) if seg)
+
+
+def _looks_like_path(value: str) -> bool:
+    if not value.startswith(("/", "~/", "{home}/")) or "\n" in value or value.startswith("//"):
+        return False
+    return not any(looks_like_token(seg) for seg in value.split("/"))  # base64 may start with a slash
+
+
+def plain_setting(value: str) -> str | None:
+    """Why an env-file value looks like a plain setting rather than a secret; None when it may be one.
+
+    One of "shorter than 8 characters", "a common word", "a number", "an
+    absolute path", "a URL without credentials", "a host name or address".
+    An empty value is None: nothing is redacted for it. Used by ``check``
+    (a warning, never an error) and ``import`` (where the value goes).
+    """
+    v = value.strip()
+    if not v:
+        return None
+    if v.lower() in COMMON_VALUES:
+        return "a common word"
+    if _NUMBER_RE.fullmatch(v):
+        return "a number"
+    if _looks_like_path(v):
+        return "an absolute path"
+    if len(v) < MIN_SECRET_CHARS:
+        return f"shorter than {MIN_SECRET_CHARS} characters"
+    if _URL_RE.fullmatch(v) and not url_has_credentials(v):
+        return "a URL without credentials"
+    if _HOST_RE.fullmatch(v) and not any(looks_like_token(label) for label in v.split(".")):
+        return "a host name or address"
+    return None
+
+
 @dataclass(frozen=True)
 class Secrets:
     """What the env files of a server hold, as the daemon may learn it (from the spawner)."""
@@ -702,6 +843,25 @@ class Secrets:
     headers: dict[str, str]
     #: changes when an env file's content changes (a reload restarts the server)
     fingerprint: str
+
+
+#: what a value in args most likely is when it is no secret at all (a short one may well be a secret)
+_PLAIN_IN_ARGS = (
+    "a common word",
+    "a number",
+    "an absolute path",
+    "a URL without credentials",
+    "a host name or address",
+)
+
+
+def _plain_hint(key: str, value: str) -> str:
+    """For a value that is in ``args`` too: the way out when it is a plain setting, not a secret."""
+    why = plain_setting(value)
+    if why not in _PLAIN_IN_ARGS:
+        return ""
+    fix = f'move it from the env file to env = {{ {key} = "..." }}, which is not redacted'
+    return f" (the value of {key} is {why}: if it is a plain setting, {fix})"
 
 
 def resolve(defn: ServerDef, paths: Paths, agents: list[str], owners: frozenset[int] = frozenset({0})) -> Secrets:
@@ -721,9 +881,12 @@ def resolve(defn: ServerDef, paths: Paths, agents: list[str], owners: frozenset[
         both = sorted(set(env) & set(defn.env))
         if both:
             raise ConfigError(f"{where}.env: {both[0]} is set both here and in its env file; keep it in one place")
-        for value in env.values():
+        for key, value in env.items():
             if len(value) >= 4 and any(value in arg for arg in [*defn.args, defn.command or ""]):
-                raise ConfigError(f"{where}.args: holds a secret from its env file; command lines are world-readable")
+                raise ConfigError(
+                    f"{where}.args: holds a secret from its env file; command lines are world-readable"
+                    + _plain_hint(key, value)
+                )
     url = substitute(defn.url, base, f"{where}.url") if defn.url is not None else None
     headers = {k: substitute(v, base, f"{where}.headers.{k}") for k, v in defn.headers.items()}
     redact: dict[str, str] = {}

@@ -342,7 +342,8 @@ ADMIN_OPS: dict[str, Schema] = {
     "unfreeze": {"caller": (_STR, True)},
     "freezes": {},
     "pins": {},
-    "pin_accept": {"action": (_STR, True)},
+    "pin_show": {"action": (_STR, True)},
+    "pin_accept": {"action": (_STR, True), "hash": (_OPT_STR, False)},
     "explain": {"caller": (_STR, True), "tool": (_STR, True), "kv": (_LIST, True)},
 }
 

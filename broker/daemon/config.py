@@ -44,6 +44,11 @@ class BrokerSettings(BaseModel):
     denial_window: float = Field(600.0, gt=0)
     freeze_seconds: float = Field(900.0, gt=0)
     log_argument_values: bool = Field(False, description="audit argument values (redacted) too")
+    pin: Literal["review", "first-use"] = Field(
+        "review",
+        description="an allowlisted tool nobody reviewed: review (blocked until 'mcp-brokerctl pins accept', "
+        "or pinned by 'mcp-brokerctl allow') or first-use (its first call pins it); [servers.NAME] pin overrides",
+    )
     # --- per-caller quotas (each may be set again per caller in [limits.NAME]) ---
     max_sessions: int = Field(
         16, ge=1, le=10_000, description="gate processes (mcp stdio sessions, mcp calls) a caller may have connected"

@@ -1,7 +1,7 @@
 """The decision for one request: one function, its steps in a fixed order (doas's ``permit()``).
 
 :func:`decide` runs ``freeze``, ``allowlist``, ``offered``, ``pin``,
-``arguments``, ``rate`` and ``mode`` (a listing stops after the allowlist, a
+``secret``, ``arguments``, ``rate`` and ``mode`` (a listing stops after the allowlist, a
 ``describe`` after the pin) and returns a :class:`Verdict`: every step taken
 with its reason, the refusal if there is one, and what an admitted call
 needs next (its typed arguments and effective rules). ``list``, ``describe``,
@@ -11,9 +11,11 @@ through it; nothing else decides.
 It reads the world only through the :class:`View` it is given and holds no
 state: the daemon's view is live, a test's is a table. It waits for nothing
 and calls nothing: a server that is still starting yields a refusal the
-caller may wait out and decide again (:attr:`Verdict.waitable`). Its one
-side effect is the View's: the first sight of a tool's definition records
-its pin.
+caller may wait out and decide again (:attr:`Verdict.waitable`). It makes
+no pin and freezes no one: an unreviewed tool under ``pin = "first-use"``
+passes with :attr:`Verdict.pin_state` saying so, and an argument holding a
+known secret is refused with :attr:`Verdict.secret` naming it, for the
+daemon to act on (``explain`` shows the same verdict and does neither).
 """
 
 from __future__ import annotations
@@ -32,8 +34,13 @@ from broker.daemon.pins import PinState
 from broker.daemon.policy import Effective
 from broker.daemon.records import AuditRecord, argument_fields
 
+#: what the View says of a tool's pin: PinState, or "first-use" (unreviewed, and its first call will pin it)
+PinView = PinState | Literal["first-use"]
+
 Purpose = Literal["list", "describe", "call"]
-StepName = Literal["freeze", "allowlist", "offered", "pin", "arguments", "rate", "mode"]
+StepName = Literal["freeze", "allowlist", "offered", "pin", "arguments", "secret", "rate", "mode"]
+#: a freeze this long (after a secret guess) lasts until an operator lifts it
+OPERATOR_FREEZE = 100 * 365 * 86400.0
 #: what an admitted call's mode step says, by mode
 MODE_VERDICTS = {"allow": "allow", "notify": "allow, operator notified", "approve": "held for approval"}
 #: how a refused step reads, by exit code
@@ -77,7 +84,11 @@ class View(Protocol):
         """What the server behind ``action`` offers ``caller`` now (its own instance, if it has one)."""
         ...
 
-    def pin(self, action: str, spec: mcp.types.Tool) -> PinState: ...
+    def pin(self, action: str, spec: mcp.types.Tool) -> PinView: ...
+
+    def secret_in(self, args: dict[str, Any]) -> str | None:
+        """The name of a known secret whose value the arguments hold (in any encoding redaction knows), or None."""
+        ...
 
     def rules(self, action: str, caller: str) -> Effective: ...
 
@@ -109,6 +120,10 @@ class Verdict:
     rules: Effective | None = None
     args: dict[str, Any] | None = None
     digest: str | None = None
+    #: what the pin step found (None: not reached)
+    pin_state: PinView | None = None
+    #: the known secret an argument held (the caller is to be frozen; only the operator learns which)
+    secret: str | None = None
 
     @property
     def admitted(self) -> bool:
@@ -172,7 +187,12 @@ def decide(query: Query, view: View) -> Verdict:
     caller = query.caller
     until = view.frozen_until(caller)
     if until is not None:
-        refusal: PrivsepError = Denied(f"denied: {caller} is frozen until {when(until)} after repeated denials")
+        if until - time.time() > OPERATOR_FREEZE / 2:
+            refusal: PrivsepError = Denied(
+                f"denied: {caller} is frozen until an operator lifts it ('mcp-brokerctl unfreeze {caller}')"
+            )
+            return v.refuse("freeze", refusal, f"{caller} is frozen until an operator lifts it")
+        refusal = Denied(f"denied: {caller} is frozen until {when(until)} after repeated denials")
         return v.refuse("freeze", refusal, f"{caller} is frozen until {when(until)}")
     v.passed("freeze", "not frozen")
     try:
@@ -205,18 +225,36 @@ def decide(query: Query, view: View) -> Verdict:
         return v.refuse("offered", refusal, f"server is {offer.state}{why}")
     v.passed("offered", f"server {action.server} offers it")
 
-    if view.pin(name, offer.spec) == "changed":
+    pinned = v.pin_state = view.pin(name, offer.spec)
+    if pinned == "changed":
         refusal = Denied(
-            f"denied: the definition of {name} changed since it was allowed; "
-            "an operator must review it ('mcp-brokerctl pins accept')"
+            f"denied: the definition of {name} changed since it was reviewed; "
+            f"an operator must review it ('mcp-brokerctl pins accept {name}')"
         )
-        return v.refuse("pin", refusal, "definition changed since pinned; run 'mcp-brokerctl pins accept'")
-    v.passed("pin", "definition matches its pin")
+        return v.refuse("pin", refusal, f"definition changed since pinned; run 'mcp-brokerctl pins accept {name}'")
+    if pinned == "unreviewed":
+        refusal = Denied(
+            f"denied: the definition of {name} has not been reviewed; "
+            f"an operator must review it ('mcp-brokerctl pins accept {name}')"
+        )
+        return v.refuse("pin", refusal, f"no one reviewed this definition; run 'mcp-brokerctl pins accept {name}'")
+    if pinned == "first-use":
+        v.passed("pin", 'not reviewed; pin = "first-use": a call pins what is offered now')
+    else:
+        v.passed("pin", "definition matches its pin")
     if query.purpose == "describe":
         return v
 
     rules = v.rules
     assert rules is not None
+    # an argument holding a known secret is a guess being confirmed: any answer would say whether it was right,
+    # so it is looked for first, in the arguments as sent (keys too), before anything else could refuse them
+    secret = view.secret_in({"kv": query.kv, "args": query.args})
+    if secret is not None:
+        v.secret = secret
+        refusal = Denied(f"denied: {caller} is frozen until an operator lifts it ('mcp-brokerctl unfreeze {caller}')")
+        return v.refuse("secret", refusal, f"an argument holds the value of the secret {secret}: {caller} is frozen")
+    v.passed("secret", "no argument holds a known secret value")
     try:
         v.args = build_arguments(query.kv, query.args, offer.spec.input_schema or {})
         v.digest = view.digest(v.args)

@@ -52,6 +52,10 @@ class AuditRecord(TypedDict, total=False):
     limit: str
     #: how many requests a quota refusal record stands for (a burst is summed into one record)
     refused: int
+    #: the names of the known secrets redacted from what this request's answer held (the agent saw a bare marker)
+    redacted: list[str]
+    #: the name of the known secret an argument held (the caller was frozen for it)
+    secret: str
 
 
 def bounded(text: str) -> str:

@@ -56,7 +56,9 @@ def definition(spec: mcp.types.Tool) -> dict[str, Any]:
     }
 
 
-def tool_definition(action: str, spec: mcp.types.Tool, redactor: Redactor) -> dict[str, Any]:
+def tool_definition(
+    action: str, spec: mcp.types.Tool, redactor: Redactor, hits: set[str] | None = None
+) -> dict[str, Any]:
     """The whole definition in MCP's wire form, under the action's ``server.tool`` name, redacted.
 
     Every field the server sent is kept (``title``, ``inputSchema``,
@@ -69,7 +71,7 @@ def tool_definition(action: str, spec: mcp.types.Tool, redactor: Redactor) -> di
         shown["inputSchema"] = {"type": "object"}  # MCP requires one; {} says nothing
     if not shown.get("annotations"):
         shown.pop("annotations", None)
-    return redactor.deep(shown)  # type: ignore[no-any-return]
+    return _joint_strings(redactor.deep(shown, hits), redactor, hits)  # type: ignore[no-any-return]
 
 
 def described(action: str, spec: mcp.types.Tool, redactor: Redactor) -> dict[str, Any]:
@@ -82,7 +84,50 @@ def catalog_entry(action: str, spec: mcp.types.Tool, redactor: Redactor) -> dict
     return tool_definition(action, spec, redactor)
 
 
-def render_result(result: mcp.types.CallToolResult, cap: int, redactor: Redactor) -> tuple[dict[str, Any], int]:
+def _strings(value: Any) -> list[str]:
+    """The string values (not keys) inside a JSON-like value, in order."""
+    out: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, dict):
+            stack.extend(reversed(list(item.values())))
+    return out
+
+
+def _joint_strings(value: Any, redactor: Redactor, hits: set[str] | None) -> Any:
+    """``value`` with its string values (in order) redacted as one text too (:meth:`Redactor.joint`)."""
+    if not redactor:
+        return value
+    slots: list[tuple[Any, Any]] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        pairs = enumerate(item) if isinstance(item, list) else item.items() if isinstance(item, dict) else ()
+        children = []
+        for key, child in pairs:
+            if isinstance(child, str):
+                slots.append((item, key))
+            elif isinstance(child, list | dict):
+                children.append(child)
+        stack.extend(reversed(children))
+    if len(slots) < 2:
+        return value
+    strings = [container[key] for container, key in slots]
+    redacted = redactor.joint(strings, hits)
+    for (container, key), old, new in zip(slots, strings, redacted, strict=True):
+        if new is not old:
+            container[key] = new
+    return value
+
+
+def render_result(
+    result: mcp.types.CallToolResult, cap: int, redactor: Redactor, hits: set[str] | None = None
+) -> tuple[dict[str, Any], int]:
     """(the answer the gate prints, the result's size before the cap): sanitized, redacted, then capped.
 
     The answer is the result in MCP's wire form (``content``,
@@ -92,14 +137,35 @@ def render_result(result: mcp.types.CallToolResult, cap: int, redactor: Redactor
     content all count against the cap; over it, the one text block left
     says so. What a server sent that no side can encode (lone surrogates,
     NaN and infinities) is replaced, and ``_meta`` says how much of each.
+    Redaction (``hits`` collects the names of the secrets found) reads every
+    field, each block, the blocks' texts joined, and the structured content.
     """
     raw_blocks = [wire_form(block) for block in result.content]  # block by block, as each one's own type
     (raw_blocks, structured, meta), fixed = wire.sanitize([raw_blocks, result.structured_content, result.meta])
     texts: list[str] = []
-    blocks: list[dict[str, Any]] = []
-    for block in raw_blocks:
-        data = redactor.deep(block)
-        blocks.append(data)
+    blocks: list[dict[str, Any]] = raw_blocks
+    # one detection pass over the whole result first (and over the texts as mcp call joins them, and the
+    # structured content's strings in order): the common answer, no secret, costs only that
+    block_texts = [
+        h["text"]
+        for b in raw_blocks
+        if isinstance(h := (b.get("resource") if b.get("type") == "resource" else b), dict)
+        and isinstance(h.get("text"), str)
+    ]
+    secret_in_it = bool(redactor) and redactor.holds(
+        [raw_blocks, structured, meta, "\n".join(block_texts), "\n".join(_strings(structured))]
+    )
+    if secret_in_it:
+        blocks = [redactor.deep(block, hits) for block in raw_blocks]
+        # a secret split over two blocks reads whole when they are joined (mcp call prints them joined)
+        readable: list[tuple[dict[str, Any], str]] = []
+        for b in blocks:
+            holder = b.get("resource") if b.get("type") == "resource" else b if b.get("type") == "text" else None
+            if isinstance(holder, dict) and isinstance(holder.get("text"), str):
+                readable.append((holder, "text"))
+        for (holder, key), new in zip(readable, redactor.joint([h[k] for h, k in readable], hits), strict=True):
+            holder[key] = new
+    for data in blocks:
         kind = data.get("type")
         if kind == "text":
             texts.append(str(data.get("text", "")))
@@ -111,7 +177,8 @@ def render_result(result: mcp.types.CallToolResult, cap: int, redactor: Redactor
             res = data.get("resource", {})
             texts.append(str(res.get("text", f"[resource {res.get('uri', '')}]")))
     text = "\n".join(texts)
-    structured = redactor.deep(structured)
+    if secret_in_it:
+        structured = _joint_strings(redactor.deep(structured, hits), redactor, hits)
     if not text and structured is not None:
         text = wire.dumps(structured)
     out: dict[str, Any] = {"content": blocks, "isError": bool(result.is_error), "text": text}
@@ -120,7 +187,7 @@ def render_result(result: mcp.types.CallToolResult, cap: int, redactor: Redactor
     # the protocol's own keys (io.modelcontextprotocol/...) are of the hop between the broker and its server
     notes: dict[str, Any] = {
         k: v
-        for k, v in (redactor.deep(meta) if isinstance(meta, dict) else {}).items()
+        for k, v in ((redactor.deep(meta, hits) if secret_in_it else meta) if isinstance(meta, dict) else {}).items()
         if not k.startswith(PROTOCOL_KEYS)
     }
     if fixed:

@@ -61,8 +61,8 @@ from broker.core.servers import Secrets
 from broker.daemon import audit, config, limits, logs, memory, policy
 from broker.daemon.approvals import ApprovalDesk
 from broker.daemon.callers import Callers
-from broker.daemon.decision import Offer, Query, Verdict, decide, when
-from broker.daemon.pins import PinBook, PinState
+from broker.daemon.decision import OPERATOR_FREEZE, Offer, PinView, Query, Verdict, decide, when
+from broker.daemon.pins import PinBook
 from broker.daemon.records import AuditRecord, bounded
 from broker.daemon.redact import Redactor
 from broker.daemon.results import SANITIZED, catalog_entry, described, first_line, hints, render_result
@@ -130,6 +130,8 @@ class Outcome:
     counts: bool = True
     #: the refusal is the gate's own, reported for the record: the report itself succeeded
     reported: bool = False
+    #: the name of the known secret an argument held: the caller was frozen (audited and notified with the answer)
+    guessed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -211,8 +213,25 @@ class Broker:
     def offer(self, action: Action, caller: str) -> Offer:
         return self.servers.offer(action, caller)
 
-    def pin(self, action: str, spec: mcp.types.Tool) -> PinState:
-        return self.pins.check(action, spec)
+    def pin(self, action: str, spec: mcp.types.Tool) -> PinView:
+        state = self.pins.check(action, spec)
+        if state == "unreviewed" and self.unreviewed_policy(action) == "first-use":
+            return "first-use"
+        return state
+
+    def pin_policy(self, action: str) -> str:
+        """``pin`` of the action's server, else of ``[broker]``: how an unreviewed tool is treated."""
+        server = self.cfg.servers.get(action.partition(".")[0])
+        chosen = server.spec.pin if server is not None else None
+        return chosen or self.cfg.settings.pin
+
+    def unreviewed_policy(self, action: str) -> str:
+        """What an unreviewed ``action`` meets: its server's or the broker's ``pin``, or first-use kept on upgrade."""
+        return "first-use" if self.state.grandfathered(action) else self.pin_policy(action)
+
+    def secret_in(self, args: dict[str, Any]) -> str | None:
+        found = self.redactor.found(args)
+        return min(found) if found else None
 
     def rules(self, action: str, caller: str) -> policy.Effective:
         return policy.effective(self.cfg.policy, action, caller)
@@ -256,8 +275,28 @@ class Broker:
             await self.audit.record(
                 id=audit.new_request_id(), op="start", decision="start", version=__version__, pid=os.getpid()
             )
+            if self.state.upgraded:
+                await self._grandfather()
         except (Unavailable, OSError) as exc:
             log.error("could not record the start in the audit log: %s", exc)
+
+    async def _grandfather(self) -> None:
+        """First start on the first release's state: what was allowlisted then keeps being trusted on first use.
+
+        That release pinned every allowed tool on its first call; this one
+        wants a review for new entries only, so nothing trusted before the
+        upgrade is blocked by it (version-1 pins are re-pinned as they match).
+        """
+        kept = self._allowed_anywhere() - set(self.state.pins())
+        self.state.grandfather(kept)
+        if kept:
+            log.info("upgrade: %d allowlisted tool(s) not yet pinned keep first-use pinning", len(kept))
+            await self.audit.record(
+                id=audit.new_request_id(),
+                op="pin_policy",
+                decision="first-use",
+                reason=bounded(f"upgraded state: allowlisted before, pinned on first use: {', '.join(sorted(kept))}"),
+            )
 
     # --- servers and config -----------------------------------------------------------------
 
@@ -502,7 +541,10 @@ class Broker:
             record["exit"] = error.exit_code
             if not out.reported:
                 record["outcome"] = record.get("outcome") or decision
-            record["reason"] = bounded(self.redactor.text(error.message))
+            hits: set[str] = set()
+            record["reason"] = bounded(self.redactor.text(error.message, hits))
+            if hits:
+                record["redacted"] = sorted(set(record.get("redacted") or []) | hits)
             if out.counts:
                 froze = self._count_denial(caller, error)
         else:
@@ -514,6 +556,8 @@ class Broker:
             self.holdings.spend_audit(caller, await self.audit.record(**record), quota)
             if froze is not None:
                 await self._audit_freeze(caller, ctx.uid, froze)
+            if out.guessed is not None:
+                await self._freeze_for_guess(ctx, out.guessed)
         except Unavailable as audit_exc:
             return {"ok": False, "exit": audit_exc.exit_code, "error": audit_exc.message}
         if error is not None and not out.reported:
@@ -522,6 +566,33 @@ class Broker:
                 answer["rpc_error"] = {"code": error.code, "message": answer["error"]}
             return answer
         return {"ok": True, "result": out.result}
+
+    async def _freeze_for_guess(self, ctx: Ctx, secret: str) -> None:
+        """A caller sent a known secret's value: the freeze (made at decision time) recorded, the operator told."""
+        reason = f"an argument of {ctx.tool} held the value of the secret {secret}; frozen until an operator lifts it"
+        log.warning("caller %s frozen: %s", ctx.caller, reason)
+        await self.audit.record(
+            id=audit.new_request_id(),
+            caller=ctx.caller,
+            uid=ctx.uid,
+            op="freeze",
+            decision="freeze",
+            reason=reason,
+            secret=secret,
+            request=ctx.id,
+        )
+        command = self.cfg.settings.notify_command
+        if command:
+            summary = {
+                "event": "secret_in_arguments",
+                "id": ctx.id,
+                "caller": ctx.caller,
+                "tool": ctx.tool,
+                "secret": secret,
+                "frozen": True,
+                "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            self.spawn(_run_hook(command, json.dumps(summary).encode(), self.hook_env))
 
     async def _audit_freeze(self, caller: str, uid: int | None, reason: str) -> None:
         await self.audit.record(
@@ -594,12 +665,12 @@ class Broker:
     async def op_list(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
         verdict = decide(Query(ctx.caller, "list"), self)
         if verdict.allowlist is None:
-            return Outcome(verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
+            return Outcome(verdict.record(), error=verdict.refusal, counts=_counts(verdict))
         tools = []
         async for action, handle, spec in self._offered(verdict.allowlist, ctx.caller):
             if spec is not None:
-                blocked = self.pins.check(action, spec) == "changed"
-                description = "(blocked: definition changed)" if blocked else first_line(spec.description)
+                state = self.pin(action, spec)
+                description = _BLOCKED.get(state) or first_line(spec.description)
                 tools.append({"name": action, "description": self.redactor.text(description)})
             elif handle.state != "up":
                 tools.append({"name": action, "description": "(server unavailable)"})
@@ -609,11 +680,11 @@ class Broker:
         """Full MCP tool definitions for ``mcp stdio``: allowed, offered, and matching their pins."""
         verdict = decide(Query(ctx.caller, "list"), self)
         if verdict.allowlist is None:
-            return Outcome(verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
+            return Outcome(verdict.record(), error=verdict.refusal, counts=_counts(verdict))
         tools = [
             catalog_entry(action, spec, self.redactor)
             async for action, _handle, spec in self._offered(verdict.allowlist, ctx.caller)
-            if spec is not None and self.pins.check(action, spec) != "changed"
+            if spec is not None and self.pin(action, spec) not in _BLOCKED
         ]
         return Outcome(verdict.record() | {"decision": "allow"}, {"tools": tools})
 
@@ -625,7 +696,7 @@ class Broker:
             handle = self.servers.get(server_name, caller)
             spec = handle.tools.get(tool_name) if handle is not None and handle.state == "up" else None
             if spec is not None:
-                key.append((action, id(spec), self.pins.check(action, spec)))
+                key.append((action, id(spec), self.pin(action, spec)))
         return tuple(key)
 
     async def op_watch(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
@@ -637,7 +708,7 @@ class Broker:
         """
         verdict = decide(Query(ctx.caller, "list"), self)
         if verdict.allowlist is None:
-            return Outcome(verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
+            return Outcome(verdict.record(), error=verdict.refusal, counts=_counts(verdict))
         last = self.catalog_key(verdict.allowlist, ctx.caller)
         hangup = asyncio.ensure_future(conn.closed())
         try:
@@ -660,7 +731,7 @@ class Broker:
     async def op_describe(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
         verdict = await self.decided(Query(ctx.caller, "describe", _action(req["tool"])), READY_WAIT)
         if not verdict.admitted:
-            return Outcome(verdict.record(), error=verdict.refusal, counts=not verdict.frozen)
+            return Outcome(verdict.record(), error=verdict.refusal, counts=_counts(verdict))
         assert verdict.spec is not None
         return Outcome(verdict.record() | {"decision": "allow"}, described(req["tool"], verdict.spec, self.redactor))
 
@@ -692,8 +763,14 @@ class Broker:
         if first.waitable:
             verdict = await self.decided(query, min(timeout, READY_WAIT))
         rec = verdict.record()
+        if verdict.secret is not None:
+            # frozen now, before any other request of this caller is decided; recorded and notified with the answer
+            guessed = verdict.secret
+            self.state.freeze(ctx.caller, time.time() + OPERATOR_FREEZE, f"an argument held the secret {guessed}")
+            rec["secret"] = guessed
+            return Outcome(rec, error=verdict.refusal, counts=False, guessed=guessed)
         if not verdict.admitted:
-            return Outcome(rec, error=verdict.refusal, counts=not verdict.frozen)
+            return Outcome(rec, error=verdict.refusal, counts=_counts(verdict))
         rules, args, action = verdict.rules, verdict.args, verdict.query.action
         assert rules is not None and args is not None and action is not None
         # the rate slot is taken at admission, before any wait (an approval, a restart), in the same step as
@@ -749,9 +826,21 @@ class Broker:
             return Outcome(rec, error=exc)
         if handle.tools.get(action.tool) is not verdict.spec:
             again = decide(dataclasses.replace(query, slot_taken=True), self)  # its rate slot is its own
-            if not again.admitted:
-                return Outcome(rec | again.record(), error=again.refusal, counts=not again.frozen)
+            if again.secret is not None or not again.admitted:
+                return Outcome(rec | again.record(), error=again.refusal, counts=_counts(again))
             verdict = again
+        if verdict.pin_state == "first-use" and verdict.spec is not None:
+            # the operator chose to trust this tool's first definition: what this call runs on is what is pinned
+            pinned = self.pins.first_use(tool, verdict.spec)
+            await self.audit.record(
+                id=audit.new_request_id(),
+                caller=ctx.caller,
+                op="pin",
+                tool=tool,
+                decision="pin",
+                pin_hash=pinned,
+                by="first-use",
+            )
         rec["decision"] = "allow"
         if rules.mode == "notify":
             self._notify(ctx, tool, rec)
@@ -759,7 +848,7 @@ class Broker:
         spent = await self.audit.record(**(ctx.record() | rec | {"phase": "intent"}))
         self.holdings.spend_audit(ctx.caller, spent, quota)
         rec["phase"] = "outcome"
-        progress = _relay_progress(conn) if req.get("progress") is True else None
+        progress = _relay_progress(conn, self.redactor) if req.get("progress") is True else None
         call = asyncio.ensure_future(handle.call(action.tool, args, timeout, verdict.spec, progress, ctx.caller))
         # the caller hanging up (Ctrl-C on mcp call, notifications/cancelled on mcp stdio) cancels the call at
         # its server too: nothing it has not yet done happens for an answer no one waits for
@@ -791,7 +880,10 @@ class Broker:
             rec["outcome"] = "server_failed"
             return Outcome(rec, error=exc)
         cap = rules.max_output_bytes or self.cfg.settings.max_output_bytes
-        rendered, size = render_result(result, cap, self.redactor)
+        hits: set[str] = set()
+        rendered, size = render_result(result, cap, self.redactor, hits)
+        if hits:  # for the operator: which secrets the server's answer held (the agent's marker names none)
+            rec["redacted"] = sorted(hits)
         rec["outcome"] = "tool_error" if result.is_error else "ok"
         rec["result_size"] = size
         fixed = rendered.get("_meta", {}).get(SANITIZED)
@@ -903,17 +995,55 @@ class Broker:
     async def admin_freezes(self, req: dict[str, Any]) -> list[dict[str, Any]]:
         return self.state.freezes()
 
-    async def admin_pins(self, req: dict[str, Any]) -> list[dict[str, str]]:
-        return self.pins.listing(dict(self.servers.offered()))
+    def _allowed_anywhere(self) -> set[str]:
+        """Every action some agent's allowlist names now (a broken allowlist names none)."""
+        found: set[str] = set()
+        for agent in self.agent_names():
+            with contextlib.suppress(ConfigError, OSError):
+                found |= set(self.allowlists.get(agent).actions)
+        return found
+
+    async def admin_pins(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        await self._servers_ready()
+        offered = dict(self.servers.offered())
+        rows = self.pins.listing(offered, self._allowed_anywhere())
+        for row in rows:  # a changed pin comes with its diff, an unreviewed one with what it would pin
+            if row["state"] in ("changed", "unreviewed"):
+                shown = self.pins.show(row["action"], offered.get(row["action"]))
+                row |= {"diff": shown["diff"], "definition": shown["definition"], "offered": shown["hash"]}
+            row["policy"] = self.unreviewed_policy(row["action"])
+        return rows
+
+    async def _servers_ready(self, server: str | None = None) -> None:
+        """Wait (a little) for starting servers: a review right after a start would find nothing offered."""
+        for h in self.servers.all():
+            if (server is None or h.name == server) and h.state != "up":
+                with contextlib.suppress(PrivsepError):
+                    await h.ready(READY_WAIT)
+
+    async def admin_pin_show(self, req: dict[str, Any]) -> dict[str, Any]:
+        action = req["action"]
+        problem = names.action_error(action)
+        if problem is not None:
+            raise UsageError(f"pins: bad tool name {action!r}: {problem}")
+        await self._servers_ready(action.partition(".")[0])
+        shown = self.pins.show(action, self.servers.offered().get(action))
+        return shown | {"policy": self.unreviewed_policy(action)}
 
     async def admin_pin_accept(self, req: dict[str, Any]) -> dict[str, Any]:
         action = req["action"]
+        await self._servers_ready(action.partition(".")[0])
         spec = self.servers.offered().get(action)
         if spec is None:
             raise PrivsepError(f"{action}: the server does not offer this tool now", EX_FAILED)
-        accepted = self.pins.accept(action, spec)
+        accepted = self.pins.accept(action, spec, req.get("hash"))
         await self.audit.record(
-            id=audit.new_request_id(), op="pin_accept", tool=action, decision="pin", pin_hash=accepted["hash"]
+            id=audit.new_request_id(),
+            op="pin_accept",
+            tool=action,
+            decision="pin",
+            pin_hash=accepted["hash"],
+            by="root",
         )
         return accepted
 
@@ -929,6 +1059,18 @@ class Broker:
         if verdict.admitted and verdict.rules is not None:
             result["policy"] = verdict.rules.describe()
         return result
+
+
+#: what ``mcp list`` says of a tool that is offered but blocked by its pin
+_BLOCKED: dict[str, str] = {
+    "changed": "(blocked: definition changed)",
+    "unreviewed": "(blocked: not reviewed by an operator)",
+}
+
+
+def _counts(verdict: Verdict) -> bool:
+    """Whether a refusal feeds the denial budget: not a frozen caller's again, not a tool an operator must review."""
+    return not verdict.frozen and verdict.failed_at != "pin"
 
 
 def _action(tool: str) -> Action:
@@ -962,6 +1104,7 @@ ADMIN_ROUTES: dict[str, Route] = {
     "unfreeze": Route(Broker.admin_unfreeze, _ROOT),
     "freezes": Route(Broker.admin_freezes, _ROOT),
     "pins": Route(Broker.admin_pins, _ROOT),
+    "pin_show": Route(Broker.admin_pin_show, _ROOT),
     "pin_accept": Route(Broker.admin_pin_accept, _ROOT),
     "explain": Route(Broker.admin_explain, _ROOT),
 }
@@ -977,15 +1120,15 @@ WATCH_SECONDS = 1.0
 PROGRESS_BUFFER = 64 * 1024
 
 
-def _relay_progress(conn: Conn) -> Callable[[dict[str, Any]], None]:
-    """Progress reports of one call, to its own connection only, as interim frames; never waits on the peer."""
+def _relay_progress(conn: Conn, redactor: Redactor) -> Callable[[dict[str, Any]], None]:
+    """Progress reports of one call, redacted, to its own connection only, as interim frames; never waits."""
 
     def relay(report: dict[str, Any]) -> None:
         transport = conn.writer.transport
         if transport.is_closing() or transport.get_write_buffer_size() > PROGRESS_BUFFER:
             return
         with contextlib.suppress(ProtocolError, ValueError):
-            conn.writer.write(wire.encode_frame({"progress": report}, wire.MAX_REQUEST_BYTES))
+            conn.writer.write(wire.encode_frame({"progress": redactor.deep(report)}, wire.MAX_REQUEST_BYTES))
 
     return relay
 

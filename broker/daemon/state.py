@@ -29,7 +29,11 @@ CREATE TABLE IF NOT EXISTS approvals (
 CREATE TABLE IF NOT EXISTS pins (
     action TEXT PRIMARY KEY, hash TEXT NOT NULL, definition TEXT NOT NULL, pinned REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS first_use (action TEXT PRIMARY KEY, since REAL NOT NULL);
 """
+#: the state's schema version: 2 added ``meta`` and ``first_use`` (reviewed pins; see broker.daemon.pins)
+SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -66,7 +70,12 @@ class State:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
+        tables = {name for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.db.executescript(SCHEMA)
+        #: made by the first release (it has pins but no meta): what was allowlisted then was trusted on first use
+        self.upgraded = "pins" in tables and "meta" not in tables
+        self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        self._first_use: set[str] | None = None
         # read on every call; only this connection writes these tables, so memory can answer
         self._pins: dict[str, tuple[str, str] | None] = {}
         self._frozen: dict[str, float | None] = {}
@@ -141,6 +150,14 @@ class State:
                 self.db.execute("DELETE FROM denials WHERE caller = ?", (caller,))
                 return True
         return False
+
+    def freeze(self, caller: str, until: float, reason: str) -> None:
+        """Freeze ``caller`` until ``until`` (a decision of the daemon's, not of the denial budget)."""
+        self._frozen.pop(caller, None)
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO freezes (caller, until, reason) VALUES (?, ?, ?)", (caller, until, reason)
+            )
 
     def unfreeze(self, caller: str) -> bool:
         self._frozen.pop(caller, None)
@@ -266,6 +283,19 @@ class State:
                 "INSERT OR REPLACE INTO pins (action, hash, definition, pinned) VALUES (?, ?, ?, ?)",
                 (action, digest, definition, time.time()),
             )
+
+    def grandfather(self, actions: set[str]) -> None:
+        """Keep first-use trust for these actions (allowlisted when the first release's state was upgraded)."""
+        now = time.time()
+        with self.db:
+            rows = [(a, now) for a in actions]
+            self.db.executemany("INSERT OR IGNORE INTO first_use (action, since) VALUES (?, ?)", rows)
+        self._first_use = None
+
+    def grandfathered(self, action: str) -> bool:
+        if self._first_use is None:
+            self._first_use = {a for (a,) in self.db.execute("SELECT action FROM first_use")}
+        return action in self._first_use
 
     def pins(self) -> dict[str, tuple[str, str]]:
         return {a: (h, d) for a, h, d in self.db.execute("SELECT action, hash, definition FROM pins").fetchall()}

@@ -154,6 +154,10 @@ url = "http://127.0.0.1:{self.port}/mcp"
         broker = pwd.getpwnam("mcp-broker")
         p = self.paths
         budget = "" if "denial_budget" in broker_extra else "denial_budget = 0"
+        # the tests allowlist by hand: their tools are trusted on first use unless a test says otherwise
+        # (tests/e2e/test_pins_live.py checks the default, review)
+        if "pin =" not in broker_extra:
+            budget += '\npin = "first-use"'
         write(
             p.broker_toml,
             f"""

@@ -229,9 +229,13 @@ def test_what_it_sees_from_inside_is_what_status_claims(mal: Installation) -> No
     assert box["writable"][0] == seen["home"]
 
 
-def test_its_secret_is_redacted_from_its_own_results(mal: Installation) -> None:
-    r = mal.mcp("call", "mal.attack", "--args", json.dumps({"plan": {"read": [MAL_SECRET]}}))
-    assert MAL_SECRET not in r.out + r.err, r  # a known secret never reaches the agent, even echoed back
+def test_an_argument_holding_its_secret_freezes_the_caller_and_echoes_nothing(mal: Installation) -> None:
+    try:
+        r = mal.mcp("call", "mal.attack", "--args", json.dumps({"plan": {"read": [MAL_SECRET]}}))
+        assert r.code == 77 and "frozen until an operator lifts it" in r.err, r
+        assert MAL_SECRET not in r.out + r.err and "MAL_TOKEN" not in r.out + r.err, r
+    finally:
+        assert mal.ctl("unfreeze", AGENT1).code == 0
 
 
 def test_a_server_cannot_approve_a_held_call(mal: Installation) -> None:

@@ -181,15 +181,16 @@ def test_installs_passes_doctor_and_removes_cleanly(deb: str) -> None:
         doctor = run(ctl, "--root", root, "doctor", check=False)
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         assert "doctor: all green" in doctor.stdout and f"ok      agent {AGENT1}" in doctor.stdout
-        call = subprocess.run(
-            [RUNUSER, "-u", AGENT1, "--", f"{root}/usr/local/bin/mcp", "call", "demo.echo", "text=packaged"],
-            capture_output=True,
-            text=True,
-            env=AGENT_ENV,
-            cwd="/",
-            timeout=60,
-            check=False,
-        )
+        def echo() -> subprocess.CompletedProcess[str]:
+            argv = [RUNUSER, "-u", AGENT1, "--", f"{root}/usr/local/bin/mcp", "call", "demo.echo", "text=packaged"]
+            return subprocess.run(argv, capture_output=True, text=True, env=AGENT_ENV, cwd="/", timeout=60, check=False)
+
+        # the operator reviews the allowlisted tool (review is the default: an unreviewed tool is blocked)
+        blocked = echo()
+        assert blocked.returncode == 77 and "has not been reviewed" in blocked.stderr, blocked
+        reviewed = run(ctl, "--root", root, "pins", "accept", "--yes", "demo.echo")
+        assert '"name": "echo"' in reviewed.stdout and "pinned at 2:" in reviewed.stdout, reviewed.stdout
+        call = echo()
         assert call.returncode == 0 and call.stdout.strip() == "packaged", call
         # --- remove, then purge ----------------------------------------------------------------
         run(f"{ctrl}/prerm", "remove", env=env)

@@ -88,6 +88,12 @@ def old() -> Iterator[Installation]:
             f'[servers.files]\ncommand = "{PYTHON}"\nargs = ["-m", "mcp_servers.files", "--root", "inbox={INBOX}:rw"]\n'
         )
         write(f"{p.servers_d}/files.toml", files, 0, broker.pw_gid, 0o640)
+        # its daemon ran: the state file its own code made (so the upgrade keeps first-use pins for what is allowed)
+        make_state = "import sys; sys.path.insert(0, sys.argv[1]); from broker.state import State; State(sys.argv[2])"
+        subprocess.run([PYTHON, "-c", make_state, src, f"{p.state}/state.db"], check=True, cwd="/", timeout=60)
+        for name in os.listdir(p.state):  # made by root here; the daemon that made it ran as mcp-broker
+            if name.startswith("state.db"):
+                os.chown(f"{p.state}/{name}", broker.pw_uid, broker.pw_gid)
         yield inst
     finally:
         inst.teardown()

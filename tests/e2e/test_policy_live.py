@@ -277,7 +277,8 @@ def test_changed_tool_definition_is_blocked_until_accepted(pol: Installation) ->
         changed = [m for m in session.read(2.5) if m.get("method") == "notifications/tools/list_changed"]
         assert changed, "the session was not told that demo.echo was blocked"
         accepted = pol.ctl("pins", "accept", "demo.echo")
-        assert accepted.code == 0 and "attacker@evil.example" in accepted.out and accepted.out.startswith("---")
+        assert accepted.code == 0 and "attacker@evil.example" in accepted.out, accepted
+        assert "--- demo.echo (pinned)" in accepted.out and "pins: demo.echo pinned at 2:" in accepted.out
         assert pol.mcp("call", "demo.echo", "text=accepted").out == "accepted\n"
         again = [m for m in session.read(3.0) if m.get("method") == "notifications/tools/list_changed"]
         assert again, "the session was not told that the accepted pin gave demo.echo back"
@@ -303,16 +304,17 @@ def test_secrets_are_redacted_plain_base64_and_url_encoded(pol: Installation) ->
 
     secret = _secret(pol, "demo.env")
     r = pol.mcp("call", "demo.secret")
-    assert r.code == 0 and secret not in r.out and "[REDACTED:demo.DEMO_SECRET]" in r.out
+    assert r.code == 0 and secret not in r.out and "[REDACTED]" in r.out and "DEMO_SECRET" not in r.out
+    assert pol.records()[-1]["redacted"] == ["demo.DEMO_SECRET"]  # the operator learns which; the agent does not
     r = pol.mcp("call", "demo.secret_encoded", "--json")
     assert r.code == 0
     for form in (secret, base64.b64encode(f"user:{secret}".encode()).decode()[8:-4], quote(secret, safe="")):
         assert form not in r.out, form
     data = json.loads(r.out)["structuredContent"]
-    assert data["plain"] == "token=[REDACTED:demo.DEMO_SECRET];"
-    assert "[REDACTED:demo.DEMO_SECRET]" in data["base64"] and "[REDACTED:demo.DEMO_SECRET]" in data["url"]
+    assert data["plain"] == "token=[REDACTED];"
+    assert "[REDACTED]" in data["base64"] and "[REDACTED]" in data["url"]
     web = pol.mcp("call", "web.secret")
-    assert web.code == 0 and pol.web_secret not in web.out and "[REDACTED:web.DEMO_SECRET]" in web.out
+    assert web.code == 0 and pol.web_secret not in web.out and "[REDACTED]" in web.out
     # and nothing of it reached the audit log either
     with open(pol.paths.audit_log) as fh:
         assert secret not in fh.read()

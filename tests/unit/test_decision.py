@@ -30,9 +30,9 @@ from broker.core.errors import (
 )
 from broker.core.names import Action
 from broker.daemon.audit import args_digest
-from broker.daemon.decision import MODE_VERDICTS, Offer, Query, Verdict, decide, when
-from broker.daemon.pins import PinState
+from broker.daemon.decision import MODE_VERDICTS, OPERATOR_FREEZE, Offer, PinView, Query, Verdict, decide, when
 from broker.daemon.policy import ActionPolicy, ArgRule, Effective, effective
+from broker.daemon.redact import Redactor
 
 KEY = b"k" * 32
 ALLOWLIST = "/etc/mcp-privsep/allowed-actions.txt"
@@ -52,7 +52,8 @@ class FakeView:
     frozen: dict[str, float] = field(default_factory=dict)
     allowlists: dict[str, Allowlist | ConfigError] = field(default_factory=dict)
     offers: dict[str, Offer] = field(default_factory=dict)
-    pins: dict[str, PinState] = field(default_factory=dict)
+    pins: dict[str, PinView] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict)
     policies: dict[str, ActionPolicy] = field(default_factory=dict)
     retry: float = 0.0
     asked: list[tuple[Any, ...]] = field(default_factory=list)
@@ -72,9 +73,14 @@ class FakeView:
         self.asked.append(("offer", str(action)))
         return self.offers.get(str(action), Offer("up", SPEC))
 
-    def pin(self, action: str, spec: mcp.types.Tool) -> PinState:
+    def pin(self, action: str, spec: mcp.types.Tool) -> PinView:
         self.asked.append(("pin", action, spec))
         return self.pins.get(action, "pinned")
+
+    def secret_in(self, args: dict[str, Any]) -> str | None:
+        self.asked.append(("secret_in",))
+        found = Redactor(self.secrets).found(args)
+        return min(found) if found else None
 
     def rules(self, action: str, caller: str) -> Effective:
         self.asked.append(("rules", action, caller))
@@ -104,6 +110,7 @@ PASSED_TO_MODE = [
     ("allowlist", "pass"),
     ("offered", "pass"),
     ("pin", "pass"),
+    ("secret", "pass"),
     ("arguments", "pass"),
 ]
 
@@ -162,17 +169,52 @@ CASES: list[tuple[str, FakeView, Query, list[tuple[str, str]], type[PrivsepError
         Denied,
     ),
     (
+        "pin unreviewed (review)",
+        FakeView(pins={"demo.echo": "unreviewed"}),
+        call(),
+        [("freeze", "pass"), ("allowlist", "pass"), ("offered", "pass"), ("pin", "deny (77)")],
+        Denied,
+    ),
+    (
+        "pin unreviewed (first-use)",
+        FakeView(pins={"demo.echo": "first-use"}),
+        call(),
+        [*PASSED_TO_MODE, ("mode", "allow")],
+        None,
+    ),
+    (
+        "an argument holds a known secret",
+        FakeView(secrets={"mail.PASSWORD": "hunter2-correct-horse"}),
+        call(text="guess1 hunter2-correct-horse"),
+        [*PASSED_TO_MODE[:4], ("secret", "deny (77)")],
+        Denied,
+    ),
+    (
+        "a key=value pair holds a known secret, percent-encoded",
+        FakeView(secrets={"mail.PASSWORD": "hunter2-correct-horse"}),
+        Query("alice", "call", ECHO, [["text", "hunter2%2Dcorrect%2dhorse"]], None),
+        [*PASSED_TO_MODE[:4], ("secret", "deny (77)")],
+        Denied,
+    ),
+    (
+        "a secret guess fails the schema: frozen all the same",
+        FakeView(secrets={"mail.PASSWORD": "hunter2-correct-horse"}),
+        Query("alice", "call", ECHO, [["n", "hunter2-correct-horse"]], {"text": "hi"}),
+        [*PASSED_TO_MODE[:4], ("secret", "deny (77)")],
+        Denied,
+    ),
+    (
         "schema rejects",
         FakeView(),
         Query("alice", "call", ECHO, [["n", "five"]], {"text": "hi"}),
-        [*PASSED_TO_MODE[:4], ("arguments", "rejected (65)")],
+        [*PASSED_TO_MODE[:5], ("arguments", "rejected (65)")],
         ArgumentsRejected,
     ),
     (
         "policy rule rejects",
         FakeView(policies={"demo.echo": ActionPolicy(args={"text": ArgRule(max_length=3)})}),
         call(text="too long"),
-        [*PASSED_TO_MODE[:4], ("arguments", "rejected (65)")],
+        [*PASSED_TO_MODE[:5], ("arguments", "rejected (65)")],
         ArgumentsRejected,
     ),
     (
@@ -405,12 +447,40 @@ def test_a_changed_pin_blocks_with_the_way_out() -> None:
     v = decide(call(), FakeView(pins={"demo.echo": "changed"}))
     assert isinstance(v.refusal, Denied)
     assert v.refusal.message == (
-        "denied: the definition of demo.echo changed since it was allowed; "
-        "an operator must review it ('mcp-brokerctl pins accept')"
+        "denied: the definition of demo.echo changed since it was reviewed; "
+        "an operator must review it ('mcp-brokerctl pins accept demo.echo')"
     )
-    assert v.steps[-1].why == "definition changed since pinned; run 'mcp-brokerctl pins accept'"
+    assert v.steps[-1].why == "definition changed since pinned; run 'mcp-brokerctl pins accept demo.echo'"
     assert v.args is None
     assert "arg_keys" not in v.record()
+
+
+def test_an_unreviewed_tool_is_blocked_with_the_way_out_and_first_use_says_it_will_pin() -> None:
+    v = decide(call(), FakeView(pins={"demo.echo": "unreviewed"}))
+    assert isinstance(v.refusal, Denied) and v.pin_state == "unreviewed"
+    assert "has not been reviewed" in v.refusal.message and "pins accept demo.echo" in v.refusal.message
+    v = decide(call(), FakeView(pins={"demo.echo": "first-use"}))
+    assert v.admitted and v.pin_state == "first-use"
+    assert v.steps[3].why == 'not reviewed; pin = "first-use": a call pins what is offered now'
+
+
+def test_a_secret_in_the_arguments_names_the_secret_for_the_daemon_but_not_in_the_refusal() -> None:
+    view = FakeView(secrets={"mail.PASSWORD": "hunter2-correct-horse", "ha.TOKEN": "another-secret-value"})
+    v = decide(call(text="is it hunter2-correct-horse?"), view)
+    assert v.secret == "mail.PASSWORD" and not v.admitted
+    assert isinstance(v.refusal, Denied)
+    assert "mail" not in v.refusal.message and "PASSWORD" not in v.refusal.message
+    assert v.refusal.message == "denied: alice is frozen until an operator lifts it ('mcp-brokerctl unfreeze alice')"
+    assert "mail.PASSWORD" in v.steps[-1].why  # explain (root) may say which
+    # a wrong guess passes, and is not told apart from any other call
+    v = decide(call(text="is it hunter3-correct-horse?"), view)
+    assert v.admitted and v.secret is None
+
+
+def test_an_operator_freeze_reads_as_one() -> None:
+    v = decide(call(), FakeView(frozen={"alice": time.time() + OPERATOR_FREEZE}))
+    assert isinstance(v.refusal, Denied) and v.frozen
+    assert v.refusal.message == "denied: alice is frozen until an operator lifts it ('mcp-brokerctl unfreeze alice')"
 
 
 def test_describe_stops_after_the_pin_and_records_the_allowlist() -> None:
@@ -430,7 +500,7 @@ def test_arguments_are_typed_by_the_schema_and_merged() -> None:
     v = decide(Query("alice", "call", ECHO, [["n", "5"]], {"text": "hi"}), FakeView())
     assert v.admitted
     assert v.args == {"text": "hi", "n": 5}
-    assert v.steps[4].why == "typed by the schema and checked against default"
+    assert v.steps[5].why == "typed by the schema and checked against default"
 
 
 def test_kv_only_arguments_without_args() -> None:

@@ -1,9 +1,11 @@
 """Unit tests for ``broker.importer``: mcporter and Claude Desktop / Cursor configs to broker servers.
 
 The central promise is checked several ways, including a property test: no
-secret value from the input ever lands in the TOML (env values always go to
-the env file; credential headers, URL passwords and tokens become
-``${VAR}``; secrets in ``args`` are taken out and flagged). Also: JSONC,
+secret value from the input ever lands in the TOML (env entries that are
+secrets go to the env file, plain settings to ``env``: see
+``test_plain_env.py`` for the table of :func:`classify`; credential headers,
+URL passwords and tokens become ``${VAR}``; secrets in ``args`` are taken
+out and flagged). Also: JSONC,
 mcporter's field aliases and placeholders, command resolution on root's
 secure path only, name clashes, ``--skip`` and ``--name-prefix``, OAuth
 refusal, the env file round trip through the daemon's own reader, and that
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 
 import pytest
@@ -94,6 +97,10 @@ def _env(server: importer.ImportedServer) -> dict[str, str]:
     return {e.key: e.value for e in server.env}
 
 
+def _plain(server: importer.ImportedServer) -> dict[str, str]:
+    return {e.key: e.value for e in server.plain}
+
+
 # --- Claude Desktop / Cursor ------------------------------------------------------------
 
 
@@ -102,8 +109,14 @@ def test_claude_desktop_config(tmp_root: str, paths: Paths) -> None:
     assert plan.format.startswith("Claude Desktop")
     s = _by_name(plan)
     gh = s["github"]
-    assert gh.table == {"command": PY, "args": ["-m", "github_mcp"], "env_file": f"{paths.secrets}/github.env"}
-    assert _env(gh) == {"GITHUB_PERSONAL_ACCESS_TOKEN": "ghp_R4nd0mT0kenValue000111222333444", "LOG_LEVEL": "debug"}
+    assert gh.table == {
+        "command": PY,
+        "args": ["-m", "github_mcp"],
+        "env": {"LOG_LEVEL": "debug"},  # a plain setting: never redacted
+        "env_file": f"{paths.secrets}/github.env",
+    }
+    assert _env(gh) == {"GITHUB_PERSONAL_ACCESS_TOKEN": "ghp_R4nd0mT0kenValue000111222333444"}
+    assert _plain(gh) == {"LOG_LEVEL": "debug"}
     ha = s["ha"]
     assert ha.table["headers"] == {"Authorization": "Bearer ${BEARER_TOKEN}"}
     assert _env(ha) == {"BEARER_TOKEN": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"}
@@ -116,7 +129,7 @@ def test_claude_desktop_config(tmp_root: str, paths: Paths) -> None:
     for server in plan.servers:
         for value in server.secret_values():
             assert value not in text
-    assert "debug" not in text  # env values go to the env file even when they are not credentials
+    assert tomllib.loads(text)["servers"]["github"]["env"] == {"LOG_LEVEL": "debug"}
 
 
 OPENCLAW = {
@@ -153,7 +166,15 @@ def test_openclaw_config(tmp_root: str, paths: Paths) -> None:
 def test_the_report_says_where_things_went_and_never_prints_a_secret(tmp_root: str, paths: Paths) -> None:
     plan = importer.plan(_file(tmp_root, CLAUDE), paths)
     report = "\n".join(importer.report(plan))
-    assert "env GITHUB_PERSONAL_ACCESS_TOKEN: credential -> secrets/github.env" in report
+    assert "env GITHUB_PERSONAL_ACCESS_TOKEN: secret (the value is shaped like a token) -> secrets/github.env" in report
+    assert "env LOG_LEVEL: plain setting (a common word) -> env in imported.toml as LOG_LEVEL" in report
+    # per server: which keys went where, key names only
+    assert (
+        "  env file secrets/github.env (secrets, redacted from what agents see): GITHUB_PERSONAL_ACCESS_TOKEN" in report
+    )
+    assert "  env in imported.toml (plain settings, never redacted): LOG_LEVEL" in report
+    assert "  env file secrets/ha.env (secrets, redacted from what agents see): BEARER_TOKEN" in report
+    assert "debug" not in report  # not even a plain value is printed
     assert "header Authorization: credential -> secrets/ha.env as BEARER_TOKEN" in report
     assert "header X-Client: not a credential" in report
     for server in plan.servers:
@@ -177,7 +198,8 @@ def test_mcporter_jsonc_aliases_and_placeholders(tmp_root: str, paths: Paths) ->
     dev = s["devtools"]
     assert dev.table["command"] == "/usr/bin/python3"
     assert dev.table["args"] == ["-m", "devtools_mcp", "--port", "9222"]
-    assert _env(dev) == {"npm_config_loglevel": "error", "KEY": "fallback-s3cr3t-value"}
+    assert _env(dev) == {"KEY": "fallback-s3cr3t-value"}
+    assert _plain(dev) == {"npm_config_loglevel": "error"} and dev.table["env"] == {"npm_config_loglevel": "error"}
     linear = s["linear"]
     assert linear.table["headers"] == {"Authorization": "Bearer ${LINEAR_TOKEN}"}
     assert linear.suggest_allow == ["linear.list_issues"]
@@ -259,6 +281,8 @@ def test_url_password_query_token_and_path_token(tmp_root: str, paths: Paths) ->
 def test_no_env_or_credential_value_ever_reaches_the_toml(tmp_root: str, secret: str, env_name: str) -> None:
     paths = Paths(f"{tmp_root}/r")
     os.makedirs(paths.servers_d, exist_ok=True)
+    # a credential header's value never reaches the TOML, and neither does a plain-looking env value that
+    # holds it (it would carry the secret there): it follows the secret into the env file
     doc = {
         "mcpServers": {
             "s": {"command": PY, "args": ["-m", "srv"], "env": {env_name: secret}},
@@ -269,6 +293,16 @@ def test_no_env_or_credential_value_ever_reaches_the_toml(tmp_root: str, secret:
     path = _file(tmp_root, doc, "prop.json")
     text = importer.toml_text(importer.plan(path, paths))
     assert secret not in text
+    # alone, an env entry goes where classify says: a secret never reaches the TOML, a plain one is in env
+    alone = _file(tmp_root, {"mcpServers": {"s": {"command": PY, "env": {env_name: secret}}}}, "alone.json")
+    plan = importer.plan(alone, paths)
+    server = plan.servers[0]
+    if importer.classify(env_name, secret).secret:
+        assert _env(server) == {env_name: secret} and secret not in importer.toml_text(plan)
+    else:
+        assert _plain(server) == {env_name: secret} and server.table["env"] == {env_name: secret}
+    if env_name in ("TOKEN", "API_KEY") and not re.fullmatch(r"(/[A-Za-z0-9_-]+)+/?", secret):
+        assert _env(server) == {env_name: secret}  # a key naming a credential: only a file's path is plain
 
 
 # --- what is refused ---------------------------------------------------------------------------

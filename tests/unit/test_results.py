@@ -168,17 +168,63 @@ def test_a_known_secret_is_redacted_everywhere() -> None:
     out, _ = render_result(res, BIG, REDACTOR)
     assert SECRET not in wire.dumps(out)
     assert out["text"].split("\n") == [
-        "the key is [REDACTED:demo.K]",
-        "k=[REDACTED:demo.K]",
-        "[resource https://x/?k=[REDACTED:demo.K]]",
+        "the key is [REDACTED]",
+        "k=[REDACTED]",
+        "[resource https://x/?k=[REDACTED]]",
     ]
-    assert out["structuredContent"] == {"token": "[REDACTED:demo.K]", "[REDACTED:demo.K]": ["[REDACTED:demo.K]"]}
-    assert out["content"][0]["text"] == "the key is [REDACTED:demo.K]"
+    assert out["structuredContent"] == {"token": "[REDACTED]", "[REDACTED]": ["[REDACTED]"]}
+    assert out["content"][0]["text"] == "the key is [REDACTED]"
 
 
 def test_a_secret_in_structured_only_text_is_redacted() -> None:
     out = render(result(structured={"k": SECRET}), redactor=REDACTOR)
-    assert SECRET not in out["text"] and "[REDACTED:demo.K]" in out["text"]
+    assert SECRET not in out["text"] and "[REDACTED]" in out["text"]
+
+
+def test_a_secret_split_across_two_blocks_is_redacted_in_both_and_named_for_the_record() -> None:
+    res = result(text(f"first half {SECRET[:6]}"), text(f"{SECRET[6:]} second half"), text("clean"))
+    hits: set[str] = set()
+    out, _ = render_result(res, BIG, REDACTOR, hits)
+    assert out["text"] == "first half [REDACTED]\n[REDACTED] second half\nclean"
+    assert [b["text"] for b in out["content"]] == ["first half [REDACTED]", "[REDACTED] second half", "clean"]
+    assert hits == {"demo.K"}
+
+
+def test_a_secret_split_across_a_text_and_a_resource_block_is_redacted() -> None:
+    res = result(
+        text(f"see {SECRET[:7]}"),
+        T.EmbeddedResource(type="resource", resource=T.TextResourceContents(uri="file:///x", text=SECRET[7:])),
+    )
+    out = render(res, redactor=REDACTOR)
+    assert SECRET[:7] not in out["text"] and out["content"][1]["resource"]["text"] == "[REDACTED]"
+
+
+def test_a_secret_split_across_structured_values_is_redacted() -> None:
+    out = render(result(text("ok"), structured={"a": SECRET[:5], "b": [SECRET[5:]]}), redactor=REDACTOR)
+    assert out["structuredContent"] == {"a": "[REDACTED]", "b": ["[REDACTED]"]}
+
+
+def test_a_numeric_secret_is_redacted_as_a_json_number() -> None:
+    pin = Redactor({"bank.PIN": "31415926535"})
+    hits: set[str] = set()
+    out, _ = render_result(result(text("ok"), structured={"pin": 31415926535, "n": 7}), BIG, pin, hits)
+    assert out["structuredContent"] == {"pin": "[REDACTED]", "n": 7} and hits == {"bank.PIN"}
+
+
+def test_a_definition_leaking_a_secret_is_redacted_in_every_field_numbers_included() -> None:
+    numeric = Redactor({"demo.K": SECRET, "demo.N": "27182818284"})
+    spec = T.Tool(
+        name="echo",
+        title=f"Echo {SECRET[:4]}",
+        description=f"uses %{SECRET.encode()[0]:02x}{SECRET[1:]}",
+        input_schema={"type": "object", "properties": {"n": {"type": "integer", "default": 27182818284}}},
+        output_schema={"type": "object", "description": SECRET.encode().hex()},
+        _meta={"k": SECRET},
+    )
+    shown = catalog_entry("demo.echo", spec, numeric)
+    dumped = wire.dumps(shown)
+    assert SECRET not in dumped and SECRET.encode().hex() not in dumped and "27182818284" not in dumped
+    assert shown["inputSchema"]["properties"]["n"]["default"] == "[REDACTED]"
 
 
 def test_redaction_comes_before_the_cap() -> None:
@@ -187,7 +233,7 @@ def test_redaction_comes_before_the_cap() -> None:
     out, _ = render_result(res, 64, REDACTOR)
     assert TRUNCATED in out.get("_meta", {})
     assert SECRET[:8] not in out["text"]
-    assert out["text"].startswith("x" * 20 + "[REDACTED:demo.K]")
+    assert out["text"].startswith("x" * 20 + "[REDACTED]")
 
 
 # --- the output cap ------------------------------------------------------------------------------------------
@@ -286,8 +332,8 @@ def test_described_is_the_wire_definition_redacted() -> None:
     schema = {"type": "object", "properties": {"key": {"type": "string", "default": SECRET}}}
     shown = described("demo.echo", spec(input_schema=schema), REDACTOR)
     assert shown["name"] == "demo.echo"
-    assert shown["description"] == "Echo, using [REDACTED:demo.K]"
-    assert shown["inputSchema"]["properties"]["key"]["default"] == "[REDACTED:demo.K]"
+    assert shown["description"] == "Echo, using [REDACTED]"
+    assert shown["inputSchema"]["properties"]["key"]["default"] == "[REDACTED]"
     assert SECRET not in wire.dumps(shown)
     assert set(shown) == {"name", "description", "inputSchema"}
 
@@ -296,7 +342,7 @@ def test_catalog_entry_uses_the_action_name_and_a_default_schema() -> None:
     entry = catalog_entry("demo.echo", spec(input_schema={}), REDACTOR)
     assert entry == {
         "name": "demo.echo",
-        "description": "Echo, using [REDACTED:demo.K]",
+        "description": "Echo, using [REDACTED]",
         "inputSchema": {"type": "object"},
     }
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
@@ -330,7 +376,7 @@ def test_every_field_of_a_definition_reaches_the_client_in_wire_form() -> None:
     entry = catalog_entry("demo.shot", full, REDACTOR)
     assert entry == {
         "name": "demo.shot",
-        "title": "Screenshot [REDACTED:demo.K]",
+        "title": "Screenshot [REDACTED]",
         "description": "d",
         "inputSchema": {"type": "object"},
         "outputSchema": {"type": "object", "properties": {"n": {"type": "integer"}}},
