@@ -97,7 +97,10 @@ def test_ctrl_c_is_one_line_and_130(hostile: Installation, argv: list[str]) -> N
         sudo = _sudo_of(proc)
         time.sleep(1.0)  # the gate is up and waiting (the call is running, or the session is open)
         os.kill(sudo, signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
+        # wait with stdin still open: communicate() would close it, and a stdio session that reads EOF before
+        # the relayed SIGINT arrives ends cleanly (0), which is not what this asserts
+        proc.wait(timeout=20)
+        out, err = proc.communicate(timeout=10)
     finally:
         hostile.kill_tree(proc)
     r = clean(Result(proc.returncode, out, err))
