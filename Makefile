@@ -11,10 +11,13 @@ CTL          = /usr/local/sbin/mcp-brokerctl
 
 .PHONY: deps venv install demo test unit e2e lint coverage bench clean-demo
 
-# System packages: sudo (the boundary), venv support, and the user tools.
+# System packages: sudo (the boundary), venv support, the user tools, and git (the package
+# tests build the previous release from its history). make itself comes first, by hand:
+# apt-get install -y make git
 deps:
-	@command -v sudo >/dev/null && command -v visudo >/dev/null && $(PYTHON_SYS) -c 'import venv, ensurepip' 2>/dev/null \
-	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sudo python3-venv passwd >/dev/null; }
+	@command -v sudo >/dev/null && command -v visudo >/dev/null && command -v git >/dev/null \
+	  && $(PYTHON_SYS) -c 'import venv, ensurepip' 2>/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sudo python3-venv passwd git >/dev/null; }
 
 # The root-owned virtualenv the daemon, the admin CLI and the gate's code live in.
 venv: deps
@@ -79,10 +82,14 @@ bench: EXTRAS_SPEC = .
 bench: venv
 	$(VENV_PY) bench/bench.py $(BENCH_ARGS)
 
-# Debian package: $(DEB_OUT)/mcp-privsep_VERSION-1_ARCH.deb, built with dpkg-deb from
-# the project's and its pinned dependencies' wheels; install it with
-# 'apt install ./dist/mcp-privsep_*.deb'. See packaging/deb/build.sh.
+# Debian package: $(DEB_OUT)/mcp-privsep_VERSION-REVISION_ARCH.deb, built with dpkg-deb: the code
+# as a virtualenv in /usr/lib/mcp-privsep/venv (the project and its pinned dependencies), the
+# commands in /usr/bin and /usr/sbin; install it with 'apt install ./dist/mcp-privsep_*.deb'.
+# dpkg-dev gives dpkg-shlibdeps (the Depends of the dependencies' shared libraries).
+# See packaging/deb/build.sh.
 DEB_OUT ?= dist
 .PHONY: deb
 deb: deps
+	@command -v dpkg-shlibdeps >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpkg-dev >/dev/null; }
 	PYTHON_SYS=$(PYTHON_SYS) bash packaging/deb/build.sh $(DEB_OUT)

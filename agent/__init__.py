@@ -5,9 +5,10 @@ finds the calling agent's own gate user from its real uid (read from
 ``/proc/self/status``, no fork; the table of agents is written into the
 script, and sudo enforces the same mapping) and runs
 ``sudo -n -u GATE-USER /usr/local/sbin/mcp-gate VERB [TOOL]``. A call's
-arguments never go on a command line, where every local user can read them
-in ``/proc/*/cmdline``: the script sends them, and for ``--args -`` what it
-read from stdin, as one length-framed payload on the gate's stdin (see
+arguments (and a proposal's, ``mcp propose``) never go on a command line,
+where every local user can read them in ``/proc/*/cmdline``: the script
+sends them, and for ``--args -`` (``--why -``) what it read from stdin, as
+one length-framed payload on the gate's stdin (see
 :func:`broker.gate.verbs.read_frame`). Only ``mcp skill`` and calls with a
 ``key=@path`` argument go through ``agent/helper.py`` first, which runs as
 the agent (so it reads only what the agent may read) and then calls the same
@@ -28,11 +29,15 @@ case $v in
 esac
 helper() {{ exec /usr/bin/python3 -IS {helper} {gate_path} "$g" "$@"; }}
 [ "$1" = skill ] && helper "$@"
-[ "$1" = call ] || exec sudo -n -u "$g" {gate_path} "$@"
-for a; do case $a in -*) ;; *=@*|*:@*) helper "$@" ;; esac; done
+case $1 in
+call) for a; do case $a in -*) ;; *=@*|*:@*) helper "$@" ;; esac; done ;;
+propose) ;;
+*) exec sudo -n -u "$g" {gate_path} "$@" ;;
+esac
+o=$1
 shift
 t=
-case $1 in ''|-*|*[!A-Za-z0-9_.-]*) ;; *) t=$1; shift ;; esac
+[ "$o" = call ] && case $1 in ''|-*|*[!A-Za-z0-9_.-]*) ;; *) t=$1; shift ;; esac
 s=
 for a; do case $a in -|--args=-) s=$(cat; echo .); s=${{s%.}}; break ;; esac; done
 f="mcp-args 1 $# ${{#s}}"
@@ -40,7 +45,7 @@ for a; do f="$f
 ${{#a}} $a"; done
 [ -n "$s" ] && f="$f
 $s"
-exec sudo -n -u "$g" {gate_path} call ${{t:+"$t"}} <<MCP_PRIVSEP_ARGUMENTS
+exec sudo -n -u "$g" {gate_path} "$o" ${{t:+"$t"}} <<MCP_PRIVSEP_ARGUMENTS
 $f
 MCP_PRIVSEP_ARGUMENTS
 """

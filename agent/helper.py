@@ -50,7 +50,12 @@ def frame(items: list[str], stdin: str | None) -> bytes:
 
 
 def gate_command(gate: str, gate_user: str, argv: list[str], stdin: str | None) -> tuple[list[str], bytes | None]:
-    """(the sudo command line, its stdin): a call's arguments in the frame, only the verb and tool outside."""
+    """(the sudo command line, its stdin): a call's arguments in the frame, only the verb and tool outside.
+
+    ``propose`` is framed the same way, with only the verb outside.
+    """
+    if argv[:1] == ["propose"]:
+        return _gate_argv(gate, gate_user, ["propose"]), frame(argv[1:], stdin)
     if argv[:1] != ["call"]:
         return _gate_argv(gate, gate_user, argv), None
     rest = argv[1:]
@@ -202,6 +207,15 @@ def skill(gate: str, gate_user: str) -> str:
         "- `key=@path` sends the text of a file you can read; `key=@@text` sends a literal `@text`.",
         "- `--json` prints the full result as JSON; `--timeout SECONDS` bounds the call.",
         "- `mcp describe SERVER.TOOL` prints the input schema; `mcp list` lists the tools; `mcp status` checks health.",
+        "",
+        "## Asking for another server",
+        "",
+        "If you need an MCP server the operator has not set up, you may ask for it; you cannot install it.",
+        "`mcp propose NAME --pip PACKAGE==VERSION` (or `--npm PACKAGE@VERSION`, an exact version), with",
+        "`--tool TOOL` for each tool you want and `--why TEXT` (or `--why -` to read it from stdin), queues the",
+        "request for the operator, who reviews it and may adopt or reject it; nothing is installed or run",
+        "before that. At most 4 of yours can be pending (75 beyond that: wait for the operator).",
+        "`mcp propose --status` shows your own proposals and what became of them.",
         "",
         "Exit codes: 0 ok; 1 the tool reported an error; 64 usage error; 65 arguments rejected by the schema",
         "or a policy rule; 69 broker unavailable; 75 try again later (timeout, rate limit, waiting for a human",

@@ -120,6 +120,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     )
     for line in audit_trail_lines(result.get("audit_trail")):
         click.echo(line)
+    for line in config_lines(result.get("config")):
+        click.echo(line)
     for caller, held in sorted((result.get("holdings") or {}).items()):
         top = held.get("max", {})
         click.echo(
@@ -142,6 +144,24 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 #: how to see a value the text output cut, in a command without --full
 _JSON_MORE = "--json shows all"
+
+
+def config_lines(disk: Any) -> list[str]:
+    """``status``'s lines on the config files: broken (every call refused), or changed and waiting for a reload."""
+    if not isinstance(disk, dict):
+        return []  # an older daemon
+    lines = []
+    if disk.get("error"):
+        lines.append(
+            f"config on disk is invalid, every call is refused (exit 78): {screen.line(disk['error'], full=True)}; "
+            "fix it: mcp-brokerctl edit config (or check)"
+        )
+    stale = [s for s in disk.get("stale") or [] if isinstance(s, dict)]
+    if stale:
+        files = sorted({str(s.get("file")) for s in stale})
+        what = "; ".join(f"{s.get('what')}" for s in stale)
+        lines.append(f"config changed on disk: {', '.join(files)} ({what}); run mcp-brokerctl reload")
+    return lines
 
 
 def audit_trail_lines(trail: Any) -> list[str]:
@@ -699,10 +719,16 @@ def uninstall(ctx: click.Context, purge: bool, yes: bool) -> None:
 
 
 from broker.admin.audit_reader import audit  # noqa: E402 - command groups of their own, registered like the others
+from broker.admin.edit import edit  # noqa: E402
 from broker.admin.pins_cli import pins  # noqa: E402
+from broker.admin.proposals_cli import proposals  # noqa: E402
+from broker.admin.server_install import server as server_group  # noqa: E402
 
 cli.add_command(audit)
+cli.add_command(edit)
 cli.add_command(pins)
+cli.add_command(proposals)
+cli.add_command(server_group)
 
 
 def main(argv: list[str] | None = None) -> int:

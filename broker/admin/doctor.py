@@ -12,6 +12,9 @@ What is checked:
   and the daemon run it: a writable file there is a way around everything);
   every ancestor directory must be root's and not writable by others (a
   root-owned sticky directory such as /tmp is accepted);
+* **installed servers**: each prefix ``server add`` installed still holds
+  what it recorded (every file's digest, root's, not writable by others),
+  a warning otherwise;
 * **config**: the allowlists and ``broker.toml``/``servers.d`` parse (like
   ``mcp-brokerctl check``);
 * **sudoers**: the drop-in exists, is ``root:root 0440``, passes ``visudo -cf``,
@@ -26,7 +29,7 @@ What is checked:
   daemon; and ``mcp status`` through sudo does work;
 * **the daemon**: it answers on ``admin.sock``, runs as ``mcp-broker``, its
   audit log is healthy, every server is up, no pinned tool definition has
-  changed.
+  changed, no server definition changed on disk without a reload (a warning).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import os
 import pwd
 import re
 import shutil
+import socket
 import stat
 import subprocess
 from collections.abc import Callable
@@ -50,7 +54,7 @@ from broker.core import agents as agent_map
 from broker.core import layout, names
 from broker.core import servers as core_servers
 from broker.core.errors import ConfigError, PrivsepError
-from broker.core.paths import BROKER_USER, GATE_GROUP, GATE_USER, Paths, gate_user_for
+from broker.core.paths import BROKER_USER, GATE_GROUP, GATE_USER, SOURCE_OPT, Paths, gate_user_for
 from broker.daemon import config
 
 RUNUSER = "/usr/sbin/runuser"
@@ -181,13 +185,28 @@ class Doctor:
     def run(self) -> list[Finding]:
         """Every check, in order; returns all findings."""
         self.check_users()
+        self.check_host()
         self.check_files()
+        self.check_package()
+        self.check_installed_servers()
         self.check_config()
         agents = self.check_sudoers()
         self.check_daemon()
         for agent in agents:
             self.check_agent(agent)
         return self.findings
+
+    # --- servers installed by 'server add' ------------------------------------------------
+
+    def check_installed_servers(self) -> None:
+        """Each prefix 'server add' installed is as it left it (the digest of every file, owners, modes)."""
+        from broker.admin.server_install import verify_all
+
+        for level, message, fix in verify_all(self.paths):
+            if level == "ok":
+                self.ok("servers", message)
+            else:
+                self.warning("servers", message, fix)
 
     # --- users ----------------------------------------------------------------------
 
@@ -264,6 +283,71 @@ class Doctor:
                 "mount -o remount,hidepid=invisible /proc (and in /etc/fstab: proc /proc proc hidepid=invisible 0 0)",
             )
 
+    # --- the host and the package ---------------------------------------------------------
+
+    def check_host(self) -> None:
+        """sudo's "unable to resolve host" warning lands on the stderr of every agent's call."""
+        sudo = shutil.which("sudo")
+        if sudo is None:
+            return
+        try:
+            proc = subprocess.run([sudo, "-n", "true"], capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return
+        noise = [line for line in proc.stderr.splitlines() if "unable to resolve host" in line]
+        if noise:
+            host = socket.gethostname()
+            self.warning(
+                "host",
+                f"sudo prints '{noise[0].strip()[:200]}' on every agent call's stderr",
+                f"make the host name resolve: echo '127.0.1.1 {host}' >> /etc/hosts",
+            )
+
+    def check_package(self) -> None:
+        """The Debian package's code and commands as dpkg shipped them; what pip added to its venv; leftovers."""
+        p = self.paths
+        if not p.package_commands:
+            return
+        old = f"{SOURCE_OPT}/venv"  # the previous package's (built by its postinst), or a source install's
+        if os.path.isdir(old):
+            self.warning(
+                "package",
+                f"{old} is not the package's code: a server whose command names it runs that old copy",
+                f"point those servers at {p.venv}/bin/python (or their own prefix), then: rm -rf {SOURCE_OPT}",
+            )
+        for cmd in ("/usr/local/bin/mcp", "/usr/local/sbin/mcp-gate"):
+            if os.path.lexists(cmd):
+                self.warning("package", f"{cmd} is not the package's, and comes first in PATH", f"rm {cmd}")
+        try:
+            state = _output(["dpkg-query", "-W", "-f", "${db:Status-Status}", "mcp-privsep"])
+            if state.strip() != "installed":
+                return
+            verify, listed = _output(["dpkg", "--verify", "mcp-privsep"]), _output(["dpkg-query", "-L", "mcp-privsep"])
+        except (OSError, subprocess.TimeoutExpired):
+            return
+        # "??5??????   /usr/lib/...": a changed file; conffiles ("c", the init script) are the operator's to edit
+        changed = [m[3] for m in re.finditer(r"^(\S+) +(c?) *(/.*)$", verify, re.M) if not m[2]]
+        if changed:
+            self.warning(
+                "package",
+                f"{len(changed)} file(s) of the package changed outside dpkg: " + _listed(changed),
+                "find out who changed them; then: apt-get install --reinstall mcp-privsep",
+            )
+        owned = set(listed.splitlines())
+        added = []
+        for dirpath, dirnames, filenames in os.walk(p.venv):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            added += [f"{dirpath}/{n}" for n in filenames if f"{dirpath}/{n}" not in owned]
+        if added:
+            self.warning(
+                "package",
+                f"{len(added)} file(s) in {p.venv} are not the package's (installed into it by hand?); an upgrade "
+                "or removal of the package loses them: " + _listed(added),
+                "install servers into their own prefix (mcp-brokerctl server add), not into the broker's code",
+            )
+        if not changed and not added:
+            self.ok("package", f"the code in {p.venv} and the commands are as the package shipped them")
+
     # --- files ----------------------------------------------------------------------
 
     def rules(self) -> list[Rule]:
@@ -274,6 +358,10 @@ class Doctor:
             for e in layout.PATHS
             if e.kind != "link" and e.attr != "sudoers"  # commands: _check_command_link; sudoers: its own section
         ]
+        if p.mcp_shim != p.mcp:  # the package's /usr/bin/mcp runs the agents' table install writes
+            mcp = layout.entry("mcp")
+            why = f"the agents' table {p.mcp} reads"
+            rules.append(Rule(p.mcp_shim, "file", mcp.owner, mcp.group, mcp.forbid, mcp.need, why, mcp.mode))
         named = {r.path for r in rules}  # a path the table names itself has its own rule, not its directory's
         for e in layout.CHILDREN:
             directory = e.path(p)
@@ -427,8 +515,8 @@ class Doctor:
             link = os.readlink(self.paths.brokerctl)
         except OSError:
             link = ""
-        if link.endswith("/bin/mcp-brokerctl"):
-            return os.path.dirname(os.path.dirname(link))
+        if link.endswith("/bin/mcp-brokerctl"):  # the package's link is relative (../lib/mcp-privsep/venv/...)
+            return os.path.dirname(os.path.dirname(os.path.normpath(os.path.join(self.paths.sbin, link))))
         try:
             with open(self.paths.gate, encoding="utf-8") as fh:
                 m = re.search(r"sys\.path\.append\('([^']+)'\)", fh.read())
@@ -655,6 +743,13 @@ class Doctor:
         trail = status.get("audit_trail")
         for warning in (trail.get("warnings") or []) if isinstance(trail, dict) else []:
             self.warning("audit", warning, f"see mcp-brokerctl status; free space on {self.paths.log}")
+        disk = status.get("config")  # policy applies on the next call; what is listed here waits for a reload
+        for stale in (disk.get("stale") or []) if isinstance(disk, dict) else []:
+            self.warning(
+                "config",
+                f"config changed on disk: {stale.get('file')}: {stale.get('what')}; the broker runs the old one",
+                "mcp-brokerctl reload",
+            )
         self.check_sandboxes(status)
         for s in status.get("servers", []):
             if s.get("state") != "up":
@@ -763,7 +858,8 @@ class Doctor:
                         out.append(("read", full, why))
         for env_file in self._env_files():
             out.append(("read", env_file, "a server's secrets"))
-        for path, why in ((p.allowlist, "the allowlist"), (p.gate, "the gate command"), (p.mcp, "the mcp command")):
+        commands = ((p.gate, "the gate command"), (p.mcp, "the mcp command"), (p.mcp_shim, "the mcp command's table"))
+        for path, why in ((p.allowlist, "the allowlist"), *commands):
             if existing(path):
                 out.append(("write", path, why))
         venv = self.venv()
@@ -860,6 +956,14 @@ def _unlocked_users(users: tuple[str, ...]) -> list[str]:
         return []
     # an empty field means "no password needed": unlocked too
     return [u for u in users if u in fields and not fields[u].startswith(("!", "*"))]
+
+
+def _output(argv: list[str]) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False).stdout
+
+
+def _listed(items: list[str]) -> str:
+    return ", ".join(items[:MAX_LISTED]) + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
 
 
 def _ancestors(path: str) -> list[str]:

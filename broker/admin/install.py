@@ -139,6 +139,46 @@ run(root={paths.root!r}, broker_uid={broker_uid})
 '''
 
 
+def packaged_gate_script(venv: str) -> str:
+    """``/usr/sbin/mcp-gate`` as the Debian package ships it (built at package time, so dpkg knows its bytes).
+
+    The same script as :func:`gate_script` for the real root, except that the
+    broker's uid, which install picks on each host, is looked up by name at
+    run time (sudo has reset the environment; the system's user database is
+    root's).
+    """
+    return f'''#!/usr/bin/python3 -IS
+"""mcp-gate: shipped by the Debian package mcp-privsep (dpkg --verify checks it); do not edit."""
+import pwd
+import sys
+try:
+    broker_uid = pwd.getpwnam({BROKER_USER!r}).pw_uid
+except KeyError:
+    sys.stderr.write("mcp: the broker's user {BROKER_USER} does not exist (run: mcp-brokerctl install)\\n")
+    raise SystemExit(69) from None
+sys.path.append({site_packages(venv)!r})
+from broker.gate.verbs import run
+run(root="/", broker_uid=broker_uid)
+'''
+
+
+def packaged_mcp_command(paths: Paths) -> str:
+    """``/usr/bin/mcp`` as the Debian package ships it: it runs the agents' table install writes, in its own shell.
+
+    The table (:func:`agent_shim`, at ``paths.mcp_shim``) changes with every
+    agent, so it cannot be a file of the package; sourcing it costs no fork
+    and no second exec.
+    """
+    table = paths.mcp_shim
+    return f"""#!/bin/sh
+# mcp: the agent's entry to mcp-privsep, shipped by the Debian package mcp-privsep (dpkg --verify checks it).
+# The agents' table is {table}, which 'mcp-brokerctl install --agent USER' writes (root's, like this file):
+# it runs here, in this shell, and execs sudo for an agent, or exits 77 for anyone else.
+[ -r {table} ] || {{ echo "mcp: mcp-privsep is not set up ({table} is missing: mcp-brokerctl install)" >&2; exit 69; }}
+. {table}
+"""
+
+
 def agent_shim(paths: Paths, venv: str, mapping: dict[str, str]) -> str:
     """The ``mcp`` script, with its table of agent uid -> gate user (agents without a user yet are left out)."""
     from agent import render
@@ -408,14 +448,23 @@ def install(paths: Paths, agents: list[str], venv: str | None = None) -> Report:
 
     mapping = install_agents(paths, agents, report)
     install_servers(paths, list(mapping), report)
-    replace_file(paths.gate, gate_script(paths, venv, broker.pw_uid), layout.entry("gate").mode)
-    replace_file(paths.mcp, agent_shim(paths, venv, mapping), layout.entry("mcp").mode)
-    for name, target in ((paths.brokerd, "mcp-brokerd"), (paths.brokerctl, "mcp-brokerctl")):
-        link = os.path.join(venv, "bin", target)
-        if os.path.islink(name) or os.path.exists(name):
-            os.unlink(name)
-        os.symlink(link, name)
-    report.add(f"commands: {paths.mcp}, {paths.gate}, {paths.brokerd}, {paths.brokerctl}")
+    replace_file(paths.mcp_shim, agent_shim(paths, venv, mapping), layout.entry("mcp").mode)
+    if paths.package_commands:  # the package's files (dpkg --verify knows them): never rewritten here
+        missing = [c for c in (paths.mcp, paths.gate, paths.brokerd, paths.brokerctl) if not os.path.lexists(c)]
+        if missing:
+            raise PrivsepError(
+                f"{', '.join(missing)} missing: reinstall the package (apt-get install --reinstall mcp-privsep)",
+                EX_FAILED,
+            )
+        report.add(f"agents' table: {paths.mcp_shim} (read by the package's {paths.mcp})")
+    else:
+        replace_file(paths.gate, gate_script(paths, venv, broker.pw_uid), layout.entry("gate").mode)
+        for name, target in ((paths.brokerd, "mcp-brokerd"), (paths.brokerctl, "mcp-brokerctl")):
+            link = os.path.join(venv, "bin", target)
+            if os.path.islink(name) or os.path.exists(name):
+                os.unlink(name)
+            os.symlink(link, name)
+        report.add(f"commands: {paths.mcp}, {paths.gate}, {paths.brokerd}, {paths.brokerctl}")
     if mapping or os.path.exists(paths.sudoers):
         install_sudoers(paths, mapping, report)
     return report

@@ -65,7 +65,14 @@ def uninstall_paths(paths: Paths, purge: bool) -> tuple[list[str], list[str]]:
         os.unlink(paths.sudoers)
         done.append(f"removed the sudoers drop-in {paths.sudoers} (agents lost sudo at once)")
     done.append(_stop_daemon(paths))
-    for cmd in (paths.mcp, paths.gate, paths.brokerd, paths.brokerctl):
+    commands: tuple[str, ...] = (paths.mcp, paths.gate, paths.brokerd, paths.brokerctl)
+    if paths.package_commands:  # dpkg's files; install wrote only the agents' table they read
+        if os.path.lexists(paths.mcp_shim):
+            os.unlink(paths.mcp_shim)
+            done.append(f"removed {paths.mcp_shim} (the agents' table of {paths.mcp})")
+        kept.append(f"{', '.join(commands)} and {paths.venv}: the Debian package's (apt remove mcp-privsep)")
+        commands = ()
+    for cmd in commands:
         if not os.path.lexists(cmd):
             continue
         if _ours(cmd):
@@ -82,9 +89,16 @@ def uninstall_paths(paths: Paths, purge: bool) -> tuple[list[str], list[str]]:
                 done.append(f"removed {d}")
     else:
         kept.append(f"config {paths.etc}, state {paths.state}, audit log {paths.log} (remove them with --purge)")
+        if os.path.exists(paths.gate_users):
+            kept.append(
+                f"the agents' list {paths.gate_users}: 'mcp-brokerctl install' (which the package runs when it is "
+                "installed again) restores each agent's sudo rule from it"
+            )
     kept.append(
         f"users {GATE_USER} and {BROKER_USER} (as Debian does for system users; "
         f"'userdel {GATE_USER}; userdel {BROKER_USER}' once no file of theirs is left)"
     )
-    kept.append(f"the code's virtualenv (pip/apt manage it; it is {os.path.dirname(os.path.dirname(sys.executable))})")
+    if not paths.package_commands:
+        venv = os.path.dirname(os.path.dirname(sys.executable))
+        kept.append(f"the code's virtualenv (pip/apt manage it; it is {venv})")
     return done, kept

@@ -4,6 +4,21 @@ The root is ``/`` in production. Tests and staged installs pass another root
 to ``mcp-brokerctl install --root``, which bakes it into the generated
 ``mcp-gate`` script: the agent can never choose it (sudo resets the
 environment and the gate accepts no flag that names a path).
+
+Two layouts put the code and the commands in different places (config,
+state, logs and sockets are the same in both):
+
+* ``source`` (``make install``, ``mcp-brokerctl install`` from a venv): the
+  code in ``/opt/mcp-privsep/venv``, the commands in ``/usr/local/bin`` and
+  ``/usr/local/sbin``, all written by ``install``;
+* ``deb`` (the Debian package): the code in ``/usr/lib/mcp-privsep/venv`` and
+  the commands in ``/usr/bin`` and ``/usr/sbin``, every file shipped in the
+  ``.deb`` (``dpkg -S`` and ``dpkg --verify`` know them); ``install`` writes
+  only the agents' table that ``/usr/bin/mcp`` reads, ``/etc/mcp-privsep/mcp.sh``.
+
+The layout is the code's own location: this module running from the
+package's venv under the root (``ROOT/usr/lib/mcp-privsep/``) is the ``deb``
+layout, anything else is ``source``; a caller may name it (tests do).
 """
 
 from __future__ import annotations
@@ -17,6 +32,17 @@ GATE_USER = "mcp-gate"
 GATE_USER_PREFIX = "mcp-gate-"
 #: Linux (useradd) refuses longer user names
 MAX_USER_NAME = 32
+#: the Debian package's code (a dpkg-owned virtualenv in it); its commands are in /usr/bin and /usr/sbin
+PACKAGE_LIB = "/usr/lib/mcp-privsep"
+#: a source install's code (``make install``); its commands are in /usr/local/bin and /usr/local/sbin
+SOURCE_OPT = "/opt/mcp-privsep"
+LAYOUTS = ("source", "deb")
+
+
+def code_layout(root: str = "/") -> str:
+    """``"deb"`` when this code runs from the Debian package's virtualenv under ``root``, else ``"source"``."""
+    prefix = ("" if root.rstrip("/") in ("", "/") else root.rstrip("/")) + PACKAGE_LIB + "/"
+    return "deb" if __file__.startswith(prefix) else "source"
 
 
 def gate_user_for(agent: str) -> str:
@@ -49,8 +75,10 @@ class Paths:
         "gate_cache",
         "gate_sock",
         "gate_users",
+        "layout",
         "log",
         "mcp",
+        "mcp_shim",
         "opt",
         "pidfile",
         "root",
@@ -58,17 +86,22 @@ class Paths:
         "sbin",
         "secrets",
         "server_homes",
+        "server_packages",
         "servers_d",
         "spawner_log",
         "state",
         "venv",
     )
 
-    def __init__(self, root: str = "/") -> None:
+    def __init__(self, root: str = "/", layout: str | None = None) -> None:
         root = root.rstrip("/") or "/"
         if not root.startswith("/"):
             raise ValueError(f"root must be an absolute path: {root!r}")
+        layout = layout or code_layout(root)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}: {layout!r}")
         self.root = root
+        self.layout = layout
         p = "" if root == "/" else root
         self.etc = p + "/etc/mcp-privsep"
         self.broker_toml = self.etc + "/broker.toml"
@@ -88,17 +121,31 @@ class Paths:
         self.spawner_log = self.log + "/spawner.log"
         #: each server's own home (its user's, 0700), outside the broker's state: root's directory, 0755
         self.server_homes = p + "/var/lib/mcp-privsep-servers"
+        #: servers installed by `mcp-brokerctl server add`, one root-owned prefix each (hidden; each sees its own)
+        self.server_packages = p + "/var/lib/mcp-privsep-packages"
         self.audit_log = self.log + "/audit.jsonl"
         self.cache = p + "/var/cache/mcp-privsep"
         self.gate_cache = self.cache + "/gate"
-        self.opt = p + "/opt/mcp-privsep"
+        #: the code's directory (the virtualenv is in it)
+        self.opt = p + (PACKAGE_LIB if layout == "deb" else SOURCE_OPT)
         self.venv = self.opt + "/venv"
-        self.bin = p + "/usr/local/bin"
-        self.sbin = p + "/usr/local/sbin"
+        self.bin = p + ("/usr/bin" if layout == "deb" else "/usr/local/bin")
+        self.sbin = p + ("/usr/sbin" if layout == "deb" else "/usr/local/sbin")
         self.mcp = self.bin + "/mcp"
         self.gate = self.sbin + "/mcp-gate"
         self.brokerd = self.sbin + "/mcp-brokerd"
         self.brokerctl = self.sbin + "/mcp-brokerctl"
+        #: where install writes the agent shim: the mcp command itself, or the table the package's mcp reads
+        self.mcp_shim = self.etc + "/mcp.sh" if self.package_commands else self.mcp
+
+    @property
+    def package_commands(self) -> bool:
+        """Whether the commands and the code are the Debian package's (dpkg owns them; install never writes them).
+
+        Only at the real root: a staged root of the package layout (tests) gets
+        commands written by install, with the staging root baked in.
+        """
+        return self.layout == "deb" and self.root == "/"
 
     @property
     def sudoers(self) -> str:
@@ -118,9 +165,13 @@ class Paths:
         """The home of one server instance (``NAME`` or ``NAME@AGENT``, validated by the caller)."""
         return f"{self.server_homes}/{instance}"
 
+    def server_package(self, name: str) -> str:
+        """The prefix a server installed by ``server add`` runs from (root's; its read_paths, read-only)."""
+        return f"{self.server_packages}/{name}"
+
     def hidden_from_servers(self) -> tuple[str, ...]:
-        """Directories no server may see: the broker's own, and every server's home (each sees its own)."""
-        return (self.etc, self.state, self.log, self.run, self.cache, self.server_homes)
+        """Directories no server may see: the broker's own, every server's home and package (each sees its own)."""
+        return (self.etc, self.state, self.log, self.run, self.cache, self.server_homes, self.server_packages)
 
     def gate_cache_of(self, agent: str) -> str:
         """The gate's cache directory for one agent (its gate user's own)."""

@@ -327,6 +327,17 @@ OPS: dict[str, Schema] = {
         "exit": (_INT, True),
         "reason": (_STR, True),
     },
+    # mcp propose: a server the agent asks the operator for (queued; see broker.core.proposal for the bounds)
+    "propose": {
+        "name": (_STR, True),
+        "manager": (_STR, True),
+        "package": (_STR, True),
+        "version": (_STR, True),
+        "tools": (_LIST, True),
+        "why": (_STR, True),
+    },
+    # mcp propose --status: the caller's own proposals
+    "proposals": {},
 }
 
 #: admin.sock (root only) has its own closed set.
@@ -345,9 +356,14 @@ ADMIN_OPS: dict[str, Schema] = {
     "pin_show": {"action": (_STR, True)},
     "pin_accept": {"action": (_STR, True), "hash": (_OPT_STR, False)},
     "explain": {"caller": (_STR, True), "tool": (_STR, True), "kv": (_LIST, True)},
+    # agents' server proposals: all of them, or those of one status; an operator's step on one (audited)
+    "proposals": {"status": (_OPT_STR, True)},
+    "proposal_decide": {"id": (_STR, True), "decision": (_STR, True), "reason": (_OPT_STR, False)},
 }
 
 MAX_STRING = 1024  # caller and tool names, reasons
+#: the strings some ops may send longer than MAX_STRING: op -> key -> most characters
+LONG_STRINGS: dict[str, dict[str, int]] = {"propose": {"why": 2000}}
 MAX_KV = 256
 
 
@@ -371,7 +387,7 @@ def validate_request(obj: dict[str, Any], ops: dict[str, Schema], version: int =
         # bool is an int subclass; never accept it where a number is meant
         if type(value) not in types:
             raise ProtocolError(f"key {key!r} has the wrong type")
-        if type(value) is str and len(value) > MAX_STRING:
+        if type(value) is str and len(value) > MAX_STRING and len(value) > LONG_STRINGS.get(op, {}).get(key, 0):
             raise ProtocolError(f"key {key!r} is too long")
     if "kv" in spec:
         kv = obj["kv"]

@@ -6,16 +6,27 @@ definitions by :mod:`broker.core.servers`, the parser the spawner and
 The daemon never reads a secret env file (they are root's, 0600): what it
 must know of one (values to redact, an HTTP server's filled-in url and
 headers) the spawner reads and sends it, into :attr:`Server.secrets`.
+
+Policy applies on the next call, like the allowlist: the daemon keys the
+files by their stat identities (:class:`OnDisk`), reads them again when a
+key changes, and takes from them what needs no process started
+(:func:`with_policy`: ``[policy.*]``, ``[limits.*]``, ``[broker]`` but for
+:data:`PROCESS_SETTINGS`, a server's ``pin``). Server definitions, the
+``[sandbox]`` table and the process settings wait for a reload; what
+differs on disk meanwhile is :func:`differences` (``status`` shows it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from broker.core import servers as core_servers
+from broker.core import tomlpos
 from broker.core.errors import ConfigError
 from broker.core.names import action_error
 from broker.core.paths import Paths
@@ -285,3 +296,118 @@ def load(paths: Paths) -> Config:
         policy={a: rules for a, (_p, rules) in policy.items()},
         limits=limits,
     )
+
+
+# --- the files on disk, for policy that applies on the next call --------------------------------
+
+#: ``[broker]`` settings that running parts hold (server sessions, the audit log's files and syslog mirror, the
+#: logs' rotation): they apply on reload, like server definitions. Every other ``[broker]`` setting, and
+#: ``[policy.*]``, ``[limits.*]`` and a server's ``pin``, is policy: read again when the files change.
+PROCESS_SETTINGS = frozenset(
+    {
+        "connect_timeout",
+        "max_server_message_bytes",
+        "max_listed_tools",
+        "restart_backoff_max",
+        "cancel_grace",
+        "audit_max_bytes",
+        "audit_keep",
+        "audit_keep_days",
+        "audit_syslog",
+        "audit_syslog_socket",
+        "audit_syslog_facility",
+        "servers_log_max_bytes",
+        "servers_log_keep",
+    }
+)
+
+
+def _identity(path: str) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    # ctime too: an editor or 'cp -p' may put the old mtime back, never the old ctime
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class OnDisk:
+    """The identities (stat) of ``broker.toml``, ``servers.d`` and its files: equal keys, same files.
+
+    A few stats per call and nothing else: ``servers.d`` is listed again only
+    when the directory itself changed (a file added, removed or renamed over).
+    """
+
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self._dir: tuple[int, ...] | None = None
+        self._listed = False
+        #: the config files, as last listed
+        self.files: list[str] = [paths.broker_toml]
+
+    def key(self) -> tuple[object, ...]:
+        """The identities of every config file now; ConfigError when ``servers.d`` cannot be listed."""
+        directory = _identity(self.paths.servers_d)
+        if not self._listed or directory != self._dir:
+            self._listed = False  # a listing that fails is tried again on the next call
+            self.files = core_servers.config_files(self.paths)
+            self._dir, self._listed = directory, True
+        return (directory, *((f, _identity(f)) for f in self.files))
+
+
+def with_policy(running: Config, fresh: Config) -> Config:
+    """The running config with ``fresh``'s policy: what needs no process started or reopened."""
+    kept = {k: getattr(running.settings, k) for k in PROCESS_SETTINGS}
+    for name, server in running.servers.items():
+        new = fresh.servers.get(name)
+        if new is not None and new.spec.pin != server.spec.pin and new.spec.fingerprint() == server.spec.fingerprint():
+            # pin is the daemon's decision, not part of what runs (the fingerprint leaves it out); handles share
+            # this Server, so every instance sees it
+            server.spec = dataclasses.replace(server.spec, pin=new.spec.pin)
+    return Config(
+        settings=fresh.settings.model_copy(update=kept),
+        servers=running.servers,
+        files=fresh.files,
+        policy=fresh.policy,
+        limits=fresh.limits,
+    )
+
+
+def differences(running: Config, fresh: Config, broker_toml: str) -> list[dict[str, str]]:
+    """What on disk differs from what runs and needs a reload: ``{"file": ..., "what": ...}`` each."""
+    out: list[dict[str, str]] = []
+    for name, server in fresh.servers.items():
+        now = running.servers.get(name)
+        if now is None:
+            out.append({"file": server.source, "what": f"servers.{name} added"})
+        elif now.spec.fingerprint() != server.spec.fingerprint():
+            out.append({"file": server.source, "what": f"servers.{name} changed"})
+    out.extend(
+        {"file": server.source, "what": f"servers.{name} removed"}
+        for name, server in running.servers.items()
+        if name not in fresh.servers
+    )
+    if any(s.host != running.servers[n].host for n, s in fresh.servers.items() if n in running.servers):
+        out.append({"file": broker_toml, "what": "[sandbox] changed"})
+    changed = sorted(k for k in PROCESS_SETTINGS if getattr(running.settings, k) != getattr(fresh.settings, k))
+    if changed:
+        out.append({"file": broker_toml, "what": f"[broker] {', '.join(changed)} changed"})
+    return out
+
+
+def located(exc: ConfigError, files: list[str]) -> ConfigError:
+    """``exc`` with each problem at its ``file:line:col`` where the files on disk say it is."""
+    cache: dict[str, bytes | None] = {}
+
+    def read(path: str) -> bytes | None:
+        if path not in cache:
+            try:
+                with open(path, "rb") as fh:
+                    cache[path] = fh.read(core_servers.MAX_CONFIG_BYTES + 1)
+            except OSError:
+                cache[path] = None
+        return cache[path]
+
+    problems = [tomlpos.locate(p, files, read) for p in exc.problems]
+    extra = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return ConfigError(problems[0] + extra, problems)

@@ -56,6 +56,11 @@ class AuditRecord(TypedDict, total=False):
     redacted: list[str]
     #: the name of the known secret an argument held (the caller was frozen for it)
     secret: str
+    #: an agent's server proposal (mcp propose): its id, the server name, the pinned package and the tools asked for
+    proposal: str
+    server: str
+    package: str
+    tools: list[str]
 
 
 def bounded(text: str) -> str:

@@ -10,7 +10,9 @@ breaks the protocol closes the connection. Every gate request is decided by
 record, built in one place (:meth:`Broker._dispatch_gate`) from what the
 handler returns (:class:`Outcome`), whatever the handler raised; a call that
 reaches its server has an intent record before it (two-phase audit). The
-daemon trusts no decision the gate made (Postfix's rule).
+daemon trusts no decision the gate made (Postfix's rule). Before each
+request the config files are stat'ed (:meth:`Broker.policy_now`): changed
+policy applies to it, and a broken file refuses it with 78.
 
 This module holds no decision logic of its own and no process set-up
 (:mod:`broker.daemon.main`).
@@ -63,6 +65,7 @@ from broker.daemon.approvals import ApprovalDesk
 from broker.daemon.callers import Callers
 from broker.daemon.decision import OPERATOR_FREEZE, Offer, PinView, Query, Verdict, decide, when
 from broker.daemon.pins import PinBook
+from broker.daemon.proposals import ProposalDesk
 from broker.daemon.records import AuditRecord, bounded
 from broker.daemon.redact import Redactor
 from broker.daemon.results import SANITIZED, catalog_entry, described, first_line, hints, render_result
@@ -176,12 +179,21 @@ class Broker:
         self.state = State(f"{paths.state}/state.db")
         self.pins = PinBook(self.state)
         self.approvals = ApprovalDesk(self.state, self.audit)
+        self.proposals = ProposalDesk(self.state, self.audit, self.digest)
         self.redactor = Redactor(cfg.secrets())
         #: the environment of the operator's notify hook (run as mcp-broker)
         self.hook_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": paths.state, "LANG": "C.UTF-8"}
         self.spawner = spawner
         errlog = open_errlog(paths, lambda: self.cfg.settings)  # the running settings, so a reload applies
         self.servers = ServerSet(cfg, spawner, errlog, self.redact, self.agent_names())
+        #: the config files on disk: policy applies on the next call (see policy_now)
+        self.on_disk = config.OnDisk(paths)
+        #: their key when last read (None: read them on the first request, in case they moved since the start)
+        self._disk_key: tuple[object, ...] | None = None
+        #: why the files on disk cannot be read: every call is refused until they are fixed
+        self.disk_problem: ConfigError | None = None
+        #: what on disk differs from the running servers and waits for a reload (for status)
+        self.disk_stale: list[dict[str, str]] = []
         self.started = time.time()
         #: what each caller holds of the daemon now, and the quota refusals to audit
         self.holdings = limits.Holdings()
@@ -326,11 +338,52 @@ class Broker:
                 continue
             server.secrets = Secrets(found["redact"], found["url"], found["headers"], found["fingerprint"])
 
+    def policy_now(self) -> ConfigError | None:
+        """Read the config files again if they changed on disk (a few stats when not); the problem that refuses calls.
+
+        Policy applies at once (:func:`broker.daemon.config.with_policy`); server definitions and process
+        settings wait for a reload, listed meanwhile in :attr:`disk_stale`. A broken file is read once per
+        change, not once per call, and refuses every call until it is fixed (fail closed, like the allowlist).
+        """
+        try:
+            key = self.on_disk.key()
+        except ConfigError as exc:  # servers.d cannot be listed: tried again on the next call
+            self._disk_key, self.disk_problem = None, exc
+            return exc
+        if key == self._disk_key:
+            return self.disk_problem
+        self._disk_key = key  # taken before the read: a change racing the read moves it again
+        try:
+            fresh = config.load(self.paths)
+        except ConfigError as exc:
+            self.disk_problem = config.located(exc, self.on_disk.files)
+            log.error("config on disk is invalid, every call is refused until it is fixed: %s", self.disk_problem)
+            return self.disk_problem
+        if self.disk_problem is not None:
+            log.info("config on disk is valid again")
+        self.disk_problem = None
+        self.disk_stale = config.differences(self.cfg, fresh, self.paths.broker_toml)
+        self.cfg = config.with_policy(self.cfg, fresh)
+        for stale in self.disk_stale:
+            log.info("config changed on disk, applied on reload: %s: %s", stale["file"], stale["what"])
+        return None
+
+    def _disk_report(self) -> dict[str, Any]:
+        """For ``status``: a broken config on disk (calls are refused), and what waits for a reload."""
+        problem = self.disk_problem
+        return {
+            "error": problem.message if problem is not None else None,
+            "problems": list(problem.problems) if problem is not None else [],
+            "stale": list(self.disk_stale),
+        }
+
     async def reload(self) -> dict[str, Any]:
         """Re-read config: start added servers, stop removed, restart changed."""
+        key = self.on_disk.key()  # before the read, as in policy_now
         cfg = config.load(self.paths)
         await self.learn_secrets(cfg)
         self.cfg = cfg
+        self._disk_key, self.disk_problem, self.disk_stale = key, None, []
         self.redactor = Redactor(cfg.secrets())
         self.audit.configure(**audit.options(cfg.settings))
         return await self.servers.reload(cfg, self.agent_names())
@@ -383,6 +436,7 @@ class Broker:
         if known is None:  # the gate-users map changed since _gate_peer
             raise ProtocolError(f"uid {uid} is no longer an agent's gate user")
         caller = known.name
+        self.policy_now()  # the quotas of the files on disk (a broken file refuses the request, not this)
         self.holdings.take_connection(caller, pid, self.cfg.quota(caller))
         return caller, lambda: self.holdings.drop_connection(caller, pid)
 
@@ -515,6 +569,7 @@ class Broker:
         if known is None:  # the map changed while the connection was open
             raise ProtocolError(f"uid {peer_uid} is no longer an agent's gate user")
         caller = known.name
+        broken = self.policy_now()  # the policy of the files on disk, for this request and its decision
         quota = self.cfg.quota(caller)
         try:
             self.holdings.check_audit(caller, quota)
@@ -526,7 +581,10 @@ class Broker:
         record = ctx.record()
         try:
             self.audit.check()
-            out = await route.handler(self, req, ctx, conn)
+            if broken is not None and req["op"] not in _OPEN_WHEN_BROKEN:
+                out = Outcome(error=_refusal(broken), counts=False)
+            else:
+                out = await route.handler(self, req, ctx, conn)
         except Unavailable as unwritable:
             out = Outcome(error=unwritable)
         except Exception as exc:  # the one place that answers: whatever broke, the request is recorded
@@ -644,6 +702,8 @@ class Broker:
         status: dict[str, Any] = {"broker": "up", "version": __version__, "servers": servers}
         if problem:
             status["allowlist"] = problem
+        if self.disk_problem is not None:
+            status["broker"] = f"degraded: {_refusal(self.disk_problem).message}"
         if not self.audit.healthy:
             status["broker"] = "degraded: audit log unwritable"
         return Outcome({"decision": "allow"}, status)
@@ -904,6 +964,7 @@ class Broker:
     # --- admin requests ---------------------------------------------------------------------
 
     async def _dispatch_admin(self, route: Route, req: dict[str, Any], peer_uid: int, conn: Conn) -> wire.Answer:
+        self.policy_now()  # status and explain show the files on disk as the next call will meet them
         try:
             result = await route.handler(self, req)
         except PrivsepError as exc:
@@ -923,6 +984,7 @@ class Broker:
             "frozen": self.state.freezes(),
             "pending_approvals": len(self.state.approvals("pending")),
             "holdings": self._holdings(),
+            "config": self._disk_report(),
         }
 
     def _holdings(self) -> dict[str, dict[str, Any]]:
@@ -1060,12 +1122,49 @@ class Broker:
             result["policy"] = verdict.rules.describe()
         return result
 
+    # --- agents' server proposals (the work is in broker.daemon.proposals) -----------------
+
+    async def op_propose(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
+        """``mcp propose``: queue a server request for the operator; nothing is installed or run."""
+        verdict = decide(Query(ctx.caller, "list"), self)
+        if verdict.frozen:  # of the decision's steps only the freeze matters: a proposal names no tool
+            return Outcome(verdict.record(), error=verdict.refusal, counts=False)
+        reply = self.proposals.submit(ctx.caller, req)
+        if reply.error is None and self.cfg.settings.notify_command:
+            summary = {k: reply.record.get(k) for k in ("proposal", "server", "package", "tools")}
+            summary |= {"event": "proposal", "id": ctx.id, "caller": ctx.caller}
+            summary["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self.spawn(_run_hook(self.cfg.settings.notify_command, json.dumps(summary).encode(), self.hook_env))
+        return Outcome(reply.record, reply.result, reply.error, counts=False)
+
+    async def op_proposals(self, req: dict[str, Any], ctx: Ctx, conn: Conn) -> Outcome:
+        """``mcp propose --status``: the caller's own proposals, never another agent's."""
+        reply = self.proposals.own(ctx.caller)
+        return Outcome(reply.record, reply.result, reply.error, counts=False)
+
+    async def admin_proposals(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.proposals.listing(req.get("status"))
+
+    async def admin_proposal_decide(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self.proposals.decide(req["id"], req["decision"], req.get("reason"))
+
 
 #: what ``mcp list`` says of a tool that is offered but blocked by its pin
 _BLOCKED: dict[str, str] = {
     "changed": "(blocked: definition changed)",
     "unreviewed": "(blocked: not reviewed by an operator)",
 }
+
+
+#: gate ops a broken config on disk does not refuse: status (it says so) and the gate's own refusals, for the record
+_OPEN_WHEN_BROKEN = frozenset({"status", "report"})
+
+
+def _refusal(problem: ConfigError) -> ConfigError:
+    """What a caller meets while the config on disk is broken: which file, where, and why."""
+    return ConfigError(
+        f"the broker's configuration is invalid: {problem.message}; every call is refused until it is fixed"
+    )
 
 
 def _counts(verdict: Verdict) -> bool:
@@ -1091,6 +1190,8 @@ GATE_ROUTES: dict[str, Route] = {
     "catalog": Route(Broker.op_catalog, _GATE),
     "watch": Route(Broker.op_watch, _GATE),
     "report": Route(Broker.op_report, _GATE),
+    "propose": Route(Broker.op_propose, _GATE),
+    "proposals": Route(Broker.op_proposals, _GATE),
 }
 
 #: admin.sock: op -> handler, root only; the keys are exactly :data:`broker.core.wire.ADMIN_OPS`
@@ -1107,6 +1208,8 @@ ADMIN_ROUTES: dict[str, Route] = {
     "pin_show": Route(Broker.admin_pin_show, _ROOT),
     "pin_accept": Route(Broker.admin_pin_accept, _ROOT),
     "explain": Route(Broker.admin_explain, _ROOT),
+    "proposals": Route(Broker.admin_proposals, _ROOT),
+    "proposal_decide": Route(Broker.admin_proposal_decide, _ROOT),
 }
 
 

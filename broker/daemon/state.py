@@ -1,7 +1,7 @@
 """Durable broker state in ``/var/lib/mcp-privsep/state.db`` (SQLite).
 
-Rate-limit events, denials and freezes, approvals and tool pins live here so
-a daemon restart resets none of them. The file is private to mcp-broker:
+Rate-limit events, denials and freezes, approvals, tool pins and agents'
+server proposals live here so a daemon restart resets none of them. The file is private to mcp-broker:
 nothing the agent can read or write influences it except through requests
 the daemon itself decides on.
 """
@@ -31,6 +31,13 @@ CREATE TABLE IF NOT EXISTS pins (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS first_use (action TEXT PRIMARY KEY, since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS proposals (
+    id TEXT PRIMARY KEY, caller TEXT NOT NULL, name TEXT NOT NULL, manager TEXT NOT NULL,
+    package TEXT NOT NULL, version TEXT NOT NULL, tools_json TEXT NOT NULL, why TEXT NOT NULL,
+    status TEXT NOT NULL, created REAL NOT NULL, decided REAL, decided_by TEXT NOT NULL DEFAULT '',
+    note TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS proposals_caller ON proposals (caller, status);
 """
 #: the state's schema version: 2 added ``meta`` and ``first_use`` (reviewed pins; see broker.daemon.pins)
 SCHEMA_VERSION = 2
@@ -59,6 +66,42 @@ class Approval:
             "status": self.status,
             "created": self.created,
             "expires": self.expires,
+        }
+
+
+@dataclass
+class Proposal:
+    """A server an agent asked the operator for (``mcp propose``): pending, adopted or rejected."""
+
+    id: str
+    caller: str
+    name: str
+    manager: str  # pip, npm
+    package: str
+    version: str
+    tools: list[str]
+    why: str
+    status: str  # pending, adopted, rejected
+    created: float
+    decided: float | None = None
+    decided_by: str = ""
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "caller": self.caller,
+            "name": self.name,
+            "manager": self.manager,
+            "package": self.package,
+            "version": self.version,
+            "tools": list(self.tools),
+            "why": self.why,
+            "status": self.status,
+            "created": self.created,
+            "decided": self.decided,
+            "decided_by": self.decided_by,
+            "note": self.note,
         }
 
 
@@ -299,3 +342,116 @@ class State:
 
     def pins(self) -> dict[str, tuple[str, str]]:
         return {a: (h, d) for a, h, d in self.db.execute("SELECT action, hash, definition FROM pins").fetchall()}
+
+    # --- proposals (mcp propose) ------------------------------------------------
+
+    _PROPOSAL_COLS = (
+        "id, caller, name, manager, package, version, tools_json, why, status, created, decided, decided_by, note"
+    )
+
+    def _proposal(self, row: tuple[Any, ...]) -> Proposal:
+        return Proposal(
+            id=row[0],
+            caller=row[1],
+            name=row[2],
+            manager=row[3],
+            package=row[4],
+            version=row[5],
+            tools=json.loads(row[6]),
+            why=row[7],
+            status=row[8],
+            created=row[9],
+            decided=row[10],
+            decided_by=row[11],
+            note=row[12],
+        )
+
+    def pending_proposals(self, caller: str) -> list[Proposal]:
+        rows = self.db.execute(
+            f"SELECT {self._PROPOSAL_COLS} FROM proposals WHERE caller = ? AND status = 'pending' "  # noqa: S608
+            "ORDER BY created",
+            (caller,),
+        ).fetchall()
+        return [self._proposal(r) for r in rows]
+
+    def create_proposal(self, caller: str, fields: dict[str, Any], most: int, keep: int) -> Proposal | None:
+        """Queue a proposal of ``caller``; None (nothing written) when it has ``most`` pending already.
+
+        Of its decided proposals, the newest ``keep`` stay on record (the audit trail keeps the rest).
+        """
+        now = time.time()
+        proposal = Proposal(
+            secrets.token_hex(4),
+            caller,
+            fields["name"],
+            fields["manager"],
+            fields["package"],
+            fields["version"],
+            list(fields["tools"]),
+            fields["why"],
+            "pending",
+            now,
+        )
+        with self.db:
+            (count,) = self.db.execute(
+                "SELECT COUNT(*) FROM proposals WHERE caller = ? AND status = 'pending'", (caller,)
+            ).fetchone()
+            if count >= most:
+                return None
+            self.db.execute(
+                f"INSERT INTO proposals ({self._PROPOSAL_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                (
+                    proposal.id,
+                    caller,
+                    proposal.name,
+                    proposal.manager,
+                    proposal.package,
+                    proposal.version,
+                    json.dumps(proposal.tools),
+                    proposal.why,
+                    "pending",
+                    now,
+                    None,
+                    "",
+                    "",
+                ),
+            )
+            self.db.execute(
+                "DELETE FROM proposals WHERE caller = ? AND status != 'pending' AND id NOT IN "
+                "(SELECT id FROM proposals WHERE caller = ? AND status != 'pending' ORDER BY decided DESC LIMIT ?)",
+                (caller, caller, keep),
+            )
+        return proposal
+
+    def proposals(self, caller: str | None = None, status: str | None = None) -> list[Proposal]:
+        """Proposals, oldest first: of one caller and/or of one status, or all."""
+        where, params = [], []
+        if caller is not None:
+            where.append("caller = ?")
+            params.append(caller)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = self.db.execute(
+            f"SELECT {self._PROPOSAL_COLS} FROM proposals{clause} ORDER BY created, id",  # noqa: S608
+            params,
+        ).fetchall()
+        return [self._proposal(r) for r in rows]
+
+    def get_proposal(self, proposal_id: str) -> Proposal | None:
+        row = self.db.execute(
+            f"SELECT {self._PROPOSAL_COLS} FROM proposals WHERE id = ?",  # noqa: S608
+            (proposal_id,),
+        ).fetchone()
+        return None if row is None else self._proposal(row)
+
+    def decide_proposal(self, proposal_id: str, status: str, by: str, note: str = "") -> Proposal | None:
+        """Move a pending proposal to ``status`` (adopted, rejected); None if it is not pending."""
+        with self.db:
+            cur = self.db.execute(
+                "UPDATE proposals SET status = ?, decided = ?, decided_by = ?, note = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (status, time.time(), by, note, proposal_id),
+            )
+        return self.get_proposal(proposal_id) if cur.rowcount else None

@@ -68,6 +68,12 @@ verbs:
   mcp status [--json]                is the broker up, are its servers healthy
   mcp stdio                          an MCP server on stdin/stdout offering exactly
                                      your allowed tools (for MCP clients)
+  mcp propose NAME --pip PACKAGE==VERSION | --npm PACKAGE@VERSION
+              [--tool TOOL ...] [--why TEXT|-] [--json]
+                                     ask the operator for a new MCP server; it is
+                                     queued (at most 4 pending), and nothing is
+                                     installed or run unless the operator adopts it
+  mcp propose --status [--json]      your own proposals and what became of them
   mcp help | --help | --version
 
 exit codes: 0 ok, 1 the tool reported an error, 64 usage, 65 arguments
@@ -116,6 +122,13 @@ def parse_argv(argv: list[str], stdin: TextIO | None) -> Request:
         if len(argv) > 1:
             raise UsageError("'--version' takes no arguments")
         return Request("version")
+    if verb == "propose":
+        from broker.core import proposal  # this verb only: nothing more on the call path
+
+        req = Request("propose")
+        # args: the proposal's fields, or None for --status (the caller's own proposals)
+        req.args, req.json = proposal.parse_argv(argv[1:], stdin)
+        return req
     if verb not in ("list", "describe", "call", "status", "stdio"):
         raise UsageError(f"unknown verb {verb!r} (try 'mcp help')")
     req = Request(verb)
@@ -281,6 +294,10 @@ def _print_result(req: Request, answer: Answer, out: TextIO, err: TextIO) -> int
     result = answer.get("result")
     if req.json:
         out.write(wire.dumps(wire.call_result(result) if req.verb == "call" else result) + "\n")
+    elif req.verb == "propose":
+        from broker.core import proposal
+
+        out.write(proposal.render(result))
     elif req.verb == "list":
         tools = result.get("tools", []) if isinstance(result, dict) else []
         width = max((len(t.get("name", "")) for t in tools), default=0)
@@ -395,6 +412,15 @@ def _run(req: Request, paths: Paths, broker_uid: int | None, environ: dict[str, 
         from broker.gate import endpoint
 
         return endpoint.run(paths, user, lambda: wire.connect(paths.gate_sock, broker_uid), err)
+    if req.verb == "propose":  # names no tool: no allowlist to check; the daemon decides (and audits) it
+        message = wire.request("proposals") if req.args is None else wire.request("propose", **req.args)
+        answer = wire.exchange(paths.gate_sock, message, 60.0, broker_uid)
+        if not answer.get("ok"):
+            refused = answer.get("exit")
+            if type(refused) is not int or refused not in REFUSAL_EXIT_CODES:
+                refused = EX_SOFTWARE
+            return _fail(req, PrivsepError(str(answer.get("error", "the broker refused")), refused), out, err)
+        return _print_result(req, answer, out, err)
     if req.verb in ("list", "describe", "call"):
         try:
             check_allowlist(paths, user, req.tool or None)
@@ -620,10 +646,10 @@ def run(root: str = "/", broker_uid: int | None = None) -> None:
             os._exit(EX_USAGE)
         environ = {k.decode(): os.environ[k].decode(errors="replace") for k in (b"SUDO_USER",) if k in os.environ}
         stdin: Any = None
-        if argv[:1] == ["call"]:
-            # a call's arguments come in the shim's frame on stdin, never on this command line
-            if len(argv) > 2:
-                _say("mcp-gate takes a call's arguments on standard input only: run it through the 'mcp' command")
+        if argv[:1] == ["call"] or argv[:1] == ["propose"]:
+            # a call's (a proposal's) arguments come in the shim's frame on stdin, never on this command line
+            if len(argv) > (2 if argv[0] == "call" else 1):
+                _say(f"mcp-gate takes {argv[0]}'s arguments on standard input only: run it through the 'mcp' command")
                 os._exit(EX_USAGE)
             try:
                 items, piped = read_frame(0)

@@ -551,6 +551,7 @@ def _landlock(plan: Plan, report: _Report) -> kernel.Ruleset | None:
         grants = [(root, kernel.FS_READ & fs) for root in readable_roots(hidden_dirs(plan.hidden))]
         grants += [("/dev", device), ("/proc", (kernel.FS_READ | kernel.FS_WRITE_FILE) & fs)]
         grants += [(d, fs) for d in (*SCRATCH, plan.home, *(trusted_path(x) for x in plan.write_paths))]
+        grants += [(trusted_path(x), kernel.FS_READ & fs) for x in plan.read_paths]  # one in a hidden directory too
         for path, rights in grants:
             try:
                 is_dir = stat.S_ISDIR(os.stat(path).st_mode)

@@ -222,10 +222,13 @@ class Spawner:
         hidden = self.paths.hidden_from_servers()
         read_paths = tuple(substitute(x, home, agent) for x in defn.read_paths)
         write_paths = tuple(substitute(x, home, agent) for x in defn.write_paths)
+        package = sandbox.hidden_dirs((self.paths.server_package(defn.name),))  # what 'server add' installed
         for path in (*read_paths, *write_paths):
             real = sandbox.trusted_path(path)  # a link the server planted is refused, not followed
             if _within(real, home):
                 continue  # inside its own home
+            if path not in write_paths and any(_within(real, d) for d in package):
+                continue  # its own installed package (root's), bound in read-only
             for h in sandbox.hidden_dirs(hidden):
                 if _within(real, h) or _within(h, real):
                     raise ConfigError(f"server {key}: {path} is (or holds) the broker's {h}: a server never sees it")

@@ -64,9 +64,12 @@ def test_config_error_is_one_clear_line_with_location(live: Installation) -> Non
         assert r.code == 1 and "servers.demo" in r.err and "already defined" in r.err and bad in r.err
         r = live.ctl("reload")
         assert r.code == 78
-        assert live.mcp("call", "demo.echo", "text=kept").out == "kept\n"  # running config kept
+        # the config on disk is broken: calls fail closed, saying where, until it is fixed (no reload needed)
+        r = live.mcp("call", "demo.echo", "text=kept")
+        assert r.code == 78 and f"{bad}:1:1: servers.demo: already defined" in r.err, r
     finally:
         os.unlink(bad)
+    assert live.mcp("call", "demo.echo", "text=kept").out == "kept\n"
 
 
 def test_reload_adds_and_removes_servers(live: Installation) -> None:

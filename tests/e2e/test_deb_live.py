@@ -1,52 +1,49 @@
-"""Privileged test of the Debian package: ``make deb``, inspect it, install it into a staging root, remove it.
+"""Privileged test of the Debian package as a file: ``make deb``, its control data, its contents, lintian.
 
 What this covers:
 
-* ``make deb`` builds ``mcp-privsep_VERSION-1_ARCH.deb`` with dpkg-deb;
-* its control data (Depends on python3 of this minor version, python3-venv,
-  sudo, passwd) and contents (the project's wheel and its pinned
-  dependencies' wheels, the bash completion, the systemd unit; every file
-  root-owned and not group/other-writable; nothing under /usr/local and no
-  sudoers file: that is written at install time after ``visudo -cf``), and
-  that the md5sums match;
-* ``apt-get install --simulate ./the.deb`` accepts it (dependency
-  resolution on this machine); lintian, when installed, reports no error;
-* the maintainer scripts, run for real against a staging root
-  (``MCP_PRIVSEP_ROOT``, which only these scripts read): postinst builds the
-  virtualenv offline from the shipped wheels and runs ``mcp-brokerctl
-  install``; with an agent added and the daemon started, ``mcp-brokerctl
-  doctor`` is all green and the agent's ``mcp call`` works through sudo;
-  prerm (remove) takes the sudoers drop-in away and stops the daemon;
-  postrm remove and purge leave no file behind that the package did not
-  ship.
+* ``make deb`` builds ``mcp-privsep_VERSION-REVISION_ARCH.deb`` with dpkg-deb;
+* its control data: Depends on python3 of this minor version, sudo, passwd,
+  procps (the unit's ``ExecReload=/bin/kill``) and what the shared
+  libraries of the dependencies link against (libc6); Pre-Depends on the
+  init-system-helpers that know ``invoke-rc.d --skip-systemd-native``;
+  ``/etc/init.d/mcp-brokerd`` is a conffile; the md5sums match;
+* its contents: the code installed as a virtualenv in
+  ``/usr/lib/mcp-privsep/venv`` (so dpkg knows every file), the commands
+  in ``/usr/bin`` and ``/usr/sbin`` (the gate and the ``mcp`` command are
+  exactly what :mod:`broker.admin.install` makes for the package; the
+  daemon's and admin's commands are links into the venv), the unit and the
+  init script naming ``/usr/sbin``; every file root-owned and not
+  group/other-writable; nothing in ``/usr/local`` or ``/opt``, no bytecode,
+  no sudoers file (that is written at install time after ``visudo -cf``) and
+  no trace of the build directory;
+* ``apt-get install --simulate ./the.deb`` accepts it here; lintian
+  (installed by this test when apt can) reports no error.
 
-What it does not cover: ``apt install`` / ``dpkg -i`` into the real root
-(it would replace the /opt/mcp-privsep/venv other work on this machine
-uses), the systemd branch of the scripts (no systemd here), and an upgrade
-from an older version.
+Installing, upgrading, removing and purging it for real is
+``test_deb_debian_live.py``, in a freshly bootstrapped Debian 12 root; it
+shares the package built here (:func:`built_deb`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import AGENT1, BASE, RUNUSER, ensure_user
+from broker.admin import install
+from broker.core.paths import Paths
 
 REPO = Path(__file__).resolve().parents[2]
-AGENT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+VENV = "/usr/lib/mcp-privsep/venv"
+DEB_KEY = pytest.StashKey[str]()
 
 
 def run(
@@ -58,27 +55,48 @@ def run(
     return proc
 
 
-@pytest.fixture(scope="module")
-def deb() -> Iterator[str]:
-    """``make deb`` into a temporary directory; the path of the package."""
-    out = tempfile.mkdtemp(prefix="mcp-privsep-deb-out-")
+def make_deb(src: Path, out: str, revision: str | None = None) -> str:
+    """``make deb`` of the tree ``src`` into ``out``; the path of the package."""
     env = dict(os.environ)
     env["PIP"] = f"{sys.executable} -m pip"  # skip the throw-away build venv; same interpreter family
-    try:
-        proc = subprocess.run(
-            ["make", "-s", "-C", str(REPO), "deb", f"DEB_OUT={out}"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        found = sorted(Path(out).glob("mcp-privsep_*.deb"))
-        assert len(found) == 1, found
-        yield str(found[0])
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    if revision is not None:
+        env["DEB_REVISION"] = revision
+    proc = subprocess.run(
+        ["make", "-s", "-C", str(src), "deb", f"DEB_OUT={out}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = sorted(Path(out).glob("mcp-privsep_*.deb"))
+    assert len(found) == 1, found
+    return str(found[0])
+
+
+def built_deb(config: pytest.Config) -> str:
+    """The package of this work tree, built once per test session (both package test modules use it)."""
+    if DEB_KEY not in config.stash:
+        out = tempfile.mkdtemp(prefix="mcp-privsep-deb-out-")
+        config.add_cleanup(lambda: shutil.rmtree(out, ignore_errors=True))
+        config.stash[DEB_KEY] = make_deb(REPO, out)
+    return config.stash[DEB_KEY]
+
+
+@pytest.fixture(scope="module")
+def deb(request: pytest.FixtureRequest) -> str:
+    return built_deb(request.config)
+
+
+@pytest.fixture(scope="module")
+def tree(deb: str) -> str:
+    """The package unpacked (payload and DEBIAN/)."""
+    tmp = tempfile.mkdtemp(prefix="mcp-privsep-deb-x-")
+    run("dpkg-deb", "-x", deb, tmp)
+    run("dpkg-deb", "-e", deb, f"{tmp}/DEBIAN")
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _field(info: str, name: str) -> str:
@@ -87,42 +105,78 @@ def _field(info: str, name: str) -> str:
     return m.group(1)
 
 
-def test_package_metadata_and_contents(deb: str) -> None:
+def test_control_data(deb: str, tree: str) -> None:
     info = run("dpkg-deb", "--info", deb).stdout
     assert _field(info, "Package") == "mcp-privsep"
     assert _field(info, "Architecture") == run("dpkg", "--print-architecture").stdout.strip()
-    depends = _field(info, "Depends")
+    assert re.fullmatch(r"\d+\.\d+\.\d+-\d+", _field(info, "Version"))
+    depends = [d.strip() for d in _field(info, "Depends").split(",")]
     major, minor = sys.version_info[:2]
-    for dep in (f"python3 (>= {major}.{minor})", f"python3 (<< {major}.{minor + 1})", "python3-venv", "sudo"):
+    for dep in (f"python3 (>= {major}.{minor})", f"python3 (<< {major}.{minor + 1})", "sudo", "passwd", "procps"):
         assert dep in depends, depends
+    assert any(d.startswith("libc6 (>= ") for d in depends), depends  # the wheels' shared libraries
+    assert _field(info, "Pre-Depends") == "init-system-helpers (>= 1.54~)"
+    assert Path(f"{tree}/DEBIAN/conffiles").read_text() == "/etc/init.d/mcp-brokerd\n"
+    for script in ("postinst", "prerm", "postrm"):
+        mode = os.stat(f"{tree}/DEBIAN/{script}").st_mode
+        assert mode & 0o111 and not mode & 0o022, script
+        run("sh", "-n", f"{tree}/DEBIAN/{script}")
+        text = Path(f"{tree}/DEBIAN/{script}").read_text()
+        if script == "postinst":  # only the upgrade from 0.1.0-1 takes back the commands that version wrote there
+            retire = re.search(r"^retire_old_commands\(\) \{\n.*?^\}\n", text, re.M | re.S)
+            assert retire is not None
+            text = text.replace(retire[0], "")
+        code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+        assert "/usr/local" not in code, f"{script} touches /usr/local"
+    for line in Path(f"{tree}/DEBIAN/md5sums").read_text().splitlines():
+        digest, name = line.split(None, 1)
+        assert hashlib.md5(Path(tree, name.strip()).read_bytes()).hexdigest() == digest, name
+
+
+def test_contents(deb: str, tree: str) -> None:
     listing = run("dpkg-deb", "--contents", deb).stdout.splitlines()
     paths = []
     for line in listing:
         perms, owner, *_rest = line.split()
-        path = line.split(" ./", 1)[1] if " ./" in line else ""
+        path = line.split(" ./", 1)[1].split(" -> ")[0] if " ./" in line else ""
         assert owner == "root/root", line
-        assert perms[5] != "w" and perms[8] != "w", line  # not group- or world-writable
-        paths.append(path)
-    wheels = {p.rsplit("/", 1)[1].split("-")[0].lower() for p in paths if p.endswith(".whl")}
+        assert perms[0] == "l" or (perms[5] != "w" and perms[8] != "w"), line  # not group- or world-writable
+        paths.append(path.rstrip("/"))
+    assert not [p for p in paths if p.split("/")[0] == "opt" or p.startswith(("usr/local", "etc/sudoers"))]
+    assert not [p for p in paths if "__pycache__" in p or p.endswith((".pyc", ".whl"))]
+    for needed in ("broker/gate/verbs.py", "broker/daemon/main.py", "agent/helper.py", "mcp_servers/demo/__main__.py"):
+        assert f"usr/lib/mcp-privsep/venv/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages/" \
+            f"{needed}" in paths, needed
+    site = f"{tree}{VENV}/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+    dists = {p.name.split("-")[0].lower() for p in Path(site).glob("*.dist-info")}
     for needed in ("mcp_privsep", "mcp", "click", "pydantic", "pydantic_core", "tomli_w", "python_daemon", "uvicorn"):
-        assert needed in wheels, (needed, wheels)
+        assert needed in dists, (needed, dists)
+    # the commands: what install makes for the package, and links into the venv
+    assert Path(f"{tree}/usr/sbin/mcp-gate").read_text() == install.packaged_gate_script(VENV)
+    assert Path(f"{tree}/usr/bin/mcp").read_text() == install.packaged_mcp_command(Paths("/", layout="deb"))
+    for cmd in ("mcp-brokerd", "mcp-brokerctl"):
+        link = os.readlink(f"{tree}/usr/sbin/{cmd}")
+        assert os.path.normpath(os.path.join("/usr/sbin", link)) == f"{VENV}/bin/{cmd}"
+        assert Path(f"{tree}{VENV}/bin/{cmd}").read_text().startswith(f"#!{VENV}/bin/python\n")
+    python = os.readlink(f"{tree}{VENV}/bin/python3")
+    assert os.path.normpath(os.path.join(f"{VENV}/bin", python)) == "/usr/bin/python3"
+    assert not [p for p in paths if re.search(r"venv/bin/(pip|activate)", p)]
+    # the unit and the init script run the package's commands
+    unit = Path(f"{tree}/lib/systemd/system/mcp-brokerd.service").read_text()
+    assert "ExecStart=/usr/sbin/mcp-brokerd --foreground\n" in unit and "/usr/local" not in unit
+    init = Path(f"{tree}/etc/init.d/mcp-brokerd").read_text()
+    assert "DAEMON=/usr/sbin/mcp-brokerd\n" in init and "CTL=/usr/sbin/mcp-brokerctl\n" in init
+    assert "/usr/local" not in init
+    assert os.stat(f"{tree}/etc/init.d/mcp-brokerd").st_mode & 0o777 == 0o755
     assert "usr/share/bash-completion/completions/mcp-brokerctl" in paths
-    assert "lib/systemd/system/mcp-brokerd.service" in paths
+    shipped = Path(tree, "usr/share/bash-completion/completions/mcp-brokerctl").read_text()
+    assert shipped == (REPO / "packaging/mcp-brokerctl.bash-completion").read_text()
     assert "usr/share/doc/mcp-privsep/copyright" in paths
-    assert not [p for p in paths if p.startswith(("usr/local", "etc/sudoers", "opt/"))]
-    with tempfile.TemporaryDirectory() as tmp:
-        run("dpkg-deb", "-x", deb, tmp)
-        shipped = Path(tmp, "usr/share/bash-completion/completions/mcp-brokerctl").read_text()
-        assert shipped == (REPO / "packaging/mcp-brokerctl.bash-completion").read_text()
-        assert "_MCP_BROKERCTL_COMPLETE=bash_complete" in shipped
-        run("dpkg-deb", "-e", deb, f"{tmp}/DEBIAN")
-        for script in ("postinst", "prerm", "postrm"):
-            mode = os.stat(f"{tmp}/DEBIAN/{script}").st_mode
-            assert mode & 0o111 and not mode & 0o022, script
-            run("sh", "-n", f"{tmp}/DEBIAN/{script}")
-        for line in Path(f"{tmp}/DEBIAN/md5sums").read_text().splitlines():
-            digest, name = line.split(None, 1)
-            assert hashlib.md5(Path(tmp, name.strip()).read_bytes()).hexdigest() == digest, name
+    example = Path(f"{tree}/usr/share/doc/mcp-privsep/examples/broker.toml").read_text()
+    assert f'command = "{VENV}/bin/python"' in example
+    # nothing names the directory it was built in
+    proc = run("grep", "-rlF", "/tmp/mcp-privsep-deb.", tree, check=False)
+    assert proc.returncode == 1, proc.stdout
 
 
 def test_apt_would_install_it(deb: str) -> None:
@@ -132,93 +186,15 @@ def test_apt_would_install_it(deb: str) -> None:
 
 
 def test_lintian_finds_no_error(deb: str) -> None:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for update in (False, True):  # an outdated package index is refreshed once
+        if shutil.which("lintian") is not None:
+            break
+        if update:
+            run("apt-get", "update", "-qq", env=env, check=False, timeout=600)
+        run("apt-get", "install", "-y", "-qq", "--no-install-recommends", "lintian", env=env, check=False, timeout=600)
     if shutil.which("lintian") is None:
-        pytest.skip("lintian is not installed (apt-get install lintian to run this check)")
-    proc = run("lintian", "--tag-display-limit", "0", deb, check=False)
+        pytest.skip("lintian is not installed and apt-get could not install it")
+    proc = run("lintian", "--tag-display-limit", "0", deb, check=False, timeout=600)
     errors = [line for line in proc.stdout.splitlines() if line.startswith("E:")]
     assert not errors, "\n".join(errors)
-
-
-def _sudoers_of(root: str) -> str:
-    return f"/etc/sudoers.d/mcp-privsep-{hashlib.sha256(root.encode()).hexdigest()[:12]}"
-
-
-def _daemon_pid(root: str) -> int | None:
-    try:
-        return int(Path(f"{root}/run/mcp-privsep/mcp-brokerd.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def test_installs_passes_doctor_and_removes_cleanly(deb: str) -> None:
-    ensure_user(AGENT1)
-    # not under /tmp: the staged daemon's servers (the packaged venv's python) run with a private /tmp
-    os.makedirs(BASE, mode=0o755, exist_ok=True)
-    root = tempfile.mkdtemp(prefix="deb-root-", dir=BASE)
-    os.chmod(root, 0o755)
-    ctrl = f"{root}.ctrl"
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "MCP_PRIVSEP_ROOT": root}
-    pid = None
-    try:
-        run("dpkg-deb", "-x", deb, root)
-        run("dpkg-deb", "-e", deb, ctrl)
-        payload = {str(p.relative_to(root)) for p in Path(root).rglob("*") if not p.is_dir()}
-        # --- install ---------------------------------------------------------------------
-        run(f"{ctrl}/postinst", "configure", "", env=env)
-        venv = f"{root}/opt/mcp-privsep/venv"
-        assert os.path.realpath(f"{venv}/bin/python").startswith("/usr/bin/python3")
-        ctl = f"{root}/usr/local/sbin/mcp-brokerctl"
-        assert os.readlink(ctl) == f"{venv}/bin/mcp-brokerctl"
-        assert not os.path.exists(_sudoers_of(root))  # no agent yet, so no sudoers drop-in
-        run(ctl, "--root", root, "install", "--agent", AGENT1)
-        assert os.path.exists(_sudoers_of(root))
-        run(f"{root}/usr/local/sbin/mcp-brokerd", "--root", root, "--daemon")
-        pid = _daemon_pid(root)
-        deadline = time.monotonic() + 30
-        while "server demo [stdio]: up" not in run(ctl, "--root", root, "status", check=False).stdout:
-            assert time.monotonic() < deadline, "the packaged daemon's demo server did not come up"
-            time.sleep(0.2)
-        doctor = run(ctl, "--root", root, "doctor", check=False)
-        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
-        assert "doctor: all green" in doctor.stdout and f"ok      agent {AGENT1}" in doctor.stdout
-        def echo() -> subprocess.CompletedProcess[str]:
-            argv = [RUNUSER, "-u", AGENT1, "--", f"{root}/usr/local/bin/mcp", "call", "demo.echo", "text=packaged"]
-            return subprocess.run(argv, capture_output=True, text=True, env=AGENT_ENV, cwd="/", timeout=60, check=False)
-
-        # the operator reviews the allowlisted tool (review is the default: an unreviewed tool is blocked)
-        blocked = echo()
-        assert blocked.returncode == 77 and "has not been reviewed" in blocked.stderr, blocked
-        reviewed = run(ctl, "--root", root, "pins", "accept", "--yes", "demo.echo")
-        assert '"name": "echo"' in reviewed.stdout and "pinned at 2:" in reviewed.stdout, reviewed.stdout
-        call = echo()
-        assert call.returncode == 0 and call.stdout.strip() == "packaged", call
-        # --- remove, then purge ----------------------------------------------------------------
-        run(f"{ctrl}/prerm", "remove", env=env)
-        assert not os.path.exists(_sudoers_of(root))
-        assert pid is not None
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
-        run(f"{ctrl}/postrm", "remove", env=env)
-        assert not os.path.exists(venv)
-        assert os.path.exists(f"{root}/etc/mcp-privsep/broker.toml")  # kept until purge
-        run(f"{ctrl}/postrm", "purge", env=env)
-        left = {str(p.relative_to(root)) for p in Path(root).rglob("*") if not p.is_dir()}
-        assert left <= payload, sorted(left - payload)
-        for gone in (
-            "etc/mcp-privsep",
-            "var/lib/mcp-privsep",
-            "var/log/mcp-privsep",
-            "run/mcp-privsep",
-            "opt/mcp-privsep",
-        ):
-            assert not os.path.exists(f"{root}/{gone}"), gone
-        gate = run("sudo", "-l", "-U", AGENT1, check=False).stdout
-        assert f"{root}/usr/local/sbin/mcp-gate" not in gate
-    finally:
-        if pid is not None:
-            with contextlib.suppress(OSError):
-                if root.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():  # still our daemon, not a reused pid
-                    os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(_sudoers_of(root))
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(ctrl, ignore_errors=True)

@@ -240,6 +240,7 @@ def test_admin_status_carries_the_trail(path: str) -> None:
         state=types.SimpleNamespace(freezes=list, approvals=lambda _status: []),
         _server_status=None,
         _holdings=dict,
+        _disk_report=dict,
     )
     st = asyncio.run(service.Broker.admin_status(fake, {}))  # type: ignore[arg-type]
     assert st["audit"] == "ok"

@@ -27,3 +27,13 @@ def test_handlers_are_coroutines_of_the_right_shape() -> None:
     for op, route in ADMIN_ROUTES.items():
         assert inspect.iscoroutinefunction(route.handler), op
         assert list(inspect.signature(route.handler).parameters) == ["self", "req"], op
+
+
+def test_no_gate_op_decides_what_only_the_operator_may() -> None:
+    """An agent's gate can propose a server and approve nothing: deciding ops exist on admin.sock only."""
+    deciding = {"approve", "reject", "unfreeze", "pin_accept", "reload", "proposal_decide"}
+    assert deciding <= set(wire.ADMIN_OPS)
+    assert not deciding & set(wire.OPS)
+    assert {"propose", "proposals"} <= set(wire.OPS)
+    assert GATE_ROUTES["propose"].peers == GATE_ROUTES["proposals"].peers == frozenset({"gate"})
+    assert ADMIN_ROUTES["proposals"].peers == ADMIN_ROUTES["proposal_decide"].peers == frozenset({"root"})

@@ -162,6 +162,19 @@ USAGE_ERRORS = [
     ["call", "demo.echo", "--args"],
     ["call", "demo.echo", "--timeout"],
     ["call", "demo.echo", "--json=yes"],
+    ["propose"],
+    ["propose", "--json"],
+    ["propose", "time"],
+    ["propose", "time", "--pip", "pkg>=1"],
+    ["propose", "time", "--pip", "pkg==*"],
+    ["propose", "time", "--npm", "pkg@^1.0.0"],
+    ["propose", "time", "--npm", "pkg@latest"],
+    ["propose", "time", "--pip", "pkg==1", "--index-url", "http://x"],
+    ["propose", "time", "--pip", "pkg==1", "--config", "x"],
+    ["propose", "../etc", "--pip", "pkg==1"],
+    ["propose", "time", "--pip", "pkg==1", "--tool", "files.*"],
+    ["propose", "time", "--pip", "pkg==1", "--why"],
+    ["propose", "--status", "time"],
 ]
 
 
@@ -456,6 +469,11 @@ TOKENS = st.one_of(
             "--timeout",
             "--",
             "-",
+            "propose",
+            "--pip",
+            "--why",
+            "--status",
+            "pkg==1.0",
             "demo.echo",
             "files.*",
             "a.b",
@@ -867,6 +885,8 @@ def one_line(done: subprocess.CompletedProcess[bytes]) -> str:
         ["call", "demo.echo", "--json"],
         ["call", "demo.echo", "--args", "-"],
         ["call", "text=secret", "demo.echo"],
+        ["propose", "time", "--pip", "a==1", "--why", "secret plans"],
+        ["propose", "--status"],
     ],
 )
 def test_run_refuses_a_call_s_arguments_on_its_command_line(argv: list[str]) -> None:

@@ -492,3 +492,260 @@ def test_unit_directories_match_the_layout_table() -> None:
     for path in svc["ReadWritePaths"].split():
         e = next(e for e in layout.PATHS if e.path(paths) == path)
         assert e.kind == "dir", path
+
+
+# --- sysvinit ---------------------------------------------------------------------
+
+INIT = PACKAGING / "mcp-brokerd.init"
+
+
+def init_script() -> str:
+    return INIT.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("shell", ["sh", "dash", "bash"])
+def test_init_script_is_valid_shell(shell: str) -> None:
+    path = shutil.which(shell)
+    if path is None:
+        pytest.skip(f"{shell} is not installed")
+    proc = subprocess.run([path, "-n", str(INIT)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_init_script_has_lsb_headers() -> None:
+    """insserv/update-rc.d read the LSB block; these keys are the ones they need."""
+    text = init_script()
+    assert text.startswith("#!/bin/sh\n")
+    block = re.search(r"^### BEGIN INIT INFO\n(.*?)^### END INIT INFO$", text, re.M | re.S)
+    assert block is not None
+    fields = dict(re.findall(r"^# ([A-Za-z-]+):\s+(.*)$", block[1], re.M))
+    assert fields["Provides"] == "mcp-brokerd"
+    assert set(fields["Required-Start"].split()) >= {"$local_fs", "$remote_fs", "$network"}
+    assert fields["Default-Start"].split() == ["2", "3", "4", "5"]
+    assert fields["Default-Stop"].split() == ["0", "1", "6"]
+    assert fields["Short-Description"]
+
+
+def test_init_script_runs_the_daemon_itself_and_stops_it_by_its_pid_file() -> None:
+    text = init_script()
+    assert f"DAEMON={BROKERD}\n" in text and "CTL=/usr/local/sbin/mcp-brokerctl\n" in text
+    assert '"$DAEMON" --daemon' in text  # detaches once it listens, fails with the reason
+    assert '"$CTL" stop --timeout 30' in text  # the daemon's own, locked pid file; checks it is mcp-brokerd
+    assert '"$CTL" reload' in text  # makes new servers' users first
+    code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in code if "start-stop-daemon" in line or "pidfile" in line.lower()]
+    for action in ("start", "stop", "restart", "reload|force-reload", "status"):
+        assert re.search(rf"^\t{re.escape(action)}\)$", text, re.M), action
+    # the package was removed, not purged: the conffile stays and must do nothing
+    assert '[ -x "$DAEMON" ] || exit 0' in text
+
+
+def test_init_script_run_dir_matches_the_layout_table() -> None:
+    from broker.core import layout
+
+    run = layout.entry("run")
+    paths = Paths("/", layout="source")
+    assert f"RUNDIR={run.path(paths)}\n" in init_script()
+    match = re.search(r'install -d -o ([\w-]+) -g ([\w-]+) -m (\d+) "\$RUNDIR"', init_script())
+    assert match is not None
+    assert (match[1], match[2], int(match[3], 8)) == (run.owner, run.group, run.mode)
+
+
+# --- the Debian package's layout ------------------------------------------------------------------
+
+DEB_GATE = "/usr/sbin/mcp-gate"
+
+
+def test_paths_of_the_two_layouts() -> None:
+    src = Paths("/", layout="source")
+    assert (src.venv, src.mcp, src.gate, src.brokerd, src.brokerctl) == (
+        "/opt/mcp-privsep/venv",
+        "/usr/local/bin/mcp",
+        "/usr/local/sbin/mcp-gate",
+        "/usr/local/sbin/mcp-brokerd",
+        "/usr/local/sbin/mcp-brokerctl",
+    )
+    assert src.mcp_shim == src.mcp and not src.package_commands
+    deb = Paths("/", layout="deb")
+    assert (deb.venv, deb.mcp, deb.gate, deb.brokerd, deb.brokerctl) == (
+        "/usr/lib/mcp-privsep/venv",
+        "/usr/bin/mcp",
+        DEB_GATE,
+        "/usr/sbin/mcp-brokerd",
+        "/usr/sbin/mcp-brokerctl",
+    )
+    assert deb.package_commands and deb.mcp_shim == "/etc/mcp-privsep/mcp.sh"
+    # config, state, logs and sockets are the same in both
+    for attr in ("etc", "allowlist", "gate_users", "run", "gate_sock", "state", "log", "audit_log", "sudoers"):
+        assert getattr(src, attr) == getattr(deb, attr), attr
+    # a staged root of the package layout: install writes the commands there itself, with the root baked in
+    staged = Paths("/srv/stage", layout="deb")
+    assert staged.gate == "/srv/stage/usr/sbin/mcp-gate" and staged.venv == "/srv/stage/usr/lib/mcp-privsep/venv"
+    assert not staged.package_commands and staged.mcp_shim == staged.mcp
+    with pytest.raises(ValueError, match="layout"):
+        Paths("/", layout="rpm")
+
+
+def test_the_layout_is_where_the_code_runs_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.core import paths as paths_mod
+
+    assert Paths("/").layout == "source"  # this checkout, or the source install's venv
+    packaged = "/usr/lib/mcp-privsep/venv/lib/python3.11/site-packages/broker/core/paths.py"
+    monkeypatch.setattr(paths_mod, "__file__", packaged)
+    assert paths_mod.code_layout("/") == "deb" and Paths("/").gate == DEB_GATE
+    assert paths_mod.code_layout("/srv/stage") == "source"
+    monkeypatch.setattr(paths_mod, "__file__", "/srv/stage" + packaged)
+    assert paths_mod.code_layout("/srv/stage") == "deb" and paths_mod.code_layout("/") == "source"
+    monkeypatch.setattr(paths_mod, "__file__", packaged.replace("/usr/lib/mcp-privsep/", "/opt/mcp-privsep/"))
+    assert paths_mod.code_layout("/") == "source"
+
+
+@pytest.mark.parametrize("agent", [AGENT, LONG_AGENT])
+def test_the_packages_sudoers_rule_names_its_gate(agent: str, tmp_path: Path) -> None:
+    deb = Paths("/", layout="deb")
+    text = install.sudoers_text(deb, {agent: gate_user_for(agent)})
+    assert f"{agent} ALL=({gate_user_for(agent)}) NOPASSWD: {DEB_GATE}\n" in text
+    visudo_check(text, tmp_path)
+    # the template as the package ships it (build.sh turns /usr/local/sbin/ into /usr/sbin/)
+    shipped = render_template(agent).replace("/usr/local/sbin/", "/usr/sbin/")
+    assert [m.group(0) for m in sudoers_rules(shipped)] == [m.group(0) for m in sudoers_rules(text)]
+
+
+def test_the_packaged_gate_script() -> None:
+    import ast
+
+    venv = "/usr/lib/mcp-privsep/venv"
+    text = install.packaged_gate_script(venv)
+    assert text.startswith("#!/usr/bin/python3 -IS\n")
+    tree = ast.parse(text)
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert imported == {"pwd", "sys"}  # standard library only before the gate's own code
+    assert f"sys.path.append({install.site_packages(venv)!r})" in text
+    assert 'run(root="/", broker_uid=broker_uid)' in text
+    assert "pwd.getpwnam('mcp-broker').pw_uid" in text and "raise SystemExit(69)" in text
+    assert "generated by 'mcp-brokerctl install'" not in text  # uninstall removes only what install wrote
+
+
+def test_the_packaged_gate_script_runs(tmp_path: Path) -> None:
+    """Run it with a stand-in for broker.gate.verbs: it must find the broker's uid and call run()."""
+    site = tmp_path / "site"
+    (site / "broker" / "gate").mkdir(parents=True)
+    (site / "broker" / "__init__.py").write_text("")
+    (site / "broker" / "gate" / "__init__.py").write_text("")
+    (site / "broker" / "gate" / "verbs.py").write_text("def run(root, broker_uid):\n    print(root, broker_uid)\n")
+    text = install.packaged_gate_script("/nonexistent").replace(
+        repr(install.site_packages("/nonexistent")), repr(str(site))
+    )
+    script = tmp_path / "mcp-gate"
+    script.write_text(text.replace("'mcp-broker'", "'root'"))  # a user every machine has: uid 0
+    proc = subprocess.run(["/usr/bin/python3", "-IS", str(script)], capture_output=True, text=True, check=False)
+    assert (proc.returncode, proc.stdout) == (0, "/ 0\n"), proc.stderr
+    script.write_text(text.replace("'mcp-broker'", "'no-such-user-here'"))
+    proc = subprocess.run(["/usr/bin/python3", "-IS", str(script)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 69 and "does not exist" in proc.stderr, proc
+
+
+def test_the_packaged_mcp_command_reads_the_agents_table(tmp_path: Path) -> None:
+    text = install.packaged_mcp_command(Paths("/", layout="deb"))
+    assert text.startswith("#!/bin/sh\n") and "\n. /etc/mcp-privsep/mcp.sh\n" in text
+    script = tmp_path / "mcp"
+    script.write_text(text)
+    assert subprocess.run(["sh", "-n", str(script)], check=False).returncode == 0
+    # the table runs in the command's own shell, with its arguments
+    table = tmp_path / "mcp.sh"
+    table.write_text('echo "table: $# $1 $2"; exit 7\n')
+    script.write_text(text.replace("/etc/mcp-privsep/mcp.sh", str(table)))
+    proc = subprocess.run(["sh", str(script), "call", "demo.echo"], capture_output=True, text=True, check=False)
+    assert (proc.returncode, proc.stdout) == (7, "table: 2 call demo.echo\n")
+    table.unlink()
+    proc = subprocess.run(["sh", str(script), "list"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 69 and "mcp-brokerctl install" in proc.stderr
+
+
+def test_the_package_scripts_are_valid_shell_and_keep_out_of_usr_local() -> None:
+    deb = PACKAGING / "deb"
+    for name in ("postinst", "prerm", "postrm"):
+        text = (deb / name).read_text(encoding="utf-8")
+        assert subprocess.run(["sh", "-n", str(deb / name)], check=False).returncode == 0, name
+        assert "MCP_PRIVSEP_ROOT" not in text, name
+        if name == "postinst":
+            retire = re.search(r"^retire_old_commands\(\) \{\n.*?^\}\n", text, re.M | re.S)
+            assert retire is not None and all(
+                re.match(r"\s*(rm -f|\[ -[fL]|for |case|done|fi|esac|if |/opt|echo|\"|\})", line) or not line.strip()
+                for line in retire[0].splitlines()[1:]
+            ), "postinst may only remove (never write) in /usr/local"
+            text = text.replace(retire[0], "")
+        code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+        assert "/usr/local" not in code, name
+    postinst = (deb / "postinst").read_text(encoding="utf-8")
+    assert "update-rc.d mcp-brokerd defaults" in postinst
+    assert "invoke-rc.d --skip-systemd-native mcp-brokerd" in postinst
+    assert "deb-systemd-invoke" in postinst and "py3compile -p mcp-privsep" in postinst
+    postrm = (deb / "postrm").read_text(encoding="utf-8")
+    assert "update-rc.d mcp-brokerd remove" in postrm and "MCP_PRIVSEP_PURGE_AUDIT" in postrm
+    assert "/etc/mcp-privsep/purge-audit" in postrm
+    purge = postrm.split("    purge)", 1)[1].split(";;", 1)[0]
+    assert "rm -rf /var/log/mcp-privsep" in purge.split('if [ "$purge_audit" = yes ]', 1)[1]
+    assert "/var/log/mcp-privsep" not in purge.split('if [ "$purge_audit" = yes ]', 1)[0].replace(
+        "[ -d /var/log/mcp-privsep ]", ""
+    )
+
+
+def test_control_depends_on_what_the_package_runs() -> None:
+    control = (PACKAGING / "deb" / "control.in").read_text(encoding="utf-8")
+    depends = re.search(r"^Depends: (.*)$", control, re.M)
+    assert depends is not None
+    names = {d.strip().split()[0] for d in depends[1].replace("@SHLIBS@", "").split(",")}
+    # python3 (the venv and the gate), sudo (the boundary), passwd (useradd), procps (the unit's /bin/kill)
+    assert names >= {"python3", "sudo", "passwd", "procps"}
+    assert "/bin/kill" in unit_values("ExecReload")[0]
+    assert re.search(r"^Pre-Depends: init-system-helpers \(>= 1\.54~\)$", control, re.M)  # --skip-systemd-native
+
+
+# --- doctor on the package --------------------------------------------------------
+
+
+def test_doctor_reports_what_dpkg_verify_finds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from broker.admin import doctor as doctor_mod
+
+    venv = tmp_path / "venv"
+    (venv / "lib" / "__pycache__").mkdir(parents=True)
+    for name in ("lib/shipped.py", "lib/added.py", "lib/__pycache__/shipped.cpython-311.pyc"):
+        (venv / name).write_text("")
+    answers = {
+        "dpkg-query -W": "installed",
+        "dpkg --verify": "??5??????   /usr/sbin/mcp-gate\n??5?????? c /etc/init.d/mcp-brokerd\n"
+        "missing     /usr/bin/mcp\n",
+        "dpkg-query -L": f"/.\n{venv}\n{venv}/lib\n{venv}/lib/shipped.py\n",
+    }
+    monkeypatch.setattr(doctor_mod, "_output", lambda argv: answers[" ".join(argv[:2])])
+    paths = Paths("/", layout="deb")
+    paths.venv = str(venv)
+    doc = doctor_mod.Doctor(paths)
+    isdir = os.path.isdir
+    monkeypatch.setattr(doctor_mod.os.path, "isdir", lambda p: p != "/opt/mcp-privsep/venv" and isdir(p))
+    doc.check_package()
+    messages = [(f.level, f.message) for f in doc.findings if f.section == "package"]
+    assert ("warning", "2 file(s) of the package changed outside dpkg: /usr/sbin/mcp-gate, /usr/bin/mcp") in messages
+    assert any(level == "warning" and m.startswith(f"1 file(s) in {venv} are not the package's") and
+               m.endswith(f"{venv}/lib/added.py") for level, m in messages), messages  # fmt: skip
+    assert not [m for _level, m in messages if "init.d" in m]  # a conffile is the operator's to edit
+
+
+def test_doctor_warns_about_sudos_host_name_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.admin import doctor as doctor_mod
+
+    said = "sudo: unable to resolve host box: Name or service not known\n"
+    fake = subprocess.CompletedProcess(["sudo"], 0, "", said)
+    monkeypatch.setattr(doctor_mod.shutil, "which", lambda _name: "/usr/bin/sudo")
+    monkeypatch.setattr(doctor_mod.subprocess, "run", lambda *_a, **_k: fake)
+    monkeypatch.setattr(doctor_mod.socket, "gethostname", lambda: "box")
+    doc = doctor_mod.Doctor(Paths("/"))
+    doc.check_host()
+    ((level, section, message, fix),) = [(f.level, f.section, f.message, f.fix) for f in doc.findings]
+    assert (level, section) == ("warning", "host")
+    assert "unable to resolve host box" in message and fix.endswith("echo '127.0.1.1 box' >> /etc/hosts")
+    fake.stderr = ""
+    doc.findings.clear()
+    doc.check_host()
+    assert doc.findings == []

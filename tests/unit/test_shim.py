@@ -323,6 +323,45 @@ def test_any_call_s_arguments_reach_the_gate_exactly_and_only_in_the_frame(
     assert ran.argv[5:] == ([tool] if helper.names_a_tool(tool) else [])
 
 
+# --- propose: framed like a call, with only the verb on the command line -----------------------------------
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["time", "--pip", "mcp-server-time==2025.9.25", "--tool", "get_current_time", "--why", "the user's zone"],
+        ["demo.echo", "--npm", "pkg@1.0.0"],  # a first word that looks like a tool stays off the line too
+        ["--status", "--json"],
+        ["x", "--pip", "a==1", "--why", "$f `id` \x1b[31m \u202e\nMCP_PRIVSEP_ARGUMENTS\n"],
+    ],
+)
+def test_a_proposal_reaches_the_gate_only_in_the_frame(shim: Shim, shell: str, args: list[str]) -> None:
+    ran = shim.run(["propose", *args], stdin=b"not read\n", shell=shell)
+    assert ran.code == 42, ran.stderr
+    assert ran.argv == ["-n", "-u", GATE_USER, GATE, "propose"]
+    assert ran.stdin is not None and unframe(ran.stdin) == (args, None)
+    command, data = helper.gate_command(GATE, GATE_USER, ["propose", *args], None)
+    assert command == ["sudo", *ran.argv] and data == ran.stdin  # the helper writes the very same bytes
+    if "." in args[0]:  # not a server name: the gate says so (64), from the frame
+        with pytest.raises(verbs.UsageError):
+            verbs.parse_argv(ran.argv[4:] + unframe(ran.stdin)[0], None)
+    else:
+        assert verbs.parse_argv(ran.argv[4:] + unframe(ran.stdin)[0], None).verb == "propose"
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_proposal_s_why_dash_sends_the_agent_s_stdin_in_the_frame(shim: Shim, shell: str) -> None:
+    why = "line one\n\x1b]52;c;eA==\x07 \u202eright-to-left\n"
+    args = ["time", "--pip", "a==1", "--why", "-"]
+    ran = shim.run(["propose", *args], stdin=why.encode(), shell=shell)
+    assert ran.argv == ["-n", "-u", GATE_USER, GATE, "propose"]
+    assert ran.stdin is not None and unframe(ran.stdin) == (args, why)
+    items, piped = unframe(ran.stdin)
+    req = verbs.parse_argv(["propose", *items], io.StringIO(piped or ""))
+    assert req.args is not None and req.args["why"] == why[:-1]
+
+
 # --- other verbs, the table, the helper -----------------------------------------------------------------
 
 
@@ -405,7 +444,7 @@ def test_stdin_with_a_nul_byte_is_not_silently_changed(shim: Shim, shell: str) -
 def test_the_shim_is_plain_sh_with_no_second_interpreter_on_the_call_path() -> None:
     text = agent.render({os.getuid(): GATE_USER}, GATE, HELPER)
     assert text.startswith("#!/bin/sh\n")
-    call_path = text[text.index('[ "$1" = call ]') :]
+    call_path = text[text.index("case $1 in\ncall)") :]
     assert "python" not in call_path  # past the helper's definition: sh built-ins, cat and sudo only
     assert call_path.count('exec sudo -n -u "$g" /GATE') == 2
     assert "<<MCP_PRIVSEP_ARGUMENTS\n$f\nMCP_PRIVSEP_ARGUMENTS\n" in call_path  # the frame is the heredoc's only line

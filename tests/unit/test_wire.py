@@ -259,6 +259,17 @@ VALID: dict[str, dict] = {
         "exit": 77,
         "reason": "denied",
     },
+    "propose": {
+        "v": V,
+        "op": "propose",
+        "name": "time",
+        "manager": "pip",
+        "package": "mcp-server-time",
+        "version": "2025.9.25",
+        "tools": ["get_current_time"],
+        "why": "w" * 2000,
+    },
+    "proposals": {"v": V, "op": "proposals"},
 }
 ADMIN_VALID: dict[str, dict] = {
     "status": {"v": V, "op": "status"},
@@ -313,7 +324,7 @@ def test_every_op_in_both_tables_is_closed(table: str, op: str) -> None:
         assert "wrong type" in _rejected(wrong, ops)
         if str in types:
             long = copy.deepcopy(obj)
-            long[key] = "x" * (MAX_STRING + 1)
+            long[key] = "x" * (wire.LONG_STRINGS.get(op if table == "gate" else "", {}).get(key, MAX_STRING) + 1)
             assert "too long" in _rejected(long, ops)
     bad_v = copy.deepcopy(obj)
     bad_v["v"] = True
@@ -548,7 +559,7 @@ def _satisfies_spec(obj: dict, ops: dict, op: str) -> bool:
             continue
         if type(obj[key]) not in types:
             return False
-        if isinstance(obj[key], str) and len(obj[key]) > MAX_STRING:
+        if isinstance(obj[key], str) and len(obj[key]) > max(MAX_STRING, wire.LONG_STRINGS.get(op, {}).get(key, 0)):
             return False
     if "kv" in spec:
         return len(obj["kv"]) <= MAX_KV and all(
